@@ -1,0 +1,152 @@
+"""Decoding with PyAV: a container in, Frames (RGB, media-time pts) out.
+
+Blocking code: callers run it in a thread (offline captioning does so
+directly; live ingest runs one decode thread per source).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import av
+import av.container
+import numpy as np
+
+from .errors import VideoError
+from .types import Frame
+
+__all__ = ["open_input", "iter_frames", "video_duration", "probe_media_span", "scaled_size", "describe"]
+
+log = logging.getLogger(__name__)
+
+
+def open_input(
+    url: str,
+    *,
+    format: str | None = None,
+    options: Mapping[str, str] | None = None,
+    timeout: float | tuple[float, float] | None = None,
+) -> av.container.InputContainer:
+    """Open a file, device or network URL that has a video stream, or raise VideoError."""
+    is_url = "://" in url or format is not None
+    if not is_url and not os.path.exists(url):
+        raise VideoError(f"{url}: no such file")
+    if not is_url and os.path.isdir(url):
+        raise VideoError(f"{url}: is a directory, not a video file")
+    try:
+        container = av.open(url, format=format, options=dict(options or {}), timeout=timeout)
+    except av.error.FFmpegError as exc:
+        raise VideoError(f"{url}: cannot open ({_ffmpeg_reason(exc)})") from exc
+    except OSError as exc:  # PyAV maps some failures onto the builtin OSError family
+        raise VideoError(f"{url}: cannot open ({exc.strerror or exc})") from exc
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["nothing"]
+        container.close()
+        raise VideoError(f"{url}: has no video stream (contains {', '.join(kinds)})")
+    return container
+
+
+def _ffmpeg_reason(exc: av.error.FFmpegError) -> str:
+    return getattr(exc, "strerror", None) or str(exc)
+
+
+def scaled_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
+    """Size with the shorter side at most `short_side`, aspect kept; never upscales."""
+    if not short_side or min(width, height) <= short_side:
+        return width, height
+    scale = short_side / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def iter_frames(
+    container: av.container.InputContainer,
+    stream_id: str,
+    *,
+    short_side: int | None = None,
+    first_seq: int = 0,
+    pts_offset: float = 0.0,
+) -> Iterator[Frame]:
+    """Decode the first video stream into Frames.
+
+    `short_side` downscales early (swscale bilinear) so a 1080p source costs
+    what the model needs, not 6 MB a frame. Frames whose timestamp goes
+    backwards are dropped: pts stay strictly increasing. A stream that breaks
+    part-way (truncated file) ends with a warning after the frames that did
+    decode; a stream that yields no frame at all raises VideoError.
+    """
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"  # frame + slice threads in the codec
+    rate = float(stream.average_rate or stream.guessed_rate or 30)
+    seq = first_seq
+    last_pts: float | None = None
+    try:
+        for av_frame in container.decode(stream):
+            pts = av_frame.time
+            if pts is None:  # some live demuxers omit it on the first frames
+                pts = (last_pts + 1.0 / rate) if last_pts is not None else 0.0
+            pts += pts_offset
+            if last_pts is not None and pts <= last_pts:
+                continue
+            width, height = scaled_size(av_frame.width, av_frame.height, short_side)
+            image = av_frame.to_ndarray(
+                format="rgb24", width=width, height=height, interpolation="BILINEAR"
+            )
+            yield Frame(stream_id, seq, pts, np.ascontiguousarray(image), time.time())
+            seq += 1
+            last_pts = pts
+    except av.error.FFmpegError as exc:
+        if seq == first_seq:
+            raise VideoError(f"{container.name}: cannot decode video ({_ffmpeg_reason(exc)})") from exc
+        log.warning(
+            "video ended early",
+            extra={"source": container.name, "frames": seq - first_seq, "reason": _ffmpeg_reason(exc)},
+        )
+    if seq == first_seq:
+        raise VideoError(f"{container.name}: contains no decodable video frames")
+
+
+def video_duration(container: av.container.InputContainer) -> float | None:
+    """Media duration of the first video stream in seconds, from metadata, if known."""
+    stream = container.streams.video[0]
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000
+    return None
+
+
+def probe_media_span(url: str) -> tuple[float, float] | None:
+    """(first pts, last pts + duration) of the video stream, by demuxing without decoding."""
+    container = open_input(url)
+    try:
+        stream = container.streams.video[0]
+        first: float | None = None
+        end: float | None = None
+        for packet in container.demux(stream):
+            if packet.pts is None or packet.time_base is None:
+                continue
+            t = float(packet.pts * packet.time_base)
+            dur = float(packet.duration * packet.time_base) if packet.duration else 0.0
+            first = t if first is None else min(first, t)
+            end = t + dur if end is None else max(end, t + dur)
+    except av.error.FFmpegError:
+        pass  # a truncated tail: the span up to the break is what decodes
+    finally:
+        container.close()
+    if first is None or end is None:
+        return None
+    return first, end
+
+
+def describe(container: av.container.InputContainer) -> dict[str, Any]:
+    stream = container.streams.video[0]
+    return {
+        "codec": stream.codec_context.name,
+        "width": stream.codec_context.width,
+        "height": stream.codec_context.height,
+        "rate": float(stream.average_rate) if stream.average_rate else None,
+    }

@@ -1,0 +1,88 @@
+"""The records that flow between pipeline stages: Frame -> Window -> Caption.
+
+Data only moves one way (ingest -> buffer -> sampler -> engine -> publish), and
+every stage hands the next one of these immutable records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Frame", "Window", "Caption", "FrameKey"]
+
+FrameKey = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Frame:
+    """One decoded video frame.
+
+    `pts` is media time in seconds (what the container or RTP clock says, not
+    wall time); `arrival` is the wall-clock time (time.time()) the frame was
+    decoded, used for end-to-end latency.
+    """
+
+    stream_id: str
+    seq: int  # per-stream, strictly increasing; with stream_id it names the frame
+    pts: float
+    image: np.ndarray = field(repr=False)  # H x W x 3, uint8, RGB
+    arrival: float = 0.0
+
+    @property
+    def key(self) -> FrameKey:
+        return (self.stream_id, self.seq)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Window:
+    """The frames the model sees for one caption.
+
+    `start`/`end` are the media timestamps of the first and last sampled frame.
+    Overlapping windows share Frame objects, so the engine can encode each
+    frame once.
+    """
+
+    stream_id: str
+    index: int  # per-stream window counter
+    frames: tuple[Frame, ...]
+
+    @property
+    def start(self) -> float:
+        return self.frames[0].pts
+
+    @property
+    def end(self) -> float:
+        return self.frames[-1].pts
+
+    @property
+    def capture_time(self) -> float:
+        """Wall-clock arrival of the newest frame: when the caption could first be known."""
+        return max(f.arrival for f in self.frames)
+
+
+@dataclass(frozen=True, slots=True)
+class Caption:
+    """One caption for one window, with everything a client needs to place it."""
+
+    stream_id: str
+    index: int
+    start: float  # media time of the window's first frame, seconds
+    end: float  # media time of the window's last frame, seconds
+    text: str
+    confidence: float  # mean log-probability of the generated tokens (<= 0)
+    model: str
+    capture_time: float = 0.0  # wall clock: newest frame of the window arrived
+    emit_time: float = 0.0  # wall clock: caption produced
+
+    @property
+    def latency(self) -> float:
+        return max(0.0, self.emit_time - self.capture_time)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["latency"] = round(self.latency, 4)
+        return data

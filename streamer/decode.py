@@ -39,6 +39,8 @@ def open_input(
         raise VideoError(f"{url}: is a directory, not a video file")
     try:
         container = av.open(url, format=format, options=dict(options or {}), timeout=timeout)
+    except av.error.EOFError as exc:
+        raise VideoError(f"{url}: is empty (no video frames)") from exc
     except av.error.FFmpegError as exc:
         raise VideoError(f"{url}: cannot open ({_ffmpeg_reason(exc)})") from exc
     except OSError as exc:  # PyAV maps some failures onto the builtin OSError family
@@ -55,11 +57,16 @@ def _ffmpeg_reason(exc: av.error.FFmpegError) -> str:
 
 
 def scaled_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
-    """Size with the shorter side at most `short_side`, aspect kept; never upscales."""
+    """Size with the shorter side at most `short_side`, aspect kept; never upscales.
+
+    Same arithmetic as transformers' shortest-edge resize (long side floored),
+    so frames scaled here need no second resize in the engine.
+    """
     if not short_side or min(width, height) <= short_side:
         return width, height
-    scale = short_side / min(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
+    if width <= height:
+        return short_side, int(short_side * height / width)
+    return int(short_side * width / height), short_side
 
 
 def iter_frames(

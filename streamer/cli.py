@@ -1,0 +1,133 @@
+"""Command line: `streamer caption`, `streamer serve`, `streamer tail`, `streamer demo`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from collections.abc import Sequence
+
+from .errors import StreamerError
+from .logs import setup_logging
+
+__all__ = ["main", "parse_duration"]
+
+log = logging.getLogger("streamer.cli")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|min)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """'3s', '1.5', '500ms', '2m' -> seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 3s, 500ms, 1.5)")
+    value = float(match.group(1))
+    unit = match.group(2) or "s"
+    seconds = value / 1000 if unit == "ms" else value * 60 if unit in ("m", "min") else value
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"duration must be positive: {text!r}")
+    return seconds
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    from .engine.loader import DEFAULT_MODEL  # light: no model is loaded here
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, HF cache entry or local directory (default {DEFAULT_MODEL})")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--max-new-tokens", type=_positive_int, default=20, help="caption length limit in tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamer", description="Real-time video captioning.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cap = sub.add_parser("caption", help="caption a video file")
+    cap.add_argument("video")
+    add_model_options(cap)
+    cap.add_argument("--window", type=parse_duration, default=3.0, help="seconds of video per caption (default 3s)")
+    cap.add_argument("--frames", type=_positive_int, default=None, help="frames per window (default: the model's)")
+    cap.add_argument("--hop", type=parse_duration, default=1.0, help="seconds between captions (default 1s)")
+    cap.add_argument("--summary", action="store_true", help="one caption for the whole video")
+    cap.add_argument("--format", default="vtt", choices=["vtt", "srt", "jsonl", "text"])
+    cap.add_argument("--batch-size", type=_positive_int, default=8)
+    cap.add_argument("-o", "--output", default="-", help="output file (default: stdout)")
+    cap.add_argument("--no-progress", action="store_true")
+    cap.set_defaults(run=run_caption)
+
+    from . import daemon_cli  # serve, tail, demo
+
+    daemon_cli.add_commands(sub)
+    return parser
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    from .engine import Engine, EngineConfig
+    from .formats import CaptionWriter
+    from .offline import CaptionJob, caption_file
+    from .progress import Progress
+    from .sampler import SamplerConfig
+
+    from .decode import open_input
+
+    open_input(args.video).close()  # a bad file fails before the model loads
+    engine = Engine.load(
+        EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens)
+    )
+    frames = args.frames or engine.num_frames
+    if frames != engine.num_frames:
+        log.warning("model takes a fixed frame count; windows are resampled", extra={"frames": frames, "model_frames": engine.num_frames})
+    job = CaptionJob(
+        video=args.video,
+        sampler=SamplerConfig(window=args.window, frames=frames, hop=args.hop),
+        summary=args.summary,
+        batch_size=args.batch_size,
+    )
+    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
+    progress = Progress(enabled=not args.no_progress, label=args.video)
+    count = 0
+    try:
+        writer = CaptionWriter(args.format, out, min_duration=args.hop)
+        for caption in caption_file(engine, job, on_progress=progress.update):
+            writer.write(caption)
+            count += 1
+        writer.close()
+    finally:
+        progress.close()
+        if out is not sys.stdout:
+            out.close()
+    log.info("captioned", extra={"video": args.video, "captions": count})
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(args.run(args) or 0)
+    except StreamerError as exc:
+        print(f"streamer: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `streamer caption x.mp4 | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

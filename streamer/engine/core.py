@@ -1,0 +1,225 @@
+"""The captioning engine: batched GIT inference with per-frame feature reuse.
+
+GIT's vision tower encodes every frame on its own (GitModel.forward: per-frame
+image_encoder, + img_temporal_embedding[slot], then visual_projection), so a
+frame shared by overlapping windows needs encoding once. The engine keeps each
+frame's encoder output in a FeatureCache, builds each window's image tokens
+from cached features, and runs only the text decoder per window: one prefill
+over [image tokens, BOS] for the whole batch, then greedy decoding with the
+KV cache, dropping rows from the batch as they finish.
+
+Not thread-safe: one thread calls `caption` at a time (the scheduler's worker).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from ..types import Caption, Frame, Window
+from .cache import FeatureCache
+from .loader import DEFAULT_MODEL, LoadedModel, load_model
+from .preprocess import PreprocessSpec, preprocess_frames
+
+__all__ = ["Engine", "EngineConfig", "EngineStats"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = DEFAULT_MODEL
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    max_new_tokens: int = 20
+    cache_frames: int = 512  # frame features kept for reuse (LRU)
+    vision_batch: int = 32  # frames per vision-tower forward
+
+
+@dataclass
+class EngineStats:
+    windows: int = 0
+    batches: int = 0
+    frames_encoded: int = 0  # vision-tower work actually done
+    frames_reused: int = 0  # frame slots served from the feature cache
+    tokens_generated: int = 0
+    vision_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig(model=loaded.name)
+        self.loaded = loaded
+        self.model = loaded.model
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.model_name = loaded.name
+        self.spec = PreprocessSpec.from_processor(loaded.image_processor)
+        self.cache = FeatureCache(self.config.cache_frames)
+        self.stats = EngineStats()
+        cfg = self.model.config
+        self.num_frames = int(cfg.num_image_with_embedding or 1)
+        self._temporal = cfg.num_image_with_embedding is not None
+        gen = self.model.generation_config
+        self.bos_id = _first_id(gen.bos_token_id, cfg.bos_token_id, loaded.tokenizer.cls_token_id)
+        eos = _first_id(gen.eos_token_id, cfg.eos_token_id, loaded.tokenizer.sep_token_id)
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.pad_id = _first_id(cfg.pad_token_id, loaded.tokenizer.pad_token_id, 0)
+
+    @classmethod
+    def load(cls, config: EngineConfig) -> Engine:
+        return cls(load_model(config.model, config.device, config.dtype), config)
+
+    # -- public ------------------------------------------------------------
+    @property
+    def frame_short_side(self) -> int | None:
+        """Decoders may downscale frames to this short side before handing them over."""
+        return self.spec.short_side
+
+    def caption(self, windows: Sequence[Window], max_new_tokens: int | None = None) -> list[Caption]:
+        """Caption a batch of windows (any mix of streams); one Caption per window, same order."""
+        if not windows:
+            return []
+        limit = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            image_tokens = self._image_tokens([self._fit(w.frames) for w in windows])
+            t1 = time.perf_counter()
+            token_ids, scores = self._greedy(image_tokens, limit)
+            t2 = time.perf_counter()
+        texts = self.loaded.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+        self.stats.windows += len(windows)
+        self.stats.batches += 1
+        self.stats.batch_sizes.append(len(windows))
+        self.stats.vision_seconds += t1 - t0
+        self.stats.decode_seconds += t2 - t1
+        now = time.time()
+        return [
+            Caption(
+                stream_id=w.stream_id,
+                index=w.index,
+                start=w.start,
+                end=w.end,
+                text=_clean(text),
+                confidence=score,
+                model=self.model_name,
+                capture_time=w.capture_time,
+                emit_time=now,
+            )
+            for w, text, score in zip(windows, texts, scores)
+        ]
+
+    def forget_stream(self, stream_id: str) -> None:
+        self.cache.drop_stream(stream_id)
+
+    # -- vision --------------------------------------------------------------
+    def _fit(self, frames: Sequence[Frame]) -> list[Frame]:
+        """The model takes exactly num_frames frames: spread-sample (or repeat) to that."""
+        n = self.num_frames
+        if len(frames) == n:
+            return list(frames)
+        idx = np.linspace(0, len(frames) - 1, n).round().astype(int)
+        return [frames[i] for i in idx]
+
+    def _encode_missing(self, frames: list[Frame]) -> dict:
+        features: dict = {}
+        todo: list[Frame] = []
+        for f in frames:
+            if f.key in features:
+                continue
+            cached = self.cache.get(f.key)
+            if cached is not None:
+                features[f.key] = cached
+            else:
+                features[f.key] = None
+                todo.append(f)
+        encoder = self.model.git.image_encoder
+        for start in range(0, len(todo), self.config.vision_batch):
+            chunk = todo[start : start + self.config.vision_batch]
+            pixels = preprocess_frames([f.image for f in chunk], self.spec, self.device, self.dtype)
+            hidden = encoder(pixel_values=pixels).last_hidden_state  # (b, patches+1, D_vision)
+            for f, h in zip(chunk, hidden):
+                features[f.key] = h
+                self.cache.put(f.key, h)
+        self.stats.frames_encoded += len(todo)
+        return features
+
+    def _image_tokens(self, windows: list[list[Frame]]) -> torch.Tensor:
+        all_frames = [f for frames in windows for f in frames]
+        encoded_before = self.stats.frames_encoded
+        features = self._encode_missing(all_frames)
+        self.stats.frames_reused += len(all_frames) - (self.stats.frames_encoded - encoded_before)
+        git = self.model.git
+        rows = []
+        for frames in windows:
+            per_frame = [features[f.key] for f in frames]
+            if self._temporal:
+                # out of place: cached features must stay untouched
+                per_frame = [h + git.img_temporal_embedding[j][0] for j, h in enumerate(per_frame)]
+            rows.append(torch.cat(per_frame, dim=0))
+        return git.visual_projection(torch.stack(rows))  # (B, n*(patches+1), D)
+
+    # -- text ------------------------------------------------------------------
+    def _greedy(self, image_tokens: torch.Tensor, max_new_tokens: int) -> tuple[list[list[int]], list[float]]:
+        git, head = self.model.git, self.model.output
+        batch, n_img, _ = image_tokens.shape
+        device, dtype = image_tokens.device, image_tokens.dtype
+        bos = torch.full((batch, 1), self.bos_id, dtype=torch.long, device=device)
+        text = git.embeddings(input_ids=bos, position_ids=torch.zeros_like(bos))
+        hidden = torch.cat([image_tokens, text], dim=1)
+        # Image tokens see each other both ways but never the text; text sees all before it.
+        length = n_img + 1
+        mask = torch.zeros(1, 1, length, length, dtype=dtype, device=device)
+        mask[..., :n_img, n_img:] = torch.finfo(dtype).min
+        cache = DynamicCache(config=self.model.config)
+        out = git.encoder(hidden, attention_mask=mask, cache=cache, use_cache=True)
+        logits = head(out.last_hidden_state[:, -1])
+
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        logprob_sum = [0.0] * batch
+        active = list(range(batch))  # original row of each row still in the batch
+        for step in range(max_new_tokens):
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            best_lp, best = logp.max(dim=-1)
+            best_l, best_lp_l = best.tolist(), best_lp.tolist()
+            still: list[int] = []
+            for row, (tok, lp) in enumerate(zip(best_l, best_lp_l)):
+                orig = active[row]
+                tokens[orig].append(tok)
+                logprob_sum[orig] += lp
+                if tok not in self.eos_ids:
+                    still.append(row)
+            self.stats.tokens_generated += len(active)
+            if not still or step == max_new_tokens - 1:
+                break
+            if len(still) < len(active):
+                keep = torch.tensor(still, device=device)
+                cache.batch_select_indices(keep)
+                best = best[keep]
+                active = [active[r] for r in still]
+            ids = best.unsqueeze(1)
+            pos = torch.full_like(ids, step + 1)
+            step_hidden = git.embeddings(input_ids=ids, position_ids=pos)
+            out = git.encoder(step_hidden, attention_mask=None, cache=cache, use_cache=True)
+            logits = head(out.last_hidden_state[:, -1])
+        scores = [s / max(1, len(t)) for s, t in zip(logprob_sum, tokens)]
+        return tokens, scores
+
+
+def _first_id(*candidates):
+    for c in candidates:
+        if c is not None:
+            return c
+    raise ValueError("model config names no special token id")
+
+
+def _clean(text: str) -> str:
+    return " ".join(text.split())

@@ -1,0 +1,330 @@
+"""Caption fan-out: one publisher, many subscribers, each with a bounded queue.
+
+No network code: a WebSocket route subscribes, forwards `await sub.get()` to
+its socket, and closes the socket when the subscription closes (see
+`Subscription.wait_closed()`).
+
+- Publishing is synchronous and never waits: each message is encoded once
+  (protocol.py) and offered to every matching subscriber. Call it on the event
+  loop (from the engine thread, via `loop.call_soon_threadsafe`).
+- Drop policy: a subscriber whose queue is full is closed with reason
+  "slow consumer" and its pending messages are dropped, so one stuck client
+  never delays publishing or the other subscribers.
+- `stable`: a caption whose text equals the previous caption of its stream is
+  sent with stable=True. Subscribers with only_changes=True (the default) skip
+  it when they were already sent that text for that stream, so a client is
+  never left without the current caption (after subscribing late, or when its
+  replayed history starts with a stable caption).
+- History: the last `history` caption messages per stream, plus each stream's
+  latest state message, replayed to new subscribers (merged by time) before
+  live messages. A replay fills at most half of a subscriber's queue (the
+  newest messages win), leaving room for live ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from .protocol import encode_caption, encode_state
+from .types import Caption
+
+__all__ = ["CaptionHub", "Subscription", "SubscriptionClosed"]
+
+REASON_CLOSED = "closed"
+REASON_SLOW = "slow consumer"
+REASON_SHUTDOWN = "server shutdown"
+
+
+class SubscriptionClosed(Exception):
+    """Raised by `Subscription.get()` once the subscription is closed; `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class _Message:
+    stream_id: str
+    message: str  # encoded once, shared by every subscriber
+    time: float  # emit_time for captions, state time for states: the replay order
+    seq: int  # publish order, breaks ties in replay
+    text: str | None = None  # caption text; None for state messages
+    stable: bool = False
+
+
+class Subscription:
+    """One subscriber's view of the hub: a stream filter and a bounded queue of encoded messages.
+
+    Made by `CaptionHub.subscribe()`. Read with `await get()` or `async for`.
+    """
+
+    def __init__(
+        self,
+        streams: Iterable[str] | None,
+        *,
+        only_changes: bool,
+        replay: bool,
+        maxsize: int,
+        on_close: Callable[[Subscription, str], None],
+    ) -> None:
+        self.only_changes = only_changes
+        self.replay = replay
+        self._streams = None if streams is None else frozenset(streams)
+        self._maxsize = maxsize
+        self._queue: deque[str] = deque()
+        self._ready = asyncio.Event()  # set while the queue is non-empty or closed
+        self._closed_event = asyncio.Event()
+        self._reason: str | None = None
+        self._sent_text: dict[str, str] = {}  # stream -> last caption text queued for it
+        self._on_close = on_close
+        self._replay_source: Callable[[frozenset[str] | None], list[_Message]] | None = None
+
+    # -- public ------------------------------------------------------------
+    @property
+    def streams(self) -> frozenset[str] | None:
+        """The stream ids this subscription receives; None means every stream."""
+        return self._streams
+
+    @property
+    def closed(self) -> bool:
+        return self._reason is not None
+
+    @property
+    def reason(self) -> str | None:
+        """Why it was closed ("closed", "slow consumer", "server shutdown"); None while open."""
+        return self._reason
+
+    @property
+    def pending(self) -> int:
+        """Messages queued and not read yet."""
+        return len(self._queue)
+
+    def update(self, streams: Iterable[str] | None) -> None:
+        """Change the filter (None: every stream). Newly added streams replay their history if `replay`."""
+        if self.closed:
+            return
+        old = self._streams
+        new = None if streams is None else frozenset(streams)
+        self._streams = new
+        if not self.replay or self._replay_source is None or old is None:
+            return
+        added: frozenset[str] | None = new if new is None else new - old
+        # Streams the filter already had were delivered live: replay only the added ones.
+        history = self._replay_source(added)
+        if new is None:
+            history = [m for m in history if m.stream_id not in old]
+        self._offer_replay(history)
+
+    async def get(self) -> str:
+        """The next message; raises SubscriptionClosed once closed (pending messages are dropped)."""
+        while True:
+            if self._reason is not None:
+                raise SubscriptionClosed(self._reason)
+            if self._queue:
+                msg = self._queue.popleft()
+                if not self._queue:
+                    self._ready.clear()
+                return msg
+            await self._ready.wait()
+
+    async def wait_closed(self) -> str:
+        """Wait until the subscription is closed; return the reason.
+
+        A forwarder that is blocked writing to a stuck socket uses this to notice
+        it was dropped and close the socket.
+        """
+        await self._closed_event.wait()
+        assert self._reason is not None
+        return self._reason
+
+    def close(self, reason: str = REASON_CLOSED) -> None:
+        """Close (idempotent): pending messages are dropped, `get()` raises SubscriptionClosed."""
+        if self._reason is not None:
+            return
+        self._reason = reason
+        self._queue.clear()
+        self._sent_text.clear()
+        self._ready.set()  # wake a waiting get() so it raises
+        self._closed_event.set()
+        self._on_close(self, reason)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> str:
+        try:
+            return await self.get()
+        except SubscriptionClosed:
+            raise StopAsyncIteration from None
+
+    def __repr__(self) -> str:
+        state = f"closed ({self._reason})" if self.closed else f"{len(self._queue)} pending"
+        streams = "*" if self._streams is None else sorted(self._streams)
+        return f"<Subscription streams={streams} {state}>"
+
+    # -- called by the hub ---------------------------------------------------
+    def _matches(self, stream_id: str) -> bool:
+        return self._streams is None or stream_id in self._streams
+
+    def _wants(self, m: _Message) -> bool:
+        if m.text is None:
+            return True
+        # Skip a repeat only if this subscriber was already sent that text.
+        return not (self.only_changes and m.stable and self._sent_text.get(m.stream_id) == m.text)
+
+    def _offer(self, m: _Message) -> None:
+        if self._reason is not None or not self._matches(m.stream_id) or not self._wants(m):
+            return
+        if len(self._queue) >= self._maxsize:
+            self.close(REASON_SLOW)
+            return
+        self._push(m)
+
+    def _push(self, m: _Message) -> None:
+        self._queue.append(m.message)
+        if m.text is not None:
+            self._sent_text[m.stream_id] = m.text
+        self._ready.set()
+
+    def _offer_replay(self, history: list[_Message]) -> None:
+        wanted: list[_Message] = []
+        for m in history:  # in order, so _wants sees the texts queued before it
+            if self._wants(m):
+                wanted.append(m)
+                if m.text is not None:
+                    self._sent_text[m.stream_id] = m.text
+        room = max(0, (self._maxsize - len(self._queue)) // 2)
+        for m in wanted[len(wanted) - room :] if room else ():
+            self._push(m)
+        for m in wanted:
+            if m.text is not None:
+                self._sent_text[m.stream_id] = m.text  # the newest text wins, pushed or not
+
+    def _forget(self, stream_id: str) -> None:
+        self._sent_text.pop(stream_id, None)
+
+
+class CaptionHub:
+    """Fans captions and stream states out to subscribers; see the module docstring for the policies."""
+
+    def __init__(self, history: int = 20, queue_size: int = 256) -> None:
+        if history < 0:
+            raise ValueError(f"history must be >= 0, got {history!r}")
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {queue_size!r}")
+        self.history = history
+        self.queue_size = queue_size
+        self._subs: set[Subscription] = set()
+        self._captions: dict[str, deque[_Message]] = {}
+        self._states: dict[str, _Message] = {}
+        self._last_text: dict[str, str] = {}
+        self._seq = itertools.count()
+        self._closed = False
+        self.messages_published = 0
+        self.subscribers_dropped_slow = 0
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subs)
+
+    @property
+    def streams(self) -> list[str]:
+        """Streams with history or state kept, sorted."""
+        return sorted(self._captions.keys() | self._states.keys())
+
+    def subscribe(
+        self, streams: Iterable[str] | None = None, *, only_changes: bool = True, replay: bool = True
+    ) -> Subscription:
+        """A new subscription (streams None: every stream, including later ones).
+
+        With `replay`, its queue starts with the matching history. After
+        `close()` of the hub, the subscription comes back already closed.
+        """
+        sub = Subscription(
+            streams, only_changes=only_changes, replay=replay, maxsize=self.queue_size, on_close=self._on_close
+        )
+        if self._closed:
+            sub.close(REASON_SHUTDOWN)
+            return sub
+        sub._replay_source = self._history
+        self._subs.add(sub)
+        if replay:
+            sub._offer_replay(self._history(sub.streams))
+        return sub
+
+    def publish_caption(self, caption: Caption) -> None:
+        """Encode once, keep in history, offer to every matching subscriber. Never blocks."""
+        if self._closed:
+            return
+        sid = caption.stream_id
+        stable = self._last_text.get(sid) == caption.text
+        self._last_text[sid] = caption.text
+        m = _Message(sid, encode_caption(caption, stable), caption.emit_time, next(self._seq), caption.text, stable)
+        if self.history:
+            hist = self._captions.get(sid)
+            if hist is None:
+                hist = self._captions[sid] = deque(maxlen=self.history)
+            hist.append(m)
+        self._fan_out(m)
+
+    def publish_state(self, stream_id: str, state: str, detail: str | None = None) -> None:
+        """Encode once, remember as the stream's latest state, offer to matching subscribers."""
+        if self._closed:
+            return
+        now = time.time()
+        m = _Message(stream_id, encode_state(stream_id, state, detail, now), now, next(self._seq))
+        self._states[stream_id] = m
+        self._fan_out(m)
+
+    def forget_stream(self, stream_id: str) -> None:
+        """Drop a removed stream's history, state and last text (a new stream with its id starts fresh)."""
+        self._captions.pop(stream_id, None)
+        self._states.pop(stream_id, None)
+        self._last_text.pop(stream_id, None)
+        for sub in self._subs:
+            sub._forget(stream_id)
+
+    def close(self) -> None:
+        """Close every subscription with reason "server shutdown" (idempotent); later publishes are ignored."""
+        if self._closed:
+            return
+        self._closed = True
+        for sub in list(self._subs):
+            sub.close(REASON_SHUTDOWN)
+
+    # -- internals -----------------------------------------------------------
+    def _fan_out(self, m: _Message) -> None:
+        self.messages_published += 1
+        # A copy: a full queue closes its subscriber, which removes it from the set.
+        for sub in tuple(self._subs):
+            sub._offer(m)
+
+    def _history(self, streams: frozenset[str] | None) -> list[_Message]:
+        ids = self._captions.keys() | self._states.keys() if streams is None else streams
+        runs: list[list[_Message]] = []
+        for sid in ids:
+            run = list(self._captions.get(sid, ()))
+            state = self._states.get(sid)
+            if state is not None:
+                run.append(state)
+                run.sort(key=_replay_key)
+            if run:
+                runs.append(run)
+        return list(heapq.merge(*runs, key=_replay_key))
+
+    def _on_close(self, sub: Subscription, reason: str) -> None:
+        if sub in self._subs:
+            self._subs.discard(sub)
+            if reason == REASON_SLOW:
+                self.subscribers_dropped_slow += 1
+
+
+def _replay_key(m: _Message) -> tuple[float, int]:
+    return (m.time, m.seq)

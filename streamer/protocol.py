@@ -1,0 +1,300 @@
+"""The WebSocket wire format, sans-I/O: encode server messages, parse client ones.
+
+Nothing here touches a socket or a clock: the server route feeds received
+text to `parse_client_message()` and sends the strings the `encode_*`
+functions return. `SCHEMA` (also `docs/protocol.md`) documents every message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Union
+
+from .types import Caption
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAX_MESSAGE_BYTES",
+    "SERVER_NAME",
+    "SCHEMA",
+    "ProtocolError",
+    "Subscribe",
+    "Unsubscribe",
+    "Ping",
+    "ClientMessage",
+    "parse_client_message",
+    "apply_subscription",
+    "encode_caption",
+    "encode_state",
+    "encode_hello",
+    "encode_error",
+    "encode_pong",
+]
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024  # client messages; a subscribe list never needs more
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("streamer")
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+SERVER_NAME = f"streamer/{_package_version()}"
+
+SCHEMA = """\
+# Caption WebSocket protocol, version 1
+
+Every message is one WebSocket **text** frame holding one JSON object. Server
+messages carry `"v": 1` (the protocol version) and a `"type"`. Clients may
+send `"v"`; if they do it must be `1`. Unknown fields are ignored in both
+directions, so new optional fields do not bump the version. Times ending in
+`time` are wall-clock Unix seconds; `start`/`end` are media time in seconds.
+
+## Server to client
+
+### `hello`
+Sent once, first, on every connection.
+
+```json
+{"v": 1, "type": "hello", "streams": ["cam1", "cam2"], "history": 20, "server": "streamer/0.1.0"}
+```
+
+- `streams`: ids of the streams the server has now (sorted).
+- `history`: how many recent captions per stream a subscription replays.
+- `server`: `streamer/<version>`.
+
+### `caption`
+One caption for one window of one stream.
+
+```json
+{"v": 1, "type": "caption", "stream_id": "cam1", "index": 42, "start": 42.0, "end": 44.5,
+ "text": "a man is riding a bike", "confidence": -0.31, "model": "microsoft/git-base-vatex",
+ "capture_time": 1764050000.12, "emit_time": 1764050000.85, "latency": 0.73, "stable": false}
+```
+
+- `stream_id` (string), `index` (integer, per-stream window counter).
+- `start`, `end` (number): media time of the window's first and last frame.
+- `text` (string): the caption; may be empty.
+- `confidence` (number or null): mean log-probability of the generated tokens
+  (<= 0); null if it was not finite.
+- `model` (string): the model that wrote it.
+- `capture_time` (number): when the newest frame of the window arrived.
+- `emit_time` (number): when the caption was produced.
+- `latency` (number): `emit_time - capture_time`, at least 0, in seconds.
+- `stable` (bool): true when `text` equals the previous caption of the same
+  stream. Subscriptions skip a stable caption when the client already has its
+  text, so most clients never see `"stable": true` live; a replayed history
+  may start with one.
+
+Captions of one stream arrive in `index` order. On subscribing, the client
+first gets the recent history of the streams it asked for (up to `history`
+captions per stream and each stream's latest `state`, merged by time), then
+live messages.
+
+### `state`
+A stream changed state (for example `starting`, `running`, `stalled`,
+`reconnecting`, `ended`, `failed`).
+
+```json
+{"v": 1, "type": "state", "stream_id": "cam1", "state": "stalled", "detail": "no frames for 5 s", "time": 1764050001.0}
+```
+
+- `stream_id` (string), `state` (string), `detail` (string or null),
+  `time` (number, when the state changed).
+
+### `error`
+A client message was rejected; the connection stays open.
+
+```json
+{"v": 1, "type": "error", "code": "bad_message", "message": "'streams' must be a list of strings or \\"*\\""}
+```
+
+- `code` (string), one of:
+  - `too_large`: the message was over 65536 bytes.
+  - `bad_json`: not UTF-8, not JSON, or not a JSON object.
+  - `bad_message`: a field is missing or has the wrong type.
+  - `unknown_type`: `type` names no client message.
+  - `unsupported_version`: `v` was sent and is not `1`.
+  - `bad_request`: well-formed but cannot be done (see `unsubscribe`).
+- `message` (string): one line for humans.
+
+### `pong`
+The answer to `ping`.
+
+```json
+{"v": 1, "type": "pong"}
+```
+
+## Client to server
+
+### `subscribe`
+```json
+{"type": "subscribe", "streams": ["cam1", "cam2"]}
+{"type": "subscribe", "streams": "*"}
+```
+
+Adds the listed streams to the connection's subscription; `"*"` subscribes to
+every stream, including streams added later. A connection starts subscribed
+to nothing. Newly added streams replay their history.
+
+### `unsubscribe`
+```json
+{"type": "unsubscribe", "streams": ["cam2"]}
+{"type": "unsubscribe", "streams": "*"}
+```
+
+Removes the listed streams; `"*"` removes all. While subscribed to `"*"`, a
+list is rejected with `bad_request` (subscribe to a list first).
+
+### `ping`
+```json
+{"type": "ping"}
+```
+
+The server answers `pong`.
+
+## Closing
+
+The server closes a connection with code 1008 (policy violation) and reason
+`slow consumer` when the client does not read fast enough for its bounded
+queue, and with 1001 (going away) and reason `server shutdown` when it stops.
+"""
+
+
+class ProtocolError(Exception):
+    """A client message was rejected; `code` and `message` go into an `error` reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    streams: frozenset[str] | None  # None: every stream ("*")
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    streams: frozenset[str] | None  # None: every stream ("*")
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+ClientMessage = Union[Subscribe, Unsubscribe, Ping]
+
+
+def _streams_field(data: dict[str, Any]) -> frozenset[str] | None:
+    streams = data.get("streams")
+    if streams == "*":
+        return None
+    if not isinstance(streams, list) or not all(isinstance(s, str) and s for s in streams):
+        raise ProtocolError("bad_message", "'streams' must be a list of non-empty strings or \"*\"")
+    return frozenset(streams)
+
+
+def parse_client_message(text: str | bytes) -> ClientMessage:
+    """Parse one client frame; raise ProtocolError (to send back as `error`) if it is not valid."""
+    # Check the character count first so a huge frame is never encoded.
+    if len(text) > MAX_MESSAGE_BYTES or (
+        isinstance(text, str) and len(text.encode("utf-8", "surrogatepass")) > MAX_MESSAGE_BYTES
+    ):
+        raise ProtocolError("too_large", f"message is over the limit of {MAX_MESSAGE_BYTES} bytes")
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("bad_json", "message is not valid UTF-8") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ProtocolError("bad_json", f"message is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("bad_json", "message must be a JSON object")
+    if "v" in data and (data["v"] != PROTOCOL_VERSION or isinstance(data["v"], bool)):
+        raise ProtocolError("unsupported_version", f"protocol version {data['v']!r} is not supported; use {PROTOCOL_VERSION}")
+    kind = data.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("bad_message", "'type' must be a string")
+    if kind == "subscribe":
+        return Subscribe(_streams_field(data))
+    if kind == "unsubscribe":
+        return Unsubscribe(_streams_field(data))
+    if kind == "ping":
+        return Ping()
+    raise ProtocolError("unknown_type", f"unknown message type {kind!r}; expected subscribe, unsubscribe or ping")
+
+
+def apply_subscription(
+    current: frozenset[str] | None, message: Subscribe | Unsubscribe
+) -> frozenset[str] | None:
+    """The stream filter after `message` (None: every stream), as SCHEMA describes.
+
+    A connection starts with `frozenset()`. Raises ProtocolError("bad_request")
+    for unsubscribing a list while subscribed to "*".
+    """
+    if isinstance(message, Subscribe):
+        if current is None or message.streams is None:
+            return None
+        return current | message.streams
+    if message.streams is None:
+        return frozenset()
+    if current is None:
+        raise ProtocolError("bad_request", "subscribed to \"*\": unsubscribe \"*\" or subscribe to a list of streams first")
+    return current - message.streams
+
+
+def _finite_or_none(value: float) -> float | None:
+    # JSON has no NaN/Infinity; browsers' JSON.parse rejects them.
+    return value if math.isfinite(value) else None
+
+
+def _dumps(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def encode_caption(caption: Caption, stable: bool) -> str:
+    msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": "caption"}
+    msg.update(caption.to_dict())
+    for key in ("start", "end", "confidence", "capture_time", "emit_time", "latency"):
+        msg[key] = _finite_or_none(msg[key])
+    msg["stable"] = bool(stable)
+    return _dumps(msg)
+
+
+def encode_state(stream_id: str, state: str, detail: str | None, time: float) -> str:
+    return _dumps(
+        {
+            "v": PROTOCOL_VERSION,
+            "type": "state",
+            "stream_id": stream_id,
+            "state": state,
+            "detail": detail,
+            "time": _finite_or_none(time),
+        }
+    )
+
+
+def encode_hello(streams: Iterable[str], history: int, server: str = SERVER_NAME) -> str:
+    return _dumps(
+        {"v": PROTOCOL_VERSION, "type": "hello", "streams": sorted(streams), "history": history, "server": server}
+    )
+
+
+def encode_error(code: str, message: str) -> str:
+    return _dumps({"v": PROTOCOL_VERSION, "type": "error", "code": code, "message": message})
+
+
+def encode_pong() -> str:
+    return _dumps({"v": PROTOCOL_VERSION, "type": "pong"})

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Hubs are unreachable on CI: fail fast instead of retrying for half a minute.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tests.support.media import moving_square, write_video  # noqa: E402
+from tests.support.models import save_git_checkpoint, tiny_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 6-frame GIT checkpoint (VATEX layout) with random weights, on disk."""
+    return save_git_checkpoint(tmp_path_factory.mktemp("models") / "tiny-git", tiny_config())
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model):
+    from streamer.engine import Engine, EngineConfig
+
+    return Engine.load(EngineConfig(model=str(tiny_model), max_new_tokens=8))
+
+
+@pytest.fixture(scope="session")
+def clip_10s(tmp_path_factory) -> Path:
+    """10 s of 30 fps video whose media time starts at 2.0 s."""
+    path = tmp_path_factory.mktemp("media") / "start2.mp4"
+    return write_video(path, moving_square(300, 160, 120), times=[2.0 + i / 30 for i in range(300)])

@@ -1,0 +1,100 @@
+"""A real RTSP server for tests (GStreamer's gst-rtsp-server).
+
+Run it with Debian's /usr/bin/python3, where the gi bindings live, not with the
+project venv. Prints the bound port on stdout once it accepts connections, then
+serves until SIGTERM/SIGINT.
+
+    /usr/bin/python3 tests/support/rtsp_server.py --pattern --port 0 --path /stream
+    /usr/bin/python3 tests/support/rtsp_server.py --file clip.mp4 --user u --password p
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+import gi
+
+gi.require_version("Gst", "1.0")
+gi.require_version("GstRtspServer", "1.0")
+from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
+
+# x264 tuned for latency: no B-frames, a keyframe every second so a client that
+# joins (or rejoins) mid-stream decodes within a second.
+ENCODER = "x264enc tune=zerolatency speed-preset=ultrafast key-int-max={fps} bitrate=800"
+
+
+def launch_line(args: argparse.Namespace) -> str:
+    if args.file:
+        # The file's own H.264 is re-packetised, not re-encoded.
+        return (
+            f'( filesrc location="{args.file}" ! qtdemux ! h264parse config-interval=-1 '
+            "! rtph264pay name=pay0 pt=96 config-interval=1 )"
+        )
+    return (
+        f"( videotestsrc is-live=true pattern={args.pattern_name} "
+        f"! video/x-raw,width={args.width},height={args.height},framerate={args.fps}/1 "
+        f"! {ENCODER.format(fps=args.fps)} ! rtph264pay name=pay0 pt=96 config-interval=1 )"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pattern", action="store_true", help="live videotestsrc")
+    source.add_argument("--file", help="an .mp4 with H.264 video")
+    parser.add_argument("--pattern-name", default="ball", help="videotestsrc pattern (ball moves every frame)")
+    parser.add_argument("--width", type=int, default=320)
+    parser.add_argument("--height", type=int, default=240)
+    parser.add_argument("--fps", type=int, default=30)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--path", default="/stream")
+    parser.add_argument("--user")
+    parser.add_argument("--password")
+    args = parser.parse_args()
+
+    Gst.init(None)
+    server = GstRtspServer.RTSPServer()
+    server.set_address(args.host)
+    server.set_service(str(args.port))
+
+    factory = GstRtspServer.RTSPMediaFactory()
+    factory.set_launch(launch_line(args))
+    factory.set_shared(True)  # one pipeline for all clients, like a camera
+    if args.file:
+        # Loop the file: when the pipeline ends, the media is torn down and
+        # re-created for the next client; within a session it just ends (EOS).
+        factory.set_eos_shutdown(False)
+
+    if args.user is not None:
+        auth = GstRtspServer.RTSPAuth()
+        token = GstRtspServer.RTSPToken()
+        token.set_string(GstRtspServer.RTSP_TOKEN_MEDIA_FACTORY_ROLE, "user")
+        basic = GstRtspServer.RTSPAuth.make_basic(args.user, args.password or "")
+        auth.add_basic(basic, token)
+        server.set_auth(auth)
+        permissions = GstRtspServer.RTSPPermissions()
+        permissions.add_role_from_structure(
+            Gst.Structure.new_from_string(
+                "user, media.factory.access=(boolean)true, media.factory.construct=(boolean)true"
+            )
+        )
+        factory.set_permissions(permissions)
+
+    server.get_mount_points().add_factory(args.path, factory)
+    if server.attach(None) == 0:
+        print("cannot bind RTSP server", file=sys.stderr)
+        return 1
+
+    loop = GLib.MainLoop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        GLib.unix_signal_add(GLib.PRIORITY_HIGH, sig, loop.quit)
+    print(server.get_bound_port(), flush=True)
+    loop.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

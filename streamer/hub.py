@@ -28,7 +28,7 @@ import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .protocol import encode_caption, encode_state
@@ -66,25 +66,18 @@ class Subscription:
     """
 
     def __init__(
-        self,
-        streams: Iterable[str] | None,
-        *,
-        only_changes: bool,
-        replay: bool,
-        maxsize: int,
-        on_close: Callable[[Subscription, str], None],
+        self, hub: CaptionHub, streams: Iterable[str] | None, *, only_changes: bool, replay: bool
     ) -> None:
         self.only_changes = only_changes
         self.replay = replay
+        self._hub = hub
         self._streams = None if streams is None else frozenset(streams)
-        self._maxsize = maxsize
+        self._maxsize = hub.queue_size
         self._queue: deque[str] = deque()
         self._ready = asyncio.Event()  # set while the queue is non-empty or closed
         self._closed_event = asyncio.Event()
         self._reason: str | None = None
         self._sent_text: dict[str, str] = {}  # stream -> last caption text queued for it
-        self._on_close = on_close
-        self._replay_source: Callable[[frozenset[str] | None], list[_Message]] | None = None
 
     # -- public ------------------------------------------------------------
     @property
@@ -107,19 +100,27 @@ class Subscription:
         return len(self._queue)
 
     def update(self, streams: Iterable[str] | None) -> None:
-        """Change the filter (None: every stream). Newly added streams replay their history if `replay`."""
+        """Change the filter (None: every stream).
+
+        With `replay`, streams the filter did not have before replay their
+        history now, queued after the messages already pending (per-stream
+        order is kept; the order across streams is not).
+        """
         if self.closed:
             return
         old = self._streams
         new = None if streams is None else frozenset(streams)
         self._streams = new
-        if not self.replay or self._replay_source is None or old is None:
+        if new is not None:
+            # A stream left out may be re-added later: its replay must not count as already sent.
+            for sid in [sid for sid in self._sent_text if sid not in new]:
+                del self._sent_text[sid]
+        if not self.replay or old is None:
             return
-        added: frozenset[str] | None = new if new is None else new - old
-        # Streams the filter already had were delivered live: replay only the added ones.
-        history = self._replay_source(added)
         if new is None:
-            history = [m for m in history if m.stream_id not in old]
+            history = [m for m in self._hub._history(None) if m.stream_id not in old]
+        else:
+            history = self._hub._history(new - old)
         self._offer_replay(history)
 
     async def get(self) -> str:
@@ -153,7 +154,7 @@ class Subscription:
         self._sent_text.clear()
         self._ready.set()  # wake a waiting get() so it raises
         self._closed_event.set()
-        self._on_close(self, reason)
+        self._hub._on_close(self, reason)
 
     def __aiter__(self) -> Subscription:
         return self
@@ -194,18 +195,19 @@ class Subscription:
         self._ready.set()
 
     def _offer_replay(self, history: list[_Message]) -> None:
+        # Filter in order, as live delivery would have, then keep the newest
+        # that fit in half the free room. _sent_text ends up recording only
+        # what was really queued.
+        sent = dict(self._sent_text)
         wanted: list[_Message] = []
-        for m in history:  # in order, so _wants sees the texts queued before it
-            if self._wants(m):
+        for m in history:
+            if m.text is None or not (self.only_changes and m.stable and sent.get(m.stream_id) == m.text):
                 wanted.append(m)
                 if m.text is not None:
-                    self._sent_text[m.stream_id] = m.text
-        room = max(0, (self._maxsize - len(self._queue)) // 2)
-        for m in wanted[len(wanted) - room :] if room else ():
+                    sent[m.stream_id] = m.text
+        room = (self._maxsize - len(self._queue)) // 2
+        for m in wanted[max(0, len(wanted) - room) :] if room > 0 else ():
             self._push(m)
-        for m in wanted:
-            if m.text is not None:
-                self._sent_text[m.stream_id] = m.text  # the newest text wins, pushed or not
 
     def _forget(self, stream_id: str) -> None:
         self._sent_text.pop(stream_id, None)
@@ -247,13 +249,10 @@ class CaptionHub:
         With `replay`, its queue starts with the matching history. After
         `close()` of the hub, the subscription comes back already closed.
         """
-        sub = Subscription(
-            streams, only_changes=only_changes, replay=replay, maxsize=self.queue_size, on_close=self._on_close
-        )
+        sub = Subscription(self, streams, only_changes=only_changes, replay=replay)
         if self._closed:
             sub.close(REASON_SHUTDOWN)
             return sub
-        sub._replay_source = self._history
         self._subs.add(sub)
         if replay:
             sub._offer_replay(self._history(sub.streams))
@@ -274,11 +273,14 @@ class CaptionHub:
             hist.append(m)
         self._fan_out(m)
 
-    def publish_state(self, stream_id: str, state: str, detail: str | None = None) -> None:
-        """Encode once, remember as the stream's latest state, offer to matching subscribers."""
+    def publish_state(self, stream_id: str, state: str, detail: str | None = None, *, at: float | None = None) -> None:
+        """Encode once, remember as the stream's latest state, offer to matching subscribers.
+
+        `at`: wall-clock time of the change (default: now).
+        """
         if self._closed:
             return
-        now = time.time()
+        now = time.time() if at is None else at
         m = _Message(stream_id, encode_state(stream_id, state, detail, now), now, next(self._seq))
         self._states[stream_id] = m
         self._fan_out(m)

@@ -23,6 +23,10 @@ Captions arrive in media-time order for one stream (one writer per stream).
   duplicate timestamp) is dropped, the policy the sampler applies to frames.
 - Times are rounded to the millisecond; negative times clamp to 0.
 
+Layouts: vtt is `WEBVTT` then `start --> end` cues; srt numbers its cues from 1;
+text is one `[HH:MM:SS.mmm --> HH:MM:SS.mmm] caption` line per cue. A
+vtt/srt/text writer takes one stream and rejects captions of another.
+
 `jsonl` applies none of this: it writes every caption as-is, one
 `json.dumps(caption.to_dict())` per line, and may mix streams.
 

@@ -71,7 +71,7 @@ class Subscription:
         self.only_changes = only_changes
         self.replay = replay
         self._hub = hub
-        self._streams = None if streams is None else frozenset(streams)
+        self._streams = _stream_set(streams)
         self._maxsize = hub.queue_size
         self._queue: deque[str] = deque()
         self._ready = asyncio.Event()  # set while the queue is non-empty or closed
@@ -109,7 +109,7 @@ class Subscription:
         if self.closed:
             return
         old = self._streams
-        new = None if streams is None else frozenset(streams)
+        new = _stream_set(streams)
         self._streams = new
         if new is not None:
             # A stream left out may be re-added later: its replay must not count as already sent.
@@ -326,6 +326,12 @@ class CaptionHub:
             self._subs.discard(sub)
             if reason == REASON_SLOW:
                 self.subscribers_dropped_slow += 1
+
+
+def _stream_set(streams: Iterable[str] | None) -> frozenset[str] | None:
+    if isinstance(streams, str):  # a bare id would become a set of characters
+        raise TypeError(f"streams must be a collection of stream ids or None, got the string {streams!r}")
+    return None if streams is None else frozenset(streams)
 
 
 def _replay_key(m: _Message) -> tuple[float, int]:

@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Union
+from typing import Any
 
 from .types import Caption
 
@@ -192,7 +192,7 @@ class Ping:
     pass
 
 
-ClientMessage = Union[Subscribe, Unsubscribe, Ping]
+ClientMessage = Subscribe | Unsubscribe | Ping
 
 
 def _streams_field(data: dict[str, Any]) -> frozenset[str] | None:

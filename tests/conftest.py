@@ -30,3 +30,13 @@ def clip_10s(tmp_path_factory) -> Path:
     """10 s of 30 fps video whose media time starts at 2.0 s."""
     path = tmp_path_factory.mktemp("media") / "start2.mp4"
     return write_video(path, moving_square(300, 160, 120), times=[2.0 + i / 30 for i in range(300)])
+
+
+@pytest.fixture
+def loopback_ice(monkeypatch: pytest.MonkeyPatch) -> None:
+    # TEST ONLY. aioice gathers host candidates from every interface except
+    # 127.0.0.1, so two peers on a machine with only loopback (CI containers)
+    # never find a path. Offer 127.0.0.1 alone; real servers use real addresses.
+    import aioice.ice
+
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])

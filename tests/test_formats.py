@@ -121,7 +121,7 @@ def test_jsonl_writes_every_caption_with_all_fields() -> None:
     caps = [cap(0, 0.0, "a dog runs"), cap(1, 1.0, "a dog runs"), cap(2, 2.0, 'quote " and\nnewline', stream="other")]
     lines = render(caps, "jsonl").splitlines()
     assert len(lines) == 3  # no merging, streams may mix
-    for line, c in zip(lines, caps):
+    for line, c in zip(lines, caps, strict=True):
         data = json.loads(line)
         assert data == c.to_dict()
         fields = {f.name for f in dataclasses.fields(Caption)}

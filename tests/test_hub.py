@@ -86,7 +86,9 @@ async def test_caption_and_state_messages_carry_protocol_fields() -> None:
     hub.publish_state("cam", "stalled", "no frames for 5 s", at=1234.5)
     caption, state = await read(sub, 2)
     assert caption == {"v": 1, "type": "caption", **c.to_dict(), "stable": False}
-    assert state == {"v": 1, "type": "state", "stream_id": "cam", "state": "stalled", "detail": "no frames for 5 s", "time": 1234.5}
+    assert state == {
+        "v": 1, "type": "state", "stream_id": "cam", "state": "stalled", "detail": "no frames for 5 s", "time": 1234.5,
+    }  # fmt: skip
 
 
 async def test_filter_by_stream_and_update() -> None:
@@ -425,3 +427,11 @@ async def test_real_websocket_slow_client_is_closed_with_1008_and_reader_gets_ev
         await asyncio.wait_for(finished["/reader"].wait(), 5)
         assert results["/reader"] == ("server shutdown", 1001)
         await idle_ws.close()
+
+
+def test_a_bare_stream_id_is_not_taken_for_a_set_of_characters() -> None:
+    hub = CaptionHub()
+    with pytest.raises(TypeError):
+        hub.subscribe("cam1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        hub.subscribe({"cam1"}).update("cam2")  # type: ignore[arg-type]

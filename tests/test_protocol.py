@@ -169,7 +169,7 @@ def test_subscription_filter_semantics() -> None:
 
 
 def _schema_examples() -> list[dict]:
-    blocks = re.findall(r"```json\n(.*?)```", SCHEMA, flags=re.S)
+    blocks = re.findall(r"```json\n(.*?)```", SCHEMA, flags=re.DOTALL)
     examples = []
     for block in blocks:
         # One object per block, except client blocks that list alternatives one per line.

@@ -6,6 +6,10 @@ serves until SIGTERM/SIGINT.
 
     /usr/bin/python3 tests/support/rtsp_server.py --pattern --port 0 --path /stream
     /usr/bin/python3 tests/support/rtsp_server.py --file clip.mp4 --user u --password p
+
+--file loops the clip by seeking back at its end, which restarts the RTP
+timestamps within the session (clients see time jump back). Clips much shorter
+than 2 s stop after the first pass.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ def launch_line(args: argparse.Namespace) -> str:
     if args.file:
         # The file's own H.264 is re-packetised, not re-encoded.
         return (
-            f'( filesrc location="{args.file}" ! qtdemux ! h264parse config-interval=-1 '
+            f'( filesrc location="{args.file}" ! qtdemux name=demux ! h264parse name=parse config-interval=-1 '
             "! rtph264pay name=pay0 pt=96 config-interval=1 )"
         )
     return (
@@ -37,6 +41,25 @@ def launch_line(args: argparse.Namespace) -> str:
         f"! video/x-raw,width={args.width},height={args.height},framerate={args.fps}/1 "
         f"! {ENCODER.format(fps=args.fps)} ! rtph264pay name=pay0 pt=96 config-interval=1 )"
     )
+
+
+def _loop_file(_factory: GstRtspServer.RTSPMediaFactory, media: GstRtspServer.RTSPMedia) -> None:
+    """Play the file forever: swallow EOS at the parser, seek back to the start."""
+    pipeline = media.get_element()
+    parse = pipeline.get_by_name("parse")
+    demux = pipeline.get_by_name("demux")
+
+    def rewind() -> bool:
+        demux.seek_simple(Gst.Format.TIME, Gst.SeekFlags.FLUSH | Gst.SeekFlags.KEY_UNIT, 0)
+        return False
+
+    def on_event(_pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
+        if info.get_event().type == Gst.EventType.EOS:
+            GLib.idle_add(rewind)
+            return Gst.PadProbeReturn.DROP
+        return Gst.PadProbeReturn.OK
+
+    parse.get_static_pad("src").add_probe(Gst.PadProbeType.EVENT_DOWNSTREAM, on_event)
 
 
 def main() -> int:
@@ -64,9 +87,7 @@ def main() -> int:
     factory.set_launch(launch_line(args))
     factory.set_shared(True)  # one pipeline for all clients, like a camera
     if args.file:
-        # Loop the file: when the pipeline ends, the media is torn down and
-        # re-created for the next client; within a session it just ends (EOS).
-        factory.set_eos_shutdown(False)
+        factory.connect("media-configure", _loop_file)
 
     if args.user is not None:
         auth = GstRtspServer.RTSPAuth()

@@ -1,0 +1,673 @@
+"""Live sources: one decode thread per stream, frames handed to the event loop.
+
+A `FrameSource` opens its `SourceSpec` with PyAV in a dedicated thread, decodes
+frames, and posts each one to the loop with `call_soon_threadsafe`. It never
+waits for the consumer. When the connection breaks (open error, decode error,
+end of a live stream, or a stall seen by the watchdog on the loop) it
+reconnects with capped exponential backoff, keeping `Frame.seq` and
+`Frame.pts` increasing, so that consumers never see a reconnect in the
+timeline. A slow or dead source only ever blocks its own thread.
+
+Why not `decode.iter_frames`: it ends a stream quietly on any FFmpeg error (right
+for a truncated file), but live reading must tell PyAV's read-timeout tick (used
+here so that `stop()` is prompt) from a broken connection, and carry on reading
+after the tick. Opening and scaling are shared with decode.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+import av
+import av.container
+import av.error
+import numpy as np
+
+from ..decode import open_input, scaled_size
+from ..errors import VideoError
+from ..types import Frame
+from .state import Backoff, SourceState
+
+__all__ = [
+    "SourceSpec",
+    "SourceSpecError",
+    "SourceStats",
+    "FrameSource",
+    "SourceKind",
+    "detect_kind",
+    "redact_url",
+]
+
+log = logging.getLogger(__name__)
+
+SourceKind = Literal["rtsp", "file", "webcam", "lavfi", "url"]
+OnFrame = Callable[[Frame], None]
+OnState = Callable[[str, SourceState, "str | None"], None]
+
+# Network schemes handed to FFmpeg as they are ("url" sources).
+NETWORK_SCHEMES = frozenset(
+    {"http", "https", "hls", "udp", "rtp", "srt", "tcp", "tls", "rtmp", "rtmps", "rtmpt", "mmsh", "mmst", "ftp"}
+)
+RTSP_TRANSPORTS = frozenset({"tcp", "udp", "udp_multicast", "http", "https"})
+# Query parameters whose values are secrets (signed URLs, stream keys).
+_SECRET_PARAMS = frozenset(
+    {"password", "passwd", "pass", "pwd", "token", "access_token", "auth", "key", "secret", "sig", "signature", "streamid"}
+)
+_WEBCAM = re.compile(r"/dev/video\d+")
+
+# A blocked network read gives up after this long, so that stop() is prompt.
+# RTSP and devices resume reading after it; see FrameSource._decoded.
+READ_TICK = 0.5
+# stop() waits this long for the decode thread. One stuck in an FFmpeg call
+# with no tick (opening a connection) is left to end at its own timeout.
+JOIN_TIMEOUT = 1.5
+# Frames posted to the loop but not yet delivered; past this a live source
+# drops frames rather than fall behind real time (the loop is overloaded).
+MAX_PENDING = 64
+# A raw timestamp this far (seconds) behind the previous one is a restarted clock, not reordering.
+DISCONTINUITY = 1.0
+
+
+class SourceSpecError(VideoError, ValueError):
+    """A source description that can never work (bad URL, unknown scheme, bad option)."""
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (and secret query values) replaced by ***."""
+    if "://" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, sep, _password = userinfo.partition(":")
+        # A bare userinfo is often a token (https://TOKEN@host), so hide it too.
+        netloc = f"{user}:***@{hostport}" if sep else f"***@{hostport}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() in _SECRET_PARAMS for k, _ in pairs):
+            query = urlencode([(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def detect_kind(url: str) -> tuple[SourceKind, str, str | None]:
+    """(kind, what to pass to av.open, FFmpeg input format) for a source URL.
+
+    Raises SourceSpecError for anything that cannot be opened as a source.
+    """
+    if not url or not url.strip():
+        raise SourceSpecError("empty source URL")
+    if url.startswith("lavfi:"):
+        graph = url[len("lavfi:") :]
+        if not graph:
+            raise SourceSpecError("lavfi: needs a filter graph, e.g. lavfi:testsrc2=size=320x240:rate=30")
+        return "lavfi", graph, "lavfi"
+    if _WEBCAM.fullmatch(url):
+        return "webcam", url, "v4l2"  # checked at open: a camera may be plugged in later
+    if os.path.exists(url):
+        return "file", _existing_file(url), None
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise SourceSpecError(f"{redact_url(url)}: malformed URL ({exc})") from exc
+    scheme = parts.scheme.lower()
+    if scheme in ("rtsp", "rtsps"):
+        if not parts.hostname:
+            raise SourceSpecError(f"{redact_url(url)}: RTSP URL without a host")
+        return "rtsp", url, None
+    if scheme == "file":
+        path = unquote(parts.path)
+        if not os.path.exists(path):
+            raise SourceSpecError(f"{path}: no such file")
+        return "file", _existing_file(path), None
+    if scheme in NETWORK_SCHEMES:
+        return "url", url, None
+    if not scheme or "://" not in url:
+        raise SourceSpecError(f"{url}: no such file")
+    raise SourceSpecError(
+        f"unsupported URL scheme {scheme!r} in {redact_url(url)} (expected rtsp://, rtsps://, "
+        "http(s)://, udp://, srt://, tcp://, a file path or file://, /dev/videoN, or lavfi:<graph>)"
+    )
+
+
+def _existing_file(path: str) -> str:
+    if os.path.isdir(path):
+        raise SourceSpecError(f"{path}: is a directory, not a video file")
+    return path
+
+
+@dataclass(frozen=True, repr=False)
+class SourceSpec:
+    """What to ingest and how. `kind` is detected from `url`.
+
+    Files play "as live" (paced to wall clock by pts) unless `realtime` is
+    False; `loop` restarts them at the end with pts continuing.
+    """
+
+    stream_id: str
+    url: str  # may hold credentials: log `redacted_url`, never this
+    realtime: bool = True
+    loop: bool = False
+    rtsp_transport: str = "tcp"
+    stall_timeout: float = 5.0  # no frame for this long: drop the connection, reconnect
+    open_timeout: float = 10.0
+    backoff_initial: float = 0.5
+    backoff_factor: float = 2.0
+    backoff_cap: float = 30.0
+    backoff_jitter: float = 0.2
+    max_retries: int | None = None  # consecutive failed attempts before FAILED; None: forever
+    short_side: int | None = None  # downscale so the shorter side is at most this
+    ffmpeg_options: Mapping[str, str] = field(default_factory=dict, hash=False)  # override FFmpeg input options
+    kind: SourceKind = field(init=False)
+    target: str = field(init=False)  # what av.open gets
+    input_format: str | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.stream_id:
+            raise SourceSpecError("stream_id must not be empty")
+        kind, target, input_format = detect_kind(self.url)
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "input_format", input_format)
+        if self.rtsp_transport not in RTSP_TRANSPORTS:
+            raise SourceSpecError(
+                f"rtsp_transport must be one of {sorted(RTSP_TRANSPORTS)}, got {self.rtsp_transport!r}"
+            )
+        for name in ("stall_timeout", "open_timeout"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise SourceSpecError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.short_side is not None and self.short_side < 1:
+            raise SourceSpecError(f"short_side must be >= 1 or None, got {self.short_side}")
+        if self.max_retries is not None and self.max_retries < 0:
+            raise SourceSpecError(f"max_retries must be >= 0 or None, got {self.max_retries}")
+        try:
+            self.new_backoff()
+        except ValueError as exc:
+            raise SourceSpecError(str(exc)) from exc
+
+    @property
+    def redacted_url(self) -> str:
+        return redact_url(self.url)
+
+    @property
+    def is_live(self) -> bool:
+        """True when the end of the input means the connection broke, not that it finished."""
+        return self.kind != "file"
+
+    @property
+    def paced(self) -> bool:
+        """Frames are released at the pace of their pts (files and synthetic graphs)."""
+        return self.realtime and self.kind in ("file", "lavfi")
+
+    @property
+    def resumable_reads(self) -> bool:
+        """Reads end every READ_TICK while idle and carry on where they were (RTSP, devices)."""
+        return self.kind in ("rtsp", "webcam")
+
+    def new_backoff(self) -> Backoff:
+        return Backoff(self.backoff_initial, self.backoff_factor, self.backoff_cap, self.backoff_jitter)
+
+    def av_options(self) -> dict[str, str]:
+        options: dict[str, str] = {}
+        if self.kind == "rtsp":
+            options = {
+                "rtsp_transport": self.rtsp_transport,
+                # Socket I/O timeout in microseconds (FFmpeg 8 dropped `stimeout`);
+                # a backstop only, the watchdog acts at stall_timeout.
+                "timeout": str(int(max(self.open_timeout, self.stall_timeout) * 1_000_000)),
+                "allowed_media_types": "video",
+                # Hand frames out as they arrive: the first pts is otherwise often missing.
+                "fflags": "nobuffer",
+                "flags": "low_delay",
+            }
+        elif self.kind == "url":
+            options = {"fflags": "nobuffer", "flags": "low_delay"}
+        options.update(self.ffmpeg_options)
+        return options
+
+    def av_timeout(self) -> tuple[float, float] | None:
+        """PyAV's (open, read) timeouts; None where reads cannot block (files, lavfi)."""
+        if self.resumable_reads:
+            return (self.open_timeout, READ_TICK)
+        if self.kind == "url":
+            # Segment-based protocols (HLS) wait for seconds inside one read and
+            # cannot resume after an interrupt: only a real stall may end a read.
+            return (self.open_timeout, self.stall_timeout)
+        return None
+
+    def __repr__(self) -> str:
+        return f"SourceSpec(stream_id={self.stream_id!r}, url={self.redacted_url!r}, kind={self.kind!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class SourceStats:
+    frames: int = 0  # delivered to on_frame
+    dropped: int = 0  # decoded, but dropped because the loop fell behind
+    decode_errors: int = 0  # packets the decoder rejected (skipped)
+    reconnects: int = 0  # connection attempts after the first
+    last_frame_wall_time: float | None = None  # time.time() of the newest delivered frame
+
+
+class _Timeline:
+    """Maps each connection's raw pts onto one strictly increasing media timeline.
+
+    The first connection keeps its pts. A later one (reconnect, file loop), or a
+    jump back in time within one, starts one frame interval after the last
+    frame: new = last + interval + (raw - first raw). Small steps back
+    (reordering) are dropped.
+    """
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+        self.interval = 1 / 30
+        self._shift: float | None = None
+        self._prev_raw: float | None = None
+
+    def new_segment(self, interval: float | None) -> None:
+        if interval and 1e-4 < interval < 10:
+            self.interval = interval
+        self._shift = None
+        self._prev_raw = None
+
+    def place(self, raw: float | None) -> float | None:
+        """Media time for a frame, or None to drop it (its time goes backwards)."""
+        if raw is None and self._prev_raw is not None:
+            raw = self._prev_raw + self.interval  # live demuxers omit a few timestamps
+        elif raw is not None and self._prev_raw is not None and raw < self._prev_raw - DISCONTINUITY:
+            self._shift = None  # the source restarted its clock (looping server, camera reboot): splice
+        if raw is None:
+            pts = self.last + self.interval if self.last is not None else 0.0
+        else:
+            if self._shift is None:
+                self._shift = 0.0 if self.last is None else self.last + self.interval - raw
+            self._prev_raw = raw
+            pts = raw + self._shift
+        if self.last is not None and pts <= self.last:
+            return None
+        self.last = pts
+        return pts
+
+
+@dataclass(slots=True)
+class _Ended:
+    """Why one connection (or one pass over a file) ended."""
+
+    reason: str
+    frames: int = 0
+    fatal: bool = False  # retrying cannot help
+
+
+class FrameSource:
+    """Runs one source: decode thread, stall watchdog, reconnects.
+
+    `on_frame` and `on_state` are called on the event loop that ran `start()`;
+    `on_frame` must not block (hand the frame to a buffer and return).
+    """
+
+    def __init__(self, spec: SourceSpec, on_frame: OnFrame, on_state: OnState | None = None) -> None:
+        self.spec = spec
+        self._on_frame = on_frame
+        self._on_state = on_state
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._state = SourceState.STOPPED
+        self._detail: str | None = None
+        self._closing = False
+        self._stopped: asyncio.Event | None = None
+        # Set from the loop, read by the thread.
+        self._stop_event = threading.Event()
+        self._abandon = threading.Event()  # the watchdog saw a stall: drop this connection
+        # Written by the thread only.
+        self._seq = 0
+        self._timeline = _Timeline()
+        self._connected = False
+        self._progress = 0.0  # monotonic time of the last frame (or of the connection)
+        self._posted = 0
+        self._dropped = 0
+        self._decode_errors = 0
+        self._reconnects = 0
+        self._anchor: tuple[float, float] | None = None  # (monotonic, pts) for pacing
+        # Written by the loop only.
+        self._delivered = 0
+        self._frames = 0
+        self._last_wall: float | None = None
+        self._callback_failures = 0
+
+    # -- public -----------------------------------------------------------------
+
+    @property
+    def stream_id(self) -> str:
+        return self.spec.stream_id
+
+    @property
+    def state(self) -> SourceState:
+        return self._state
+
+    @property
+    def detail(self) -> str | None:
+        """Why the source is in its state (error text, retry schedule); never holds credentials."""
+        return self._detail
+
+    @property
+    def stats(self) -> SourceStats:
+        return SourceStats(
+            frames=self._frames,
+            dropped=self._dropped,
+            decode_errors=self._decode_errors,
+            reconnects=self._reconnects,
+            last_frame_wall_time=self._last_wall,
+        )
+
+    @property
+    def is_running(self) -> bool:
+        """Whether the decode thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    async def start(self) -> None:
+        if self._thread is not None or self._closing:
+            raise RuntimeError(f"source {self.stream_id!r} was already started")
+        self._loop = asyncio.get_running_loop()
+        self._set_state(SourceState.CONNECTING, self.spec.redacted_url)
+        self._thread = threading.Thread(target=self._run, name=f"ingest:{self.stream_id}", daemon=True)
+        self._thread.start()
+        if self.spec.is_live:  # a file cannot stall, and pacing may wait out long gaps in its pts
+            self._watchdog = asyncio.create_task(self._watch(), name=f"ingest-watchdog:{self.stream_id}")
+
+    async def stop(self) -> None:
+        """Stop reading and join the decode thread. Idempotent; safe to call concurrently."""
+        if self._stopped is not None:
+            await self._stopped.wait()
+            return
+        self._stopped = asyncio.Event()
+        self._closing = True
+        self._stop_event.set()
+        try:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._watchdog
+            thread = self._thread
+            if thread is not None:
+                # Poll rather than join in an executor: nothing here can block the loop.
+                deadline = time.monotonic() + JOIN_TIMEOUT
+                while thread.is_alive() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                if thread.is_alive():
+                    log.warning(
+                        "decode thread still inside FFmpeg; it exits at its timeout and delivers nothing more",
+                        extra={"stream": self.stream_id, "url": self.spec.redacted_url},
+                    )
+        finally:
+            if not self._state.final:  # a failure (or a file's end) stays visible
+                self._emit(SourceState.STOPPED, "stopped")
+            self._stopped.set()
+
+    async def __aenter__(self) -> FrameSource:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def __repr__(self) -> str:
+        return f"FrameSource({self.spec!r}, state={self._state.value})"
+
+    # -- event loop side ----------------------------------------------------------
+
+    def _set_state(self, state: SourceState, detail: str | None) -> None:
+        if self._closing:
+            return  # stop() owns the last word
+        if state is self._state and detail == self._detail:
+            return
+        self._emit(state, detail)
+
+    def _emit(self, state: SourceState, detail: str | None) -> None:
+        self._state, self._detail = state, detail
+        level = {
+            SourceState.FAILED: logging.ERROR,
+            SourceState.STALLED: logging.WARNING,
+            SourceState.LIVE: logging.INFO,
+            SourceState.RECONNECTING: logging.INFO,
+        }.get(state, logging.DEBUG)
+        log.log(
+            level,
+            "source %s",
+            state.value,
+            extra={"stream": self.stream_id, "state": state.value, "detail": detail, "url": self.spec.redacted_url},
+        )
+        if self._on_state is not None:
+            try:
+                self._on_state(self.stream_id, state, detail)
+            except Exception:
+                log.exception("on_state callback failed", extra={"stream": self.stream_id})
+
+    def _deliver(self, frame: Frame) -> None:
+        self._delivered += 1
+        if self._closing:
+            return
+        self._frames += 1
+        self._last_wall = frame.arrival
+        try:
+            self._on_frame(frame)
+        except Exception:
+            self._callback_failures += 1
+            if self._callback_failures == 1:  # a broken consumer would otherwise log 30 times a second
+                log.exception("on_frame callback failed", extra={"stream": self.stream_id})
+
+    async def _watch(self) -> None:
+        """Stall watchdog: no frame for stall_timeout -> STALLED, and tell the thread to reconnect."""
+        timeout = self.spec.stall_timeout
+        period = min(0.25, timeout / 4)
+        while self._thread is not None and self._thread.is_alive():
+            await asyncio.sleep(period)
+            if not self._connected or self._abandon.is_set():
+                continue
+            idle = time.monotonic() - self._progress
+            if idle > timeout:
+                self._abandon.set()  # the thread sees it at its next packet or read tick
+                self._set_state(SourceState.STALLED, f"no frame for {idle:.1f} s")
+
+    # -- decode thread side -------------------------------------------------------
+
+    def _post(self, callback: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self._stop_event.set()
+
+    def _post_state(self, state: SourceState, detail: str | None) -> None:
+        self._post(self._set_state, state, detail)
+
+    def _run(self) -> None:
+        spec = self.spec
+        backoff = spec.new_backoff()
+        failures = 0
+        try:
+            while not self._stop_event.is_set():
+                ended = self._connect_and_read()
+                if ended is None or self._stop_event.is_set():
+                    return
+                if ended.frames:
+                    backoff.reset()
+                    failures = 0
+                if not spec.is_live and not ended.fatal:
+                    if spec.loop and ended.frames:
+                        continue  # next pass right away; pts carry on
+                    self._post_state(SourceState.STOPPED, ended.reason)
+                    return
+                if ended.fatal:
+                    self._post_state(SourceState.FAILED, ended.reason)
+                    return
+                failures += 1
+                if spec.max_retries is not None and failures > spec.max_retries:
+                    self._post_state(SourceState.FAILED, f"{ended.reason}; gave up after {spec.max_retries} retries")
+                    return
+                delay = backoff.next_delay()
+                self._post_state(SourceState.RECONNECTING, f"{ended.reason}; retry {failures} in {delay:.1f} s")
+                if self._stop_event.wait(delay):
+                    return
+                self._reconnects += 1
+                self._anchor = None  # a new connection sets its own pace
+        except Exception as exc:  # a bug here must not die silently in a thread
+            log.exception("decode thread crashed", extra={"stream": self.stream_id})
+            self._post_state(SourceState.FAILED, f"internal error: {self._clean(str(exc))}")
+
+    def _connect_and_read(self) -> _Ended | None:
+        """One connection: open, read until it ends. None when asked to stop."""
+        spec = self.spec
+        self._abandon.clear()
+        try:
+            container = open_input(
+                spec.target, format=spec.input_format, options=spec.av_options(), timeout=spec.av_timeout()
+            )
+        except VideoError as exc:
+            return self._open_failed(exc)
+        try:
+            log.debug("opened", extra={"stream": self.stream_id, "url": spec.redacted_url})
+            return self._read(container)
+        finally:
+            self._connected = False
+            container.close()
+
+    def _open_failed(self, exc: VideoError) -> _Ended:
+        cause = exc.__cause__
+        if isinstance(cause, av.error.ExitError):
+            reason = f"cannot open (no answer within {self.spec.open_timeout:g} s)"
+        else:
+            reason = self._clean(str(exc))
+        # A missing protocol, a broken file or filter graph stays broken; a network peer may come back.
+        fatal = self.spec.kind in ("file", "lavfi") or isinstance(cause, av.error.ProtocolNotFoundError)
+        return _Ended(reason, fatal=fatal)
+
+    def _read(self, container: av.container.InputContainer) -> _Ended | None:
+        spec = self.spec
+        stream = container.streams.video[0]
+        # Frame threads hold frames back (latency); files as live can afford them.
+        stream.thread_type = "AUTO" if spec.kind == "file" else "SLICE"
+        rate = stream.average_rate or stream.guessed_rate
+        self._timeline.new_segment(1 / float(rate) if rate else None)
+        self._progress = time.monotonic()
+        self._connected = True
+        frames = 0
+        try:
+            for av_frame in self._decoded(container, stream):
+                pts = self._timeline.place(av_frame.time)
+                if pts is None:
+                    continue
+                width, height = scaled_size(av_frame.width, av_frame.height, spec.short_side)
+                image = av_frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="BILINEAR")
+                if spec.paced and self._pace(pts):
+                    return None
+                frame = Frame(self.stream_id, self._seq, pts, np.ascontiguousarray(image), time.time())
+                self._seq += 1
+                frames += 1
+                self._progress = time.monotonic()
+                if frames == 1:
+                    self._post_state(SourceState.LIVE, None)
+                if not self._hand_over(frame):
+                    return None
+        except av.error.ExitError:
+            reason = f"no data for {spec.stall_timeout:g} s"
+        except av.error.FFmpegError as exc:
+            if not spec.is_live and frames:  # a truncated file: keep what decoded
+                log.warning("video ended early", extra={"stream": self.stream_id, "reason": self._clean(str(exc))})
+                return _Ended("end of file", frames)
+            reason = f"read error ({self._clean(str(exc))})"
+        else:
+            if self._stop_event.is_set():
+                return None
+            if self._abandon.is_set():
+                reason = f"stalled: no frame for {spec.stall_timeout:g} s"
+            elif spec.is_live:
+                reason = "stream ended"
+            else:
+                reason = "end of file"
+        if not frames and not spec.is_live:
+            return _Ended(f"{spec.target}: contains no decodable video frames", fatal=True)
+        return _Ended(reason, frames)
+
+    def _decoded(self, container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.VideoFrame]:
+        codec = stream.codec_context
+        while True:
+            try:
+                for packet in container.demux(stream):
+                    if self._stop_event.is_set() or self._abandon.is_set():
+                        return
+                    try:
+                        frames = codec.decode(packet)
+                    except av.error.FFmpegError as exc:
+                        # One damaged packet (lost UDP datagram, cut-off file) costs a frame, not the stream.
+                        self._decode_errors += 1
+                        log.debug("packet rejected", extra={"stream": self.stream_id, "reason": self._clean(str(exc))})
+                        continue
+                    yield from frames
+                return
+            except av.error.ExitError:
+                # PyAV's read timeout fired: READ_TICK without a packet. RTSP and
+                # devices can go on reading where they were; the flags decide.
+                if self._stop_event.is_set() or self._abandon.is_set():
+                    return
+                if not self.spec.resumable_reads:
+                    raise
+
+    def _pace(self, pts: float) -> bool:
+        """Sleep until the frame's time comes (files "as live"). True if stop came first."""
+        now = time.monotonic()
+        if self._anchor is None:
+            self._anchor = (now, pts)
+            return False
+        wall0, pts0 = self._anchor
+        delay = wall0 + (pts - pts0) - now
+        if delay > 0:
+            return self._stop_event.wait(delay)
+        if delay < -1.0:  # fell behind (slow machine): go on from here rather than burst
+            self._anchor = (now, pts)
+        return False
+
+    def _hand_over(self, frame: Frame) -> bool:
+        """Post a frame to the loop without waiting for the consumer. False if stopping."""
+        if self.spec.paced or self.spec.is_live:
+            if self._posted - self._delivered >= MAX_PENDING:
+                self._dropped += 1  # the loop is behind: keep real time, lose this frame
+                return True
+        else:
+            # A file read as fast as possible has no real time to keep: wait for the loop instead.
+            while self._posted - self._delivered >= MAX_PENDING:
+                if self._stop_event.wait(0.005):
+                    return False
+        self._posted += 1
+        self._post(self._deliver, frame)
+        return not self._stop_event.is_set()
+
+    def _clean(self, text: str) -> str:
+        """Error text safe to log: the URL redacted, and the `url: ` prefix open_input adds dropped."""
+        spec = self.spec
+        for prefix in (spec.target + ": ", spec.url + ": "):
+            if text.startswith(prefix):
+                text = text[len(prefix) :]
+        text = text.replace(spec.url, spec.redacted_url).replace(spec.target, redact_url(spec.target))
+        try:
+            password = urlsplit(spec.url).password if "://" in spec.url else None
+        except ValueError:
+            password = None
+        if password and len(password) >= 3:
+            text = text.replace(password, "***").replace(unquote(password), "***")
+        return text

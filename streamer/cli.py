@@ -42,7 +42,7 @@ def _positive_int(text: str) -> int:
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    from .engine.loader import DEFAULT_MODEL  # light: no model is loaded here
+    from .defaults import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, HF cache entry or local directory (default {DEFAULT_MODEL})")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")

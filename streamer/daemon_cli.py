@@ -179,12 +179,14 @@ def format_caption_line(message: dict) -> str | None:
     return None
 
 
-async def tail(url: str, streams: str | None, as_json: bool, limit: int | None = None) -> None:
+async def tail(url: str, streams: str | None, as_json: bool, limit: int | None = None, changes_only: bool = False) -> None:
     import websockets
 
-    if streams:
-        sep = "&" if "?" in url else "?"
-        url = f"{url}{sep}streams={streams}"
+    query = [f"streams={streams}"] if streams else []
+    if not changes_only:
+        query.append("all=1")  # a log shows every window, repeats included
+    if query:
+        url = f"{url}{'&' if '?' in url else '?'}{'&'.join(query)}"
     count = 0
     async for ws in websockets.connect(url, open_timeout=10):  # reconnects by itself
         try:
@@ -206,7 +208,7 @@ async def tail(url: str, streams: str | None, as_json: bool, limit: int | None =
 
 def run_tail(args: argparse.Namespace) -> int:
     try:
-        _run(tail(args.url, args.streams, args.json, args.count))
+        _run(tail(args.url, args.streams, args.json, args.count, args.changes_only))
     except OSError as exc:
         raise StreamerError(f"{args.url}: {exc}") from None
     return 0
@@ -254,7 +256,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def _demo_model() -> str:
     """The default model if it is available offline, else a small untrained GIT
     built locally (captions are then noise, but every stage runs for real)."""
-    from .engine.loader import DEFAULT_MODEL
+    from .defaults import DEFAULT_MODEL
 
     with contextlib.suppress(Exception):
         from huggingface_hub import try_to_load_from_cache
@@ -287,6 +289,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     tl.add_argument("--streams", help="comma-separated stream ids (default: all)")
     tl.add_argument("--json", action="store_true", help="print raw JSON messages")
     tl.add_argument("--count", type=int, default=None, help="exit after this many captions")
+    tl.add_argument("--changes-only", action="store_true", help="skip captions identical to the previous one")
     tl.set_defaults(run=run_tail)
 
     demo = sub.add_parser("demo", help="caption a built-in live test pattern end to end")

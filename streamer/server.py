@@ -80,8 +80,9 @@ def _error(status: int, code: str, message: str) -> web.Response:
 async def errors_middleware(request: web.Request, handler):
     try:
         return await handler(request)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return _error(413, "too_large", f"request body is over the limit of {exc.max_size} bytes")
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[CONFIG_KEY].max_body_bytes
+        return _error(413, "too_large", f"request body is over the limit of {limit} bytes")
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.content_type != "application/json":
             return _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
@@ -217,7 +218,11 @@ async def whip_delete(request: web.Request) -> web.Response:
 async def ws_handler(request: web.Request) -> web.StreamResponse:
     daemon = request.app[DAEMON_KEY]
     config = request.app[CONFIG_KEY]
-    ws = web.WebSocketResponse(heartbeat=config.heartbeat, max_msg_size=protocol.MAX_MESSAGE_BYTES)
+    ws = web.WebSocketResponse(
+        heartbeat=config.heartbeat,
+        max_msg_size=protocol.MAX_MESSAGE_BYTES,
+        writer_limit=max(config.client_send_buffer // 4, 1024),  # how often send waits for the socket to drain
+    )
     await ws.prepare(request)
     _bound_send_buffer(request, config.client_send_buffer)
     request.app[SOCKETS_KEY].add(ws)
@@ -225,7 +230,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     only_changes = request.query.get("all", "0") not in ("1", "true")
     sub = daemon.hub.subscribe(streams, only_changes=only_changes)
     await ws.send_str(protocol.encode_hello(sorted(daemon.streams), daemon.hub.history))
-    sender = asyncio.create_task(_forward(sub, ws, config.close_timeout, daemon, request.remote), name="ws-forward")
+    sender = asyncio.create_task(_forward(sub, ws, config.close_timeout, daemon, request), name="ws-forward")
     try:
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:
@@ -268,7 +273,7 @@ def _initial_streams(value: str | None) -> frozenset[str] | None:
     return frozenset(s for s in (p.strip() for p in value.split(",")) if s)
 
 
-async def _forward(sub, ws: web.WebSocketResponse, close_timeout: float, daemon: Daemon, peer: str | None) -> None:
+async def _forward(sub, ws: web.WebSocketResponse, close_timeout: float, daemon: Daemon, request: web.Request) -> None:
     """Hub -> socket. A client too slow for its bounded queue is closed (1008)."""
     try:
         while True:
@@ -278,11 +283,13 @@ async def _forward(sub, ws: web.WebSocketResponse, close_timeout: float, daemon:
         code = 1001 if closed.reason == "server shutdown" else 1008
         if code == 1008:
             daemon.metrics_clients_dropped.labels().inc()
-            log.warning("websocket client dropped", extra={"reason": closed.reason, "peer": peer})
+            log.warning("websocket client dropped", extra={"reason": closed.reason, "peer": request.remote})
         try:
             await asyncio.wait_for(ws.close(code=code, message=closed.reason.encode()), close_timeout)
         except (asyncio.TimeoutError, ConnectionError):
-            pass
+            # it cannot even take the close frame: cut the connection
+            if request.transport is not None:
+                request.transport.abort()
     except ConnectionError:
         sub.close()
 

@@ -11,13 +11,13 @@ import torch
 from transformers import AutoImageProcessor, AutoTokenizer, GitForCausalLM
 from transformers.utils import logging as hf_logging
 
+from ..defaults import DEFAULT_MODEL
 from ..errors import ModelLoadError
 
 __all__ = ["DEFAULT_MODEL", "LoadedModel", "load_model", "resolve_device", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "microsoft/git-base-vatex"
 
 # The microsoft/git-*-vatex checkpoints were converted with transformers 4.x,
 # which spelled this parameter "temperal". transformers 5 renamed it without a

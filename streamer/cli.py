@@ -42,9 +42,14 @@ def _positive_int(text: str) -> int:
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    from .defaults import DEFAULT_MODEL
+    from .defaults import BUNDLED_MODEL_NAME, DEFAULT_MODEL
 
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, HF cache entry or local directory (default {DEFAULT_MODEL})")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"hub id, HF cache entry or local directory (default: {DEFAULT_MODEL} when cached or reachable, "
+        f"else the bundled {BUNDLED_MODEL_NAME})",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--max-new-tokens", type=_positive_int, default=20, help="caption length limit in tokens")
@@ -67,6 +72,30 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("-o", "--output", default="-", help="output file (default: stdout)")
     cap.add_argument("--no-progress", action="store_true")
     cap.set_defaults(run=run_caption)
+
+    tr = sub.add_parser("train", help="train or fine-tune a GIT captioner")
+    tr.add_argument("--out", required=True, help="output directory (save_pretrained layout)")
+    tr.add_argument("--model", default="new", help='"new" (a fresh small GIT with the synthetic-world vocabulary) or a GIT checkpoint')
+    tr.add_argument("--data", default="synthetic", help='"synthetic" or a JSON Lines manifest {path, start, end, caption}')
+    tr.add_argument("--steps", type=_positive_int, default=3000)
+    tr.add_argument("--batch-size", type=_positive_int, default=32)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--warmup", type=int, default=200)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    tr.add_argument("--save-every", type=_positive_int, default=500)
+    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    tr.add_argument("--log-every", type=_positive_int, default=50, help="steps between log lines (no terminal)")
+    tr.set_defaults(run=run_train)
+
+    ev = sub.add_parser("eval", help="score a model on held-out clips")
+    add_model_options(ev)
+    ev.add_argument("--data", default="synthetic", help='"synthetic" (held-out world clips) or a manifest .jsonl')
+    ev.add_argument("--clips", type=_positive_int, default=200)
+    ev.add_argument("--seed", type=int, default=10_000, help="synthetic clips: far from training seeds")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    ev.set_defaults(run=run_eval)
 
     from . import daemon_cli  # serve, tail, demo
 
@@ -110,6 +139,49 @@ def run_caption(args: argparse.Namespace) -> int:
         if out is not sys.stdout:
             out.close()
     log.info("captioned", extra={"video": args.video, "captions": count})
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    config = TrainConfig(
+        out=args.out, model=args.model, data=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        warmup=args.warmup, seed=args.seed, device=args.device, save_every=args.save_every, resume=args.resume,
+        threads=args.threads, log_every=args.log_every,
+    )
+    out = train(config)
+    print(f"model saved to {out}; use it with: streamer caption VIDEO --model {out}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .engine import Engine, EngineConfig
+    from .evaluate import evaluate, manifest_clips, synthetic_clips
+    from .progress import Progress
+
+    engine = Engine.load(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens))
+    size = engine.spec.crop_hw[0] if engine.spec.crop_hw else 224
+    if args.data == "synthetic":
+        clips = synthetic_clips(args.clips, args.seed, engine.num_frames, size)
+    else:
+        clips = manifest_clips(args.data, engine.num_frames, engine.frame_short_side)
+    progress = Progress(label="eval", unit="clip")
+    try:
+        result = evaluate(engine, clips, on_progress=progress.update, total=args.clips if args.data == "synthetic" else None)
+    finally:
+        progress.close()
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(f"model {engine.model_name}: {result.clips} clips, exact match {result.exact_match:.1%}, "
+              f"{result.windows_per_second:.1f} windows/s")
+        print("  parts: " + ", ".join(f"{k} {v:.1%}" for k, v in result.part_accuracy.items()))
+        print("  scores: " + ", ".join(f"{k} {v:.3f}" for k, v in result.scores.items()))
+        for ex in result.examples[:5]:
+            print(f"  wrong: {ex['caption']!r} for {ex['reference']!r}")
     return 0
 
 

@@ -25,7 +25,6 @@ __all__ = ["add_commands", "ServeConfig", "load_config", "serve"]
 
 log = logging.getLogger("streamer.serve")
 
-DEMO_SOURCE = "lavfi:testsrc2=size=320x240:rate=15"
 
 
 @dataclass(frozen=True)
@@ -34,10 +33,11 @@ class ServeConfig:
     server: Any  # ServerConfig
     daemon: Any  # DaemonConfig
     streams: tuple = field(default_factory=tuple)  # StreamConfig, ...
+    sinks: tuple = ()  # raw ("outputs", table) / ("webhooks", [tables]) pairs; see sinks.py
 
 
 def load_config(path: str | None, args: argparse.Namespace | None = None) -> ServeConfig:
-    """streamer.toml sections: [model], [server], [limits], [[streams]]; flags override."""
+    """streamer.toml sections: [model], [server], [limits], [[streams]], [outputs], [[webhooks]]; flags override."""
     from .daemon import DaemonConfig, StreamConfig
     from .engine import EngineConfig
     from .scheduler import SchedulerConfig
@@ -94,7 +94,14 @@ def load_config(path: str | None, args: argparse.Namespace | None = None) -> Ser
                 streams.append(StreamConfig(id=stream_id, url=url, loop=True))
             except ValueError as exc:
                 raise StreamerError(f"--stream {item!r}: {exc}") from None
-    return ServeConfig(engine, server, daemon, tuple(streams))
+    sinks = tuple((k, data[k]) for k in ("outputs", "webhooks") if k in data)
+    try:
+        from .sinks import outputs_from_config
+
+        outputs_from_config(dict(sinks))  # validate now; serve() builds fresh ones
+    except ValueError as exc:
+        raise StreamerError(f"config {exc}") from None
+    return ServeConfig(engine, server, daemon, tuple(streams), sinks)
 
 
 async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | None = None) -> None:
@@ -111,6 +118,11 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
     engine = await loop.run_in_executor(None, Engine.load, config.engine)
     daemon = Daemon(engine, config.daemon)
     await daemon.start()
+    from .sinks import close_sinks, outputs_from_config
+
+    sinks = outputs_from_config(dict(config.sinks))
+    for sink in sinks:
+        await sink.start(daemon.hub)
     app = build_app(daemon, config.server)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
@@ -144,6 +156,7 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
     finally:
         log.warning("shutting down")
         await daemon.stop()
+        await close_sinks(sinks)  # after the drain: the last captions reach files and webhooks
         await runner.cleanup()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -215,21 +228,23 @@ def run_tail(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Start the daemon on a synthetic live pattern and print captions as they arrive."""
+    """Start the daemon on a live synthetic scene and print captions as they arrive."""
     from .daemon import StreamConfig
 
-    model = args.model or _demo_model()
-    config = load_config(None, argparse.Namespace(model=model, device=args.device, dtype=None, max_new_tokens=None,
+    source, schedule = _demo_source(args.scene_seconds)
+    config = load_config(None, argparse.Namespace(model=args.model, device=args.device, dtype=None, max_new_tokens=None,
                                                   host="127.0.0.1", port=args.port, stream=None))
-    config = replace(config, streams=(StreamConfig(id="demo", url=DEMO_SOURCE, window=args.window, hop=args.hop),))
+    config = replace(config, streams=(StreamConfig(id="demo", url=source, window=args.window, hop=args.hop, loop=True),))
 
     async def main() -> None:
         stop = asyncio.Event()
 
         def ready(port: int, daemon) -> None:
-            print(f"# streamer demo: live test pattern -> captions; WebSocket ws://127.0.0.1:{port}/ws", flush=True)
-            print(f"# model: {daemon.engine.model_name}; Ctrl-C to stop", flush=True)
-            sub = daemon.hub.subscribe(None)
+            print(f"# streamer demo: a live synthetic scene -> captions; WebSocket ws://127.0.0.1:{port}/ws", flush=True)
+            print(f"# model: {daemon.engine.model_name}; Ctrl-C to stop. What is on screen (loops):", flush=True)
+            for line in schedule:
+                print(f"#   {line}", flush=True)
+            sub = daemon.hub.subscribe(None, only_changes=False)
 
             async def show() -> None:
                 shown = 0
@@ -253,23 +268,22 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_model() -> str:
-    """The default model if it is available offline, else a small untrained GIT
-    built locally (captions are then noise, but every stage runs for real)."""
-    from .defaults import DEFAULT_MODEL
+def _demo_source(scene_seconds: float) -> tuple[str, list[str]]:
+    """A looping video of synthetic scenes (cached), and what each scene shows."""
+    import os
 
-    with contextlib.suppress(Exception):
-        from huggingface_hub import try_to_load_from_cache
+    from .world import demo_scenes, render_video, write_video
 
-        if isinstance(try_to_load_from_cache(DEFAULT_MODEL, "config.json"), str):
-            return DEFAULT_MODEL
-    from .engine.untrained import ensure_untrained_model
-
-    path = ensure_untrained_model()
-    log.warning("default model not available offline: using an UNTRAINED model, captions are noise", extra={"path": str(path)})
-    print(f"# {DEFAULT_MODEL} is not in the local cache and the hub is unreachable;\n"
-          f"# running an untrained GIT ({path}): every stage is real, the words are not.", flush=True)
-    return str(path)
+    scenes = demo_scenes(4)
+    root = Path(os.environ.get("STREAMER_CACHE") or Path.home() / ".cache" / "streamer")
+    path = root / f"demo-world-{len(scenes)}x{scene_seconds:g}s.mp4"
+    if not path.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.mp4")
+        write_video(str(tmp), render_video([(s, scene_seconds) for s in scenes], fps=15, height=120, width=160))
+        tmp.replace(path)
+    schedule = [f"{i * scene_seconds:5.0f}-{(i + 1) * scene_seconds:<3.0f} s  {s.caption}" for i, s in enumerate(scenes)]
+    return str(path), schedule
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -300,4 +314,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--hop", type=parse_duration, default=1.0)
     demo.add_argument("--seconds", type=float, default=None, help="stop after this long (default: run until Ctrl-C)")
     demo.add_argument("--count", type=int, default=None, help="stop after this many captions")
+    demo.add_argument("--scene-seconds", type=float, default=8.0, help="how long each synthetic scene lasts")
     demo.set_defaults(run=run_demo)

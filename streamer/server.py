@@ -113,6 +113,9 @@ def build_app(daemon: Daemon, config: ServerConfig | None = None) -> web.Applica
         ]
     )
     app.on_shutdown.append(_close_sockets)
+    from .web import add_web_routes
+
+    add_web_routes(app)
     return app
 
 

@@ -24,7 +24,7 @@ from transformers import DynamicCache
 
 from ..types import Caption, Frame, Window
 from .cache import FeatureCache
-from .loader import DEFAULT_MODEL, LoadedModel, load_model
+from .loader import LoadedModel, load_model
 from .preprocess import PreprocessSpec, preprocess_frames
 
 __all__ = ["Engine", "EngineConfig", "EngineStats"]
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str = DEFAULT_MODEL
+    model: str | None = None  # None: DEFAULT_MODEL if reachable, else the bundled model
     device: str = "auto"  # auto | cpu | cuda[:N]
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     max_new_tokens: int = 20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,10 @@ import torch
 from transformers import AutoImageProcessor, AutoTokenizer, GitForCausalLM
 from transformers.utils import logging as hf_logging
 
-from ..defaults import DEFAULT_MODEL
+from ..defaults import BUNDLED_MODEL, BUNDLED_MODEL_NAME, DEFAULT_MODEL
 from ..errors import ModelLoadError
 
-__all__ = ["DEFAULT_MODEL", "LoadedModel", "load_model", "resolve_device", "resolve_dtype"]
+__all__ = ["DEFAULT_MODEL", "LoadedModel", "load_model", "default_model", "resolve_device", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,49 @@ def _load_parts(source: str, local_only: bool, dtype: torch.dtype) -> tuple[Any,
     return model, tokenizer, image_processor, info
 
 
-def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def default_model() -> str:
+    """What no --model means: DEFAULT_MODEL when it is cached or the hub answers,
+    else the small model bundled with the package (logged, never silent)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(DEFAULT_MODEL, "config.json"), str) or _hub_reachable():
+        return DEFAULT_MODEL
+    if (BUNDLED_MODEL / "config.json").is_file():
+        log.warning(
+            "default model not available offline: using the bundled model",
+            extra={"wanted": DEFAULT_MODEL, "using": BUNDLED_MODEL_NAME},
+        )
+        return BUNDLED_MODEL_NAME
+    return DEFAULT_MODEL  # loading it will say what was tried
+
+
+def load_model(name: str | None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load `name`: an existing local directory, else the HF cache, else the hub.
+    None picks `default_model()`; "streamer/world-git" is the bundled model.
 
     Raises ModelLoadError with one line that names every place tried.
     """
+    if name is None:
+        name = default_model()
+    if name == BUNDLED_MODEL_NAME:
+        loaded = load_model(str(BUNDLED_MODEL), device, dtype)
+        loaded.name = BUNDLED_MODEL_NAME
+        return loaded
     if not log.isEnabledFor(logging.DEBUG):
         hf_logging.disable_progress_bar()  # "Loading weights" bars are noise in a daemon's log
     torch_device = resolve_device(device)

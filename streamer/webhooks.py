@@ -1,0 +1,272 @@
+"""Webhooks: POST captions (all, or those whose text matches a regex) to a URL.
+
+`WebhookSink` is a hub subscriber (`only_changes=False` by default,
+`replay=False`) with two tasks of its own, so a dead or slow endpoint never
+holds up captioning, WebSocket clients or other sinks:
+
+- the consumer drains the hub subscription at once, keeps the captions whose
+  stream and text match, and appends their message to a bounded queue
+  (`queue_size`); when it is full the **oldest** waiting caption is dropped
+  and counted (`dropped`): after an outage, the newest captions matter most;
+- the sender POSTs them one at a time, in order, with one aiohttp
+  `ClientSession`.
+
+The body is the caption message of the WebSocket protocol (`protocol.
+encode_caption`, `docs/protocol.md`), `Content-Type: application/json`,
+with an `Idempotency-Key` header that is the same for every attempt of one
+delivery (a receiver can drop the duplicate a lost response may cause).
+
+A delivery succeeds on a 2xx answer. Connection errors, timeouts (`timeout`
+seconds per attempt) and 5xx answers are retried up to `retries` times,
+waiting `backoff * 2**k` seconds before retry k+1; any other answer (4xx,
+3xx: redirects are not followed) fails it at once. A failed delivery is
+counted (`failed`) and the sender goes on to the next caption. The first
+failure of an outage is logged as a warning (the URL shown without its path
+and query, which often hold a secret), the recovery once as info.
+
+`close()` gives the queue up to `timeout` seconds to be delivered, then
+drops (and counts) what is left, so shutdown is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import uuid
+from collections import deque
+from collections.abc import Iterable
+
+import aiohttp
+from yarl import URL
+
+from .hub import REASON_SLOW, CaptionHub, Subscription, SubscriptionClosed
+from .protocol import SERVER_NAME
+
+__all__ = ["WebhookSink"]
+
+log = logging.getLogger(__name__)
+
+
+class WebhookSink:
+    """POSTs each (matching) caption to `url`; see the module docstring for the policies."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        match: str | None = None,
+        streams: Iterable[str] | None = None,
+        only_changes: bool = False,
+        queue_size: int = 100,
+        retries: int = 3,
+        backoff: float = 0.5,
+        timeout: float = 5.0,
+    ) -> None:
+        if not isinstance(url, str):
+            raise ValueError(f"webhook url must be a string, got {url!r}")
+        try:
+            parsed = URL(url)
+        except ValueError as exc:
+            raise ValueError(f"webhook url {url!r}: {exc}") from None
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise ValueError(f"webhook url must be http(s)://host/...; got {_redact(url)!r}")
+        try:
+            self.pattern = None if match is None else re.compile(match, re.IGNORECASE)
+        except (re.error, TypeError) as exc:
+            raise ValueError(f"webhook match {match!r} is not a valid regular expression: {exc}") from None
+        if isinstance(streams, str):
+            raise TypeError(f"streams must be a collection of stream ids or None, got the string {streams!r}")
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+            raise ValueError(f"webhook queue_size must be an integer >= 1, got {queue_size!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"webhook retries must be an integer >= 0, got {retries!r}")
+        if not _number(backoff) or backoff < 0:
+            raise ValueError(f"webhook backoff must be a number of seconds >= 0, got {backoff!r}")
+        if not _number(timeout) or timeout <= 0:
+            raise ValueError(f"webhook timeout must be a number of seconds > 0, got {timeout!r}")
+        self.url = url
+        self.match = match
+        self.streams = None if streams is None else frozenset(streams)
+        self.only_changes = only_changes
+        self.queue_size = queue_size
+        self.retries = retries
+        self.backoff = float(backoff)
+        self.timeout = float(timeout)
+        self.delivered = 0  # captions the endpoint accepted (2xx)
+        self.failed = 0  # deliveries given up: retries spent, or a 4xx/3xx answer
+        self.dropped = 0  # captions dropped from a full queue (oldest first), or left at close
+        self.retried = 0  # attempts after the first
+        self._queue: deque[tuple[str, str]] = deque()  # (delivery key, message)
+        self._wake = asyncio.Event()
+        self._hub: CaptionHub | None = None
+        self._sub: Subscription | None = None
+        self._consumer: asyncio.Task | None = None
+        self._sender: asyncio.Task | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._closing = False
+        self._closed = False
+        self._inflight = False  # a caption is being delivered
+        self._down = False  # an outage was logged and nothing was delivered since
+        self._run_id = uuid.uuid4().hex[:12]
+        self._seq = 0
+
+    @property
+    def pending(self) -> int:
+        """Captions waiting to be sent (not counting the one in flight)."""
+        return len(self._queue)
+
+    def stats(self) -> dict[str, int]:
+        return {"delivered": self.delivered, "failed": self.failed, "dropped": self.dropped,
+                "retried": self.retried, "pending": self.pending}
+
+    async def start(self, hub: CaptionHub) -> None:
+        """Subscribe to `hub` and start sending (once)."""
+        if self._closed:
+            raise RuntimeError("WebhookSink is closed")
+        if self._sender is not None:
+            return
+        self._hub = hub
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+            headers={"User-Agent": SERVER_NAME},
+        )
+        self._sub = self._subscribe()
+        self._consumer = asyncio.create_task(self._consume(), name="webhook-consume")
+        self._sender = asyncio.create_task(self._send_loop(), name="webhook-send")
+        log.info("webhook started", extra={"url": _redact(self.url), "match": self.match})
+
+    async def close(self) -> None:
+        """Stop taking captions, give the queue `timeout` seconds to go out, then stop (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        sub = self._sub
+        if sub is not None:
+            while sub.pending and not sub.closed:  # returns at once: nothing is lost
+                self._on_message(await sub.get())
+            sub.close()
+        await _cancel(self._consumer)
+        self._closing = True
+        self._wake.set()
+        if self._sender is not None:
+            try:
+                await asyncio.wait_for(self._sender, self.timeout)
+            except asyncio.TimeoutError:
+                log.warning("webhook: shutdown before every caption was sent",
+                            extra={"url": _redact(self.url), "left": len(self._queue) + self._inflight})
+                self.dropped += self._inflight
+            except asyncio.CancelledError:
+                pass
+        if self._queue:
+            self.dropped += len(self._queue)
+            self._queue.clear()
+        if self._session is not None:
+            await self._session.close()
+
+    # -- consumer ------------------------------------------------------------------
+    def _subscribe(self) -> Subscription:
+        assert self._hub is not None
+        return self._hub.subscribe(self.streams, only_changes=self.only_changes, replay=False)
+
+    async def _consume(self) -> None:
+        assert self._sub is not None
+        while True:
+            try:
+                raw = await self._sub.get()
+            except SubscriptionClosed as closed:
+                if closed.reason == REASON_SLOW and not self._closed:
+                    log.warning("webhook fell behind the hub and was dropped; subscribing again",
+                                extra={"url": _redact(self.url)})
+                    self._sub = self._subscribe()
+                    continue
+                return
+            self._on_message(raw)
+
+    def _on_message(self, raw: str) -> None:
+        try:
+            message = json.loads(raw)
+        except ValueError:
+            log.exception("unreadable hub message")
+            return
+        if message.get("type") != "caption":
+            return
+        if self.pattern is not None and not self.pattern.search(str(message.get("text", ""))):
+            return
+        if len(self._queue) >= self.queue_size:
+            self._queue.popleft()
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 100 == 0:
+                log.warning("webhook queue full: oldest captions dropped",
+                            extra={"url": _redact(self.url), "dropped": self.dropped})
+        self._seq += 1
+        self._queue.append((f"{self._run_id}-{self._seq}", raw))
+        self._wake.set()
+
+    # -- sender ---------------------------------------------------------------------
+    async def _send_loop(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            key, body = self._queue.popleft()
+            self._inflight = True
+            await self._deliver(key, body)
+            self._inflight = False
+
+    async def _deliver(self, key: str, body: str) -> None:
+        assert self._session is not None
+        headers = {"Content-Type": "application/json", "Idempotency-Key": key}
+        error = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.retried += 1
+                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                async with self._session.post(self.url, data=body.encode(), headers=headers,
+                                              allow_redirects=False) as resp:
+                    await resp.read()
+                    status = resp.status
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                continue  # connection refused or reset, timeout: retry
+            if 200 <= status < 300:
+                self.delivered += 1
+                if self._down:
+                    self._down = False
+                    log.info("webhook deliveries resumed", extra={"url": _redact(self.url)})
+                return
+            error = f"HTTP {status}"
+            if status < 500:
+                break  # the endpoint refused this caption: trying again will not help
+        self.failed += 1
+        if not self._down:
+            self._down = True
+            log.warning("webhook delivery failed", extra={"url": _redact(self.url), "error": error, "failed": self.failed})
+
+
+async def _cancel(task: asyncio.Task | None) -> None:
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and value != float("inf")
+
+
+def _redact(url: str) -> str:
+    """scheme://host:port only: webhook paths and queries often carry a secret token."""
+    try:
+        u = URL(url)
+        return str(u.origin()) + "/..." if u.host else "<url>"
+    except ValueError:
+        return "<url>"

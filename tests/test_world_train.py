@@ -1,0 +1,105 @@
+"""The synthetic world, `streamer train` and `streamer eval` (small runs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from streamer.engine import Engine, EngineConfig
+from streamer.evaluate import evaluate, synthetic_clips
+from streamer.train import TrainConfig, train
+from streamer.world import COLOURS, MOTIONS, clip, random_scene, world_vocabulary
+from tests.support.media import moving_square, write_video
+
+
+def centroid_x(img: np.ndarray, rgb) -> float:
+    ys, xs = np.nonzero(np.all(img == np.array(rgb, np.uint8), axis=-1))
+    return float(xs.mean())
+
+
+def test_world_is_deterministic_and_captions_use_its_vocabulary():
+    a = [random_scene(np.random.default_rng(5)) for _ in range(1)][0]
+    b = [random_scene(np.random.default_rng(5)) for _ in range(1)][0]
+    assert a.caption == b.caption
+    assert all(np.array_equal(x, y) for x, y in zip(clip(a), clip(b)))
+    rng = np.random.default_rng(0)
+    vocab = set(world_vocabulary())
+    captions = {random_scene(rng).caption for _ in range(400)}
+    assert all(set(c.split()) <= vocab for c in captions)
+    assert len(captions) > 100  # a world, not a handful of sentences
+
+
+def test_direction_is_only_visible_in_frame_order():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        scene = random_scene(rng, events=("left", "right"))
+        if len(scene.objects) != 1:
+            continue
+        frames = clip(scene, start=0.0)
+        rgb = COLOURS[scene.objects[0].colour]
+        xs = [centroid_x(f, rgb) for f in frames]
+        moving_right = xs[-1] > xs[0]
+        assert moving_right == (scene.event == "right"), (scene.caption, xs)
+        # reversed frames show the opposite motion: a pipeline that reorders frames says the wrong thing
+        assert (centroid_x(frames[0], rgb) < centroid_x(frames[-1], rgb)) != (xs[::-1][-1] > xs[::-1][0])
+    assert set(MOTIONS) == {"left", "right", "up", "down"}
+
+
+def test_training_lowers_the_loss_and_the_result_loads(tmp_path, caplog):
+    out = tmp_path / "model"
+    caplog.set_level("WARNING", logger="streamer.train")
+    train(TrainConfig(out=str(out), steps=12, batch_size=8, warmup=2, save_every=6, log_every=3, threads=1), progress=False)
+    losses = [r.loss for r in caplog.records if hasattr(r, "loss")]
+    assert losses[-1] < losses[0]
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["seed"] == 0 and args["steps"] == 12 and args["step"] == 12
+    assert not list(out.glob("checkpoint-*"))  # cleaned up after the final save
+    engine = Engine.load(EngineConfig(model=str(out), max_new_tokens=10))
+    ((window, _),) = list(synthetic_clips(1, seed=1, frames=engine.num_frames, size=64))
+    (caption,) = engine.caption([window])
+    assert set(caption.text.split()) <= set(world_vocabulary())
+
+
+def test_a_killed_training_run_resumes_from_its_newest_checkpoint(tmp_path):
+    out = tmp_path / "m"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "streamer", "train", "--out", str(out), "--batch-size", "4", "--warmup", "1",
+           "--threads", "1", "--save-every", "2", "--log-every", "1"]
+    run = subprocess.Popen(cmd + ["--steps", "1000"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "checkpoint-4" / "training_state.pt").exists():
+            assert time.monotonic() < deadline and run.poll() is None, "no checkpoint written"
+            time.sleep(0.2)
+        time.sleep(0.5)  # let the save finish
+    finally:
+        run.kill()
+        run.wait()
+    resumed = subprocess.run(cmd + ["--steps", "8", "--resume"], capture_output=True, text=True, env=env, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    steps = [int(line.split("step=")[1].split()[0]) for line in resumed.stderr.splitlines() if "step=" in line]
+    assert steps and steps[0] > 4 and steps[-1] == 8  # picked up after the newest checkpoint, not from 0
+    assert json.loads((out / "training_args.json").read_text())["step"] == 8
+
+
+def test_manifest_training_reads_user_clips(tmp_path):
+    a = write_video(tmp_path / "a.mp4", moving_square(45, 96, 64, seed=1), fps=15)
+    b = write_video(tmp_path / "b.mp4", moving_square(45, 96, 64, seed=2), fps=15)
+    manifest = tmp_path / "clips.jsonl"
+    manifest.write_text(
+        json.dumps({"path": a.name, "start": 0.0, "end": 2.5, "caption": "a square moves to the right"}) + "\n"
+        + json.dumps({"path": b.name, "start": 0.5, "end": 2.9, "caption": "a square moves"}) + "\n"
+    )
+    out = train(TrainConfig(out=str(tmp_path / "m"), data=str(manifest), steps=3, batch_size=2, warmup=1, threads=1), progress=False)
+    assert (out / "model.safetensors").is_file()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"path": "a.mp4", "start": 2, "end": 1, "caption": "x"}\n')
+    result = subprocess.run([sys.executable, "-m", "streamer", "train", "--out", str(tmp_path / "x"), "--data", str(bad),
+                             "--steps", "1"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "bad.jsonl:1" in result.stderr and "Traceback" not in result.stderr

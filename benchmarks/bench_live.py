@@ -414,7 +414,7 @@ def plot(result: dict, path: Path) -> None:
 
     pts = result["points"]
     ns = [p["streams"] for p in pts]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5.2))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5.6))
 
     p50 = [p["latency_s"]["p50"] for p in pts]
     p99 = [p["latency_s"]["p99"] for p in pts]
@@ -431,7 +431,7 @@ def plot(result: dict, path: Path) -> None:
     ax1.set_ylabel("seconds (lower is better)")
     ax1.set_ylim(0, max(p99) * 1.25)
     ax1.set_title("Frame arrival -> caption received by a WebSocket client")
-    ax1.legend(loc="upper left", fontsize=9)
+    ax1.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=9, frameon=False)  # outside: never hides a point
     ax1.grid(alpha=0.3)
 
     rate = [p["captions_per_s"] for p in pts]
@@ -455,13 +455,13 @@ def plot(result: dict, path: Path) -> None:
     ax2.set_xlabel("streams")
     ax2.set_ylabel("captions / s, all streams")
     ax2.set_title("Throughput")
-    ax2.legend(loc="upper left", fontsize=9)
+    ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=9, frameon=False)  # outside: never hides a point
     ax2.grid(alpha=0.3)
 
     m, wl = result["machine"], result["workload"]
     loads = [p["loadavg_measure_start"][0] for p in pts if p.get("loadavg_measure_start")]
     fig.suptitle(
-        f"streamer live daemon, GIT {result['model']} on CPU ({m['cpu_count']} cores, {m['torch_threads']} torch threads) - "
+        f"streamer live daemon, GIT {result['model']} on CPU ({m['cpu_count']} cores, {m['torch_threads']} torch thread{'s' if m['torch_threads'] != 1 else ''}) - "
         f"{wl['frame_size'][0]}x{wl['frame_size'][1]} @ {wl['fps']} fps files as live, window {wl['window_s']:g} s / "
         f"hop {wl['hop_s']:g} s, {wl['measure_s']:g} s measured per point\n"
         f"{result['date']}; 1-min load average at measurement start: {', '.join(f'{x:.1f}' for x in loads)}",
@@ -509,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="320x240", help="clip size WxH (default 320x240)")
     ap.add_argument("--clip-seconds", type=float, default=4.0, help="clip length; it loops (default 4)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: EngineConfig's")
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch.set_num_threads() in the daemon process (default: torch's own, = cores); "
+                         "results then go to live-<model>-cpu-t<N>.json/.png")
     ap.add_argument("--first-caption-timeout", type=float, default=60.0)
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
@@ -519,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from streamer.engine import EngineConfig
 
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)  # what OMP_NUM_THREADS=N does for `streamer serve`
     counts = [int(x) for x in args.streams.split(",") if x.strip()]
     width, height = (int(x) for x in args.size.lower().split("x"))
     t0 = time.perf_counter()
@@ -545,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
+            "torch_threads_set_by": "--torch-threads" if args.torch_threads else "torch default",
             "event_loop": "uvloop" if _has_uvloop() else "asyncio",
             "device": "cpu",
         },
@@ -566,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"live-{label}-cpu"
+    stem = f"live-{label}-cpu" + (f"-t{args.torch_threads}" if args.torch_threads else "")
     json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
     tmp_json = json_path.with_suffix(".json.tmp")
     tmp_json.write_text(json.dumps(result, indent=2) + "\n")

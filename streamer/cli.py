@@ -53,6 +53,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--max-new-tokens", type=_positive_int, default=20, help="caption length limit in tokens")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores but one)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +115,8 @@ def run_caption(args: argparse.Namespace) -> int:
 
     open_input(args.video).close()  # a bad file fails before the model loads
     engine = Engine.load(
-        EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens)
+        EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
+                     threads=args.threads)
     )
     frames = args.frames or engine.num_frames
     if frames != engine.num_frames:
@@ -162,7 +164,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, manifest_clips, synthetic_clips
     from .progress import Progress
 
-    engine = Engine.load(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens))
+    engine = Engine.load(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+                                      max_new_tokens=args.max_new_tokens, threads=args.threads))
     size = engine.spec.crop_hw[0] if engine.spec.crop_hw else 224
     if args.data == "synthetic":
         clips = synthetic_clips(args.clips, args.seed, engine.num_frames, size)

@@ -222,7 +222,7 @@ class Daemon:
         self.ready = False
         await asyncio.gather(*(rt.stop() for rt in list(self.streams.values())), return_exceptions=True)
         await self.scheduler.close(drain=True)
-        self.hub.close()
+        await self.hub.drain(timeout=2.0)  # clients get the last captions before the close frame
 
     # -- streams ----------------------------------------------------------------
     async def add_stream(self, config: StreamConfig) -> StreamRuntime:

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import logging
 import signal
 import sys
@@ -83,7 +84,7 @@ def load_config(path: str | None, args: argparse.Namespace | None = None) -> Ser
         raise StreamerError(f"config [[streams]]: {exc}") from None
 
     if args is not None:  # flags win over the file
-        overrides = {k: getattr(args, a) for k, a in (("model", "model"), ("device", "device"), ("dtype", "dtype"), ("max_new_tokens", "max_new_tokens")) if getattr(args, a, None) is not None}
+        overrides = {k: getattr(args, a) for k, a in (("model", "model"), ("device", "device"), ("dtype", "dtype"), ("max_new_tokens", "max_new_tokens"), ("threads", "threads")) if getattr(args, a, None) is not None}
         engine = replace(engine, **overrides)
         server = replace(server, **{k: getattr(args, k) for k in ("host", "port") if getattr(args, k, None) is not None})
         for item in getattr(args, "stream", None) or []:
@@ -120,15 +121,6 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
     await daemon.start()
     from .sinks import close_sinks, outputs_from_config
 
-    sinks = outputs_from_config(dict(config.sinks))
-    for sink in sinks:
-        await sink.start(daemon.hub)
-    app = build_app(daemon, config.server)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port)
-    await site.start()
-    port = runner.addresses[0][1] if runner.addresses else config.server.port
     stop = stop or asyncio.Event()
     signals = 0
 
@@ -137,13 +129,25 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
         signals += 1
         if signals > 1:
             log.warning("second signal: exiting now")
-            sys.exit(130)
+            os._exit(130)
         stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, on_signal)
+    sinks: list = []
+    runner: web.AppRunner | None = None
     try:
+        sinks = outputs_from_config(dict(config.sinks))
+        for sink in sinks:
+            await sink.start(daemon.hub)
+        runner = web.AppRunner(build_app(daemon, config.server), handle_signals=False, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, config.server.host, config.server.port).start()
+        except OSError as exc:
+            raise StreamerError(f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror or exc}") from None
+        port = runner.addresses[0][1] if runner.addresses else config.server.port
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, on_signal)
         for stream in config.streams:
             try:
                 await daemon.add_stream(stream)
@@ -157,7 +161,8 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
         log.warning("shutting down")
         await daemon.stop()
         await close_sinks(sinks)  # after the drain: the last captions reach files and webhooks
-        await runner.cleanup()
+        if runner is not None:
+            await runner.cleanup()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
@@ -292,7 +297,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     srv = sub.add_parser("serve", help="run the live captioning daemon")
     srv.add_argument("--config", help="streamer.toml")
     add_model_options(srv)
-    srv.set_defaults(model=None, device=None, dtype=None, max_new_tokens=None)
+    srv.set_defaults(model=None, device=None, dtype=None, max_new_tokens=None, threads=None)
     srv.add_argument("--host")
     srv.add_argument("--port", type=int)
     srv.add_argument("--stream", action="append", metavar="ID=URL", help="a stream to start with (repeatable)")

@@ -77,6 +77,7 @@ class Subscription:
         self._ready = asyncio.Event()  # set while the queue is non-empty or closed
         self._closed_event = asyncio.Event()
         self._reason: str | None = None
+        self._finishing: str | None = None  # closing once the queue is read out
         self._sent_text: dict[str, str] = {}  # stream -> last caption text queued for it
 
     # -- public ------------------------------------------------------------
@@ -124,16 +125,29 @@ class Subscription:
         self._offer_replay(history)
 
     async def get(self) -> str:
-        """The next message; raises SubscriptionClosed once closed (pending messages are dropped)."""
+        """The next message; raises SubscriptionClosed once closed (pending messages are dropped),
+        or, after `finish()`, once the pending messages have been read."""
         while True:
             if self._reason is not None:
                 raise SubscriptionClosed(self._reason)
             if self._queue:
                 msg = self._queue.popleft()
-                if not self._queue:
+                if not self._queue and self._finishing is None:
                     self._ready.clear()
                 return msg
+            if self._finishing is not None:
+                self.close(self._finishing)
+                continue
             await self._ready.wait()
+
+    def finish(self, reason: str) -> None:
+        """Take no more messages; close once what is queued has been read."""
+        if self._reason is not None or self._finishing is not None:
+            return
+        self._finishing = reason
+        self._ready.set()
+        if not self._queue:
+            self.close(reason)
 
     async def wait_closed(self) -> str:
         """Wait until the subscription is closed; return the reason.
@@ -181,7 +195,7 @@ class Subscription:
         return not (self.only_changes and m.stable and self._sent_text.get(m.stream_id) == m.text)
 
     def _offer(self, m: _Message) -> None:
-        if self._reason is not None or not self._matches(m.stream_id) or not self._wants(m):
+        if self._reason is not None or self._finishing is not None or not self._matches(m.stream_id) or not self._wants(m):
             return
         if len(self._queue) >= self._maxsize:
             self.close(REASON_SLOW)
@@ -295,11 +309,21 @@ class CaptionHub:
 
     def close(self) -> None:
         """Close every subscription with reason "server shutdown" (idempotent); later publishes are ignored."""
-        if self._closed:
-            return
         self._closed = True
         for sub in list(self._subs):
             sub.close(REASON_SHUTDOWN)
+
+    async def drain(self, timeout: float) -> None:
+        """Shut down gently: take no more messages, let every subscriber read what
+        is already queued (the last captions of a draining daemon), for at most
+        `timeout` seconds; then close whoever is left."""
+        self._closed = True
+        for sub in list(self._subs):
+            sub.finish(REASON_SHUTDOWN)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._subs and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        self.close()
 
     # -- internals -----------------------------------------------------------
     def _fan_out(self, m: _Message) -> None:

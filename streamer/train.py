@@ -135,7 +135,7 @@ def _build_or_load(config: TrainConfig, device: torch.device):
         from .world import world_vocabulary
 
         tokenizer = word_tokenizer(world_vocabulary())
-        model, processor = new_git_model(tokenizer, seed=config.seed)
+        model, processor = new_git_model(tokenizer, seed=config.seed, text_layers=3)
         return model.to(device), tokenizer, processor
     loaded = load_model(config.model, str(device), "float32")
     return loaded.model, loaded.tokenizer, loaded.image_processor

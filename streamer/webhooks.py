@@ -157,8 +157,6 @@ class WebhookSink:
                 log.warning("webhook: shutdown before every caption was sent",
                             extra={"url": _redact(self.url), "left": len(self._queue) + self._inflight})
                 self.dropped += self._inflight
-            except asyncio.CancelledError:
-                pass
         if self._queue:
             self.dropped += len(self._queue)
             self._queue.clear()
@@ -215,7 +213,11 @@ class WebhookSink:
                 continue
             key, body = self._queue.popleft()
             self._inflight = True
-            await self._deliver(key, body)
+            try:
+                await self._deliver(key, body)
+            except Exception:  # a bug must not end the sender: count it and go on
+                self.failed += 1
+                log.exception("webhook delivery error", extra={"url": _redact(self.url)})
             self._inflight = False
 
     async def _deliver(self, key: str, body: str) -> None:

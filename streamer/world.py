@@ -26,7 +26,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (240, 240, 240),
 }
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 0.16, "big": 0.30}  # side / diameter as a fraction of the frame height
+SIZES = {"small": 0.24, "big": 0.40}  # side / diameter as a fraction of the frame height
 MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 EVENTS = tuple(MOTIONS) + ("appears", "disappears")
 BACKGROUNDS = ("black", "gray", "noise")
@@ -125,10 +125,10 @@ def random_scene(
     size = list(SIZES)[rng.integers(len(SIZES))]
     event = events[rng.integers(len(events))]
     count = 1 if rng.random() < 0.7 else 2
-    speed = rng.uniform(0.25, 0.45) / duration  # a quarter to half the frame per window
+    speed = rng.uniform(0.3, 0.5) / duration  # a third to half the frame per window
     dx, dy = MOTIONS.get(event, (0, 0))
     # start on the side the motion leaves from, so the window sees it cross the middle
-    along = rng.uniform(0.15, 0.45)
+    along = rng.uniform(0.2, 0.3)
     along = along if dx + dy >= 0 else 1.0 - along
     objects = []
     for i in range(count):

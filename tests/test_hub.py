@@ -435,3 +435,21 @@ def test_a_bare_stream_id_is_not_taken_for_a_set_of_characters() -> None:
         hub.subscribe("cam1")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         hub.subscribe({"cam1"}).update("cam2")  # type: ignore[arg-type]
+
+
+async def test_drain_lets_subscribers_read_what_is_queued_then_closes() -> None:
+    hub = CaptionHub(history=0)
+    reader = hub.subscribe(None, only_changes=False)
+    stuck = hub.subscribe(None, only_changes=False)  # never reads
+    for i in range(5):
+        hub.publish_caption(cap("a", i, f"text {i}"))
+    drained = asyncio.create_task(hub.drain(timeout=0.5))
+    got = []
+    with pytest.raises(SubscriptionClosed) as closed:
+        while True:
+            got.append(json.loads(await reader.get())["index"])
+    assert got == [0, 1, 2, 3, 4] and closed.value.reason == "server shutdown"
+    hub.publish_caption(cap("a", 9, "late"))  # after drain began: not delivered to anyone
+    await asyncio.wait_for(drained, 2)
+    assert stuck.closed and stuck.reason == "server shutdown"
+    assert hub.subscriber_count == 0

@@ -428,3 +428,14 @@ async def test_whip_rejects_bad_offers() -> None:
         await audio_only.close()
         await session.close()
 
+
+
+def test_platform_camera_names_need_their_ffmpeg_input() -> None:
+    import av
+
+    for fmt, url in (("avfoundation", "avfoundation:0"), ("dshow", "dshow:video=USB Camera")):
+        if fmt in av.formats_available:
+            assert detect_kind(url) == ("webcam", url.split(":", 1)[1], fmt)
+        else:
+            with pytest.raises(SourceSpecError, match=f"no {fmt} input"):
+                detect_kind(url)

@@ -290,6 +290,11 @@ async def test_a_stream_added_again_continues_its_timeline_and_a_cut_file_is_rep
 
 
 def test_sinks_from_config_tables_and_clear_errors(tmp_path):
+    from streamer import outputs, sinks as sinks_module, webhooks
+
+    assert set(outputs.__all__) == {"OUTPUT_FORMATS", "SubtitleOutputs", "caption_from_message"}
+    assert set(webhooks.__all__) == {"WebhookSink"}
+    assert set(sinks_module.__all__) == {"Sink", "outputs_from_config", "close_sinks"}
     sinks = outputs_from_config({
         "model": {"id": "x"},
         "outputs": {"dir": str(tmp_path), "formats": ["vtt", "jsonl"], "streams": ["lobby"]},

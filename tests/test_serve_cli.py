@@ -117,3 +117,14 @@ def test_bad_config_is_one_clear_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "streamer", "serve", "--config", str(config)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "config" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_port_in_use_is_one_clear_line(tiny_model):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "streamer", "serve", "--model", str(tiny_model), "--port", str(port)],
+                                capture_output=True, text=True, timeout=60, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr

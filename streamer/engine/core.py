@@ -14,6 +14,7 @@ Not thread-safe: one thread calls `caption` at a time (the scheduler's worker).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,10 @@ class EngineConfig:
     max_new_tokens: int = 20
     cache_frames: int = 512  # frame features kept for reuse (LRU)
     vision_batch: int = 32  # frames per vision-tower forward
+    # CPU threads for torch. None: all cores but one, which decoding and the event
+    # loop need: on a busy 2-core box two OpenMP threads spin against the decode
+    # threads and a batch takes 10-40x longer (benchmarks/README.md, live latency).
+    threads: int | None = None
 
 
 @dataclass
@@ -76,7 +81,10 @@ class Engine:
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:
-        return cls(load_model(config.model, config.device, config.dtype), config)
+        loaded = load_model(config.model, config.device, config.dtype)
+        if loaded.device.type == "cpu":
+            torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 2) - 1))
+        return cls(loaded, config)
 
     # -- public ------------------------------------------------------------
     @property

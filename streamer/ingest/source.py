@@ -119,6 +119,13 @@ def detect_kind(url: str) -> tuple[SourceKind, str, str | None]:
         return "lavfi", graph, "lavfi"
     if _WEBCAM.fullmatch(url):
         return "webcam", url, "v4l2"  # checked at open: a camera may be plugged in later
+    for device_format in ("avfoundation", "dshow"):  # macOS / Windows cameras: "avfoundation:0", "dshow:video=Cam"
+        if url.startswith(device_format + ":"):
+            import av
+
+            if device_format not in av.formats_available:
+                raise SourceSpecError(f"{url}: this FFmpeg build has no {device_format} input (not this platform?)")
+            return "webcam", url[len(device_format) + 1 :], device_format
     if os.path.exists(url):
         return "file", _existing_file(url), None
     try:

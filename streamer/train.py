@@ -53,6 +53,8 @@ class TrainConfig:
     resume: bool = False
     log_every: int = 50
     threads: int | None = None  # torch CPU threads (1 avoids oversubscription on a busy machine)
+    image_size: int = 64  # model="new" only: input resolution and ViT patch size
+    patch_size: int = 16
 
 
 Example = tuple[list[np.ndarray], str]
@@ -135,7 +137,9 @@ def _build_or_load(config: TrainConfig, device: torch.device):
         from .world import world_vocabulary
 
         tokenizer = word_tokenizer(world_vocabulary())
-        model, processor = new_git_model(tokenizer, seed=config.seed, text_layers=3)
+        model, processor = new_git_model(
+            tokenizer, seed=config.seed, text_layers=3, image_size=config.image_size, patch_size=config.patch_size
+        )
         return model.to(device), tokenizer, processor
     loaded = load_model(config.model, str(device), "float32")
     return loaded.model, loaded.tokenizer, loaded.image_processor

@@ -81,11 +81,13 @@ def test_a_killed_training_run_resumes_from_its_newest_checkpoint(tmp_path):
     finally:
         run.kill()
         run.wait()
-    resumed = subprocess.run(cmd + ["--steps", "8", "--resume"], capture_output=True, text=True, env=env, timeout=120)
+    newest = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / "training_state.pt").exists())
+    total = newest + 10
+    resumed = subprocess.run(cmd + ["--steps", str(total), "--resume"], capture_output=True, text=True, env=env, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     steps = [int(line.split("step=")[1].split()[0]) for line in resumed.stderr.splitlines() if "step=" in line]
-    assert steps and steps[0] > 4 and steps[-1] == 8  # picked up after the newest checkpoint, not from 0
-    assert json.loads((out / "training_args.json").read_text())["step"] == 8
+    assert steps[0] == newest + 1 and steps[-1] == total  # picked up after the newest checkpoint, not from 0
+    assert json.loads((out / "training_args.json").read_text())["step"] == total
 
 
 def test_manifest_training_reads_user_clips(tmp_path):

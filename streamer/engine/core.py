@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import DynamicCache
+import torch.nn.functional as F
 
 from ..types import Caption, Frame, Window
 from .cache import FeatureCache
@@ -176,6 +176,9 @@ class Engine:
         return git.visual_projection(torch.stack(rows))  # (B, n*(patches+1), D)
 
     # -- text ------------------------------------------------------------------
+    def _decoder(self, hidden: torch.Tensor, mask: torch.Tensor | None, cache: PreallocatedKVCache) -> torch.Tensor:
+        return _decoder_layers(self.model, hidden, mask, cache)
+
     def _greedy(self, image_tokens: torch.Tensor, max_new_tokens: int) -> tuple[list[list[int]], list[float]]:
         git, head = self.model.git, self.model.output
         batch, n_img, _ = image_tokens.shape
@@ -185,11 +188,11 @@ class Engine:
         hidden = torch.cat([image_tokens, text], dim=1)
         # Image tokens see each other both ways but never the text; text sees all before it.
         length = n_img + 1
-        mask = torch.zeros(1, 1, length, length, dtype=dtype, device=device)
-        mask[..., :n_img, n_img:] = torch.finfo(dtype).min
-        cache = DynamicCache(config=self.model.config)
-        out = git.encoder(hidden, attention_mask=mask, cache=cache, use_cache=True)
-        logits = head(out.last_hidden_state[:, -1])
+        mask = torch.ones(1, 1, length, length, dtype=torch.bool, device=device)  # True: may attend
+        mask[..., :n_img, n_img:] = False
+        cache = PreallocatedKVCache(len(git.encoder.layer), capacity=length + max_new_tokens)
+        logits = head(self._decoder(hidden, mask, cache)[:, -1])
+        cache.advance(length)
 
         tokens: list[list[int]] = [[] for _ in range(batch)]
         logprob_sum = [0.0] * batch
@@ -216,10 +219,63 @@ class Engine:
             ids = best.unsqueeze(1)
             pos = torch.full_like(ids, step + 1)
             step_hidden = git.embeddings(input_ids=ids, position_ids=pos)
-            out = git.encoder(step_hidden, attention_mask=None, cache=cache, use_cache=True)
-            logits = head(out.last_hidden_state[:, -1])
+            logits = head(self._decoder(step_hidden, None, cache)[:, -1])
+            cache.advance(1)
         scores = [s / max(1, len(t)) for s, t in zip(logprob_sum, tokens)]
         return tokens, scores
+
+
+def _decoder_layers(model, hidden: torch.Tensor, mask: torch.Tensor | None, cache: PreallocatedKVCache) -> torch.Tensor:
+    """GIT's text decoder (GitLayer for GitLayer, same weights and order of
+    operations) with scaled_dot_product_attention in place of the eager
+    matmul + softmax: no (batch, heads, L, L) score tensor for the ~1200-token
+    prefill, which made batched prefill slower per window than one at a time."""
+    for index, layer in enumerate(model.git.encoder.layer):
+        attn = layer.attention.self
+        b, n, _ = hidden.shape
+        shape = (b, n, attn.num_attention_heads, attn.attention_head_size)
+        q = attn.query(hidden).view(shape).transpose(1, 2)
+        k = attn.key(hidden).view(shape).transpose(1, 2)
+        v = attn.value(hidden).view(shape).transpose(1, 2)
+        k, v = cache.update(k, v, index)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        context = context.transpose(1, 2).reshape(b, n, attn.all_head_size)
+        attended = layer.attention.output(context, hidden)
+        hidden = layer.output(layer.intermediate(attended), attended)
+    return hidden
+
+
+class PreallocatedKVCache:
+    """Keys and values written in place into buffers sized for the whole
+    generation and handed back as views. transformers' DynamicCache
+    concatenates on every step, copying the ~1200 cached image positions of
+    every layer for each new token. Implements what GIT's attention calls
+    (`update`); the engine moves `length` on after each forward."""
+
+    def __init__(self, layers: int, capacity: int) -> None:
+        self.capacity = capacity
+        self.length = 0
+        self._keys: list[torch.Tensor | None] = [None] * layers
+        self._values: list[torch.Tensor | None] = [None] * layers
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, **_: object):
+        keys, values = self._keys[layer_idx], self._values[layer_idx]
+        if keys is None or values is None:
+            shape = (key.shape[0], key.shape[1], self.capacity, key.shape[3])
+            keys = self._keys[layer_idx] = key.new_empty(shape)
+            values = self._values[layer_idx] = value.new_empty(shape)
+        end = self.length + key.shape[2]
+        keys[:, :, self.length : end] = key
+        values[:, :, self.length : end] = value
+        return keys[:, :, :end], values[:, :, :end]
+
+    def advance(self, steps: int) -> None:
+        self.length += steps
+
+    def batch_select_indices(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (rows that finished leave the batch)."""
+        self._keys = [None if k is None else k.index_select(0, rows) for k in self._keys]
+        self._values = [None if v is None else v.index_select(0, rows) for v in self._values]
 
 
 def _first_id(*candidates):

@@ -187,11 +187,13 @@ class Probe:
         self._dec_rows = 0
         for model in {id(m): m for m in models}.values():
             vision = model.git.image_encoder
-            decoder = model.git.encoder
+            # The decoder's first and last submodules: HF's GitEncoder.forward and the
+            # engine's own layer loop (SDPA) both run through them.
+            layers = model.git.encoder.layer
             vision.register_forward_pre_hook(self._vision_pre, with_kwargs=True)
             vision.register_forward_hook(self._vision_post)
-            decoder.register_forward_pre_hook(self._dec_pre, with_kwargs=True)
-            decoder.register_forward_hook(self._dec_post)
+            layers[0].attention.self.query.register_forward_pre_hook(self._dec_pre, with_kwargs=True)
+            layers[-1].output.register_forward_hook(self._dec_post)
 
     def _vision_pre(self, module, args, kwargs):
         if self.cur is not None:
@@ -205,7 +207,7 @@ class Probe:
             self.cur.vision_s += time.perf_counter() - self._t_vision
 
     def _dec_pre(self, module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = args[0] if args else kwargs["input"]
         self._dec_kind = "prefill" if hidden.shape[1] > 1 else "step"
         self._dec_rows = int(hidden.shape[0])
         self._t_dec = time.perf_counter()

@@ -285,7 +285,8 @@ def _demo_source(scene_seconds: float) -> tuple[str, list[str]]:
     if not path.is_file():
         root.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.mp4")
-        write_video(str(tmp), render_video([(s, scene_seconds) for s in scenes], fps=15, height=120, width=160))
+        # square, like the training clips: a centre crop of a wide frame would cut the edges off
+        write_video(str(tmp), render_video([(s, scene_seconds) for s in scenes], fps=15, height=128, width=128))
         tmp.replace(path)
     schedule = [f"{i * scene_seconds:5.0f}-{(i + 1) * scene_seconds:<3.0f} s  {s.caption}" for i, s in enumerate(scenes)]
     return str(path), schedule
@@ -319,5 +320,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--hop", type=parse_duration, default=1.0)
     demo.add_argument("--seconds", type=float, default=None, help="stop after this long (default: run until Ctrl-C)")
     demo.add_argument("--count", type=int, default=None, help="stop after this many captions")
-    demo.add_argument("--scene-seconds", type=float, default=8.0, help="how long each synthetic scene lasts")
+    demo.add_argument("--scene-seconds", type=float, default=6.0, help="how long each synthetic scene lasts")
     demo.set_defaults(run=run_demo)

@@ -40,9 +40,11 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def running_daemon(model, *, daemon_config: DaemonConfig | None = None, server_config: ServerConfig | None = None):
+async def running_daemon(
+    model, *, daemon_config: DaemonConfig | None = None, server_config: ServerConfig | None = None, max_new_tokens: int = 4
+):
     config = ServeConfig(
-        engine=EngineConfig(model=str(model), max_new_tokens=4),
+        engine=EngineConfig(model=str(model), max_new_tokens=max_new_tokens),
         server=server_config or ServerConfig(port=0),
         daemon=daemon_config or DaemonConfig(),
     )

@@ -17,10 +17,11 @@ from tests.test_daemon import add_stream, captions_of, read_messages, running_da
 
 pytestmark = pytest.mark.timeout(180)
 
-SCENE_SECONDS = 8.0
-# Slow enough that nothing wraps around the frame within a scene.
-SCENE_A = Scene((Obj("circle", "red", "big", 0.85, 0.5, vx=-0.08),), "left", "black")
-SCENE_B = Scene((Obj("square", "blue", "small", 0.3, 0.1, vy=0.09), Obj("square", "blue", "small", 0.7, 0.1, vy=0.09)),
+SCENE_SECONDS = 6.0
+# Within the world's speeds (0.45-0.7 of the frame per 3 s window), and slow
+# enough that nothing wraps around the frame edge within a scene.
+SCENE_A = Scene((Obj("circle", "red", "big", 0.95, 0.5, vx=-0.15),), "left", "black")
+SCENE_B = Scene((Obj("square", "blue", "small", 0.25, 0.05, vy=0.15), Obj("square", "blue", "small", 0.75, 0.05, vy=0.15)),
                 "down", "gray")
 
 
@@ -33,15 +34,15 @@ async def test_captions_follow_a_scene_change_on_a_live_rtsp_stream(tmp_path):
     require_rtsp_server()
     video = write_video(
         str(tmp_path / "scenes.mp4"),
-        render_video([(SCENE_A, SCENE_SECONDS), (SCENE_B, SCENE_SECONDS)], fps=15, height=120, width=160),
+        render_video([(SCENE_A, SCENE_SECONDS), (SCENE_B, SCENE_SECONDS)], fps=15, height=128, width=128),
     )
-    with RtspServer(file=video, fps=15, width=160, height=120) as rtsp:
-        async with running_daemon(BUNDLED_MODEL) as d, aiohttp.ClientSession() as http:
+    with RtspServer(file=video) as rtsp:
+        async with running_daemon(BUNDLED_MODEL, max_new_tokens=12) as d, aiohttp.ClientSession() as http:
             async with websockets.connect(d.ws + "?streams=scene&all=1") as ws:
-                await add_stream(http, d, id="scene", url=rtsp.url, window=3.0, hop=1.0)
+                await add_stream(http, d, id="scene", url=rtsp.url, window=3.0, hop=0.5)
                 # captions until the stream is well into the second scene
                 messages = await read_messages(
-                    ws, lambda ms: (caps := captions_of(ms)) and caps[-1]["start"] - caps[0]["start"] > 10.0, 60
+                    ws, lambda ms: (caps := captions_of(ms)) and caps[-1]["start"] - caps[0]["start"] > 8.0, 60
                 )
     caps = captions_of(messages)
     t0 = caps[0]["start"] - 0.25  # first caption's first frame sits at the centre of slot 0
@@ -56,5 +57,5 @@ async def test_captions_follow_a_scene_change_on_a_live_rtsp_stream(tmp_path):
     delay_wall = delay_media + first_b["latency"]
     print(f"scene change: named after {delay_media:.2f} s of media, {delay_wall:.2f} s with latency; "
           f"scene A right {right_a:.0%}")
-    assert 0 < delay_media <= 3.5  # within one window + one hop of the cut
+    assert 0 < delay_media <= 3.5  # within about one window of the cut
     assert all(c["text"] == SCENE_B.caption for c in in_b)

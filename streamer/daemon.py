@@ -27,7 +27,7 @@ __all__ = ["StreamConfig", "DaemonConfig", "Daemon", "StreamExists", "StreamNotF
 
 log = logging.getLogger(__name__)
 
-_STREAM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+STREAM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also safe in URLs and file names
 
 
 class StreamExists(ValueError):
@@ -53,7 +53,7 @@ class StreamConfig:
     stall_timeout: float = 5.0
 
     def __post_init__(self) -> None:
-        if not _STREAM_ID.match(self.id):
+        if not STREAM_ID.match(self.id):
             raise ValueError(f"stream id {self.id!r}: use 1-64 letters, digits, '.', '_' or '-'")
         SamplerConfig(self.window, self.frames or 1, self.hop)  # validates the numbers
 

@@ -18,21 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import io
-import re
 import weakref
 from pathlib import Path
 
 from aiohttp import web
 
-from ..daemon import StreamNotFound, StreamRuntime
+from ..daemon import STREAM_ID, StreamNotFound, StreamRuntime
 from ..server import DAEMON_KEY
 from ..types import Frame
 
 __all__ = ["add_web_routes", "STATIC_DIR"]
 
 STATIC_DIR = Path(__file__).parent / "static"
-
-_STREAM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # same rule as StreamConfig
 
 # Scripts and styles from this origin only; no inline script, no plug-ins, no framing rules needed
 # (OBS embeds the page as a top-level document). Styles set through the CSSOM are not "inline".
@@ -83,7 +80,7 @@ async def console_page(request: web.Request) -> web.StreamResponse:
 
 async def overlay_page(request: web.Request) -> web.StreamResponse:
     stream_id = request.match_info["stream"]
-    if not _STREAM_ID.match(stream_id):
+    if not STREAM_ID.match(stream_id):
         return _json_error(400, "bad_stream", "stream id: use 1-64 letters, digits, '.', '_' or '-'")
     # The stream need not exist yet: an overlay set up in OBS before its camera waits for it.
     return _page("overlay.html")

@@ -278,7 +278,7 @@ class Path_:
     def end_round(self) -> None:
         if self.engine is not None:
             stats = asdict(self.engine.stats)
-            stats.pop("batch_sizes")
+            stats.pop("batch_sizes", None)
             self.round_stats.append(stats)
             self.tokens[-1] = self.engine.stats.tokens_generated
 

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -56,7 +56,6 @@ class EngineStats:
     tokens_generated: int = 0
     vision_seconds: float = 0.0
     decode_seconds: float = 0.0
-    batch_sizes: list[int] = field(default_factory=list)
 
 
 class Engine:
@@ -77,7 +76,6 @@ class Engine:
         self.bos_id = _first_id(gen.bos_token_id, cfg.bos_token_id, loaded.tokenizer.cls_token_id)
         eos = _first_id(gen.eos_token_id, cfg.eos_token_id, loaded.tokenizer.sep_token_id)
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-        self.pad_id = _first_id(cfg.pad_token_id, loaded.tokenizer.pad_token_id, 0)
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:
@@ -106,7 +104,6 @@ class Engine:
         texts = self.loaded.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
         self.stats.windows += len(windows)
         self.stats.batches += 1
-        self.stats.batch_sizes.append(len(windows))
         self.stats.vision_seconds += t1 - t0
         self.stats.decode_seconds += t2 - t1
         now = time.time()

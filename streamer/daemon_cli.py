@@ -186,10 +186,11 @@ def run_serve(args: argparse.Namespace) -> int:
 def format_caption_line(message: dict) -> str | None:
     kind = message.get("type")
     if kind == "caption":
+        conf = message.get("confidence")
+        conf_text = "n/a" if conf is None else f"{conf:.2f}"
         return (
             f"[{message['stream_id']}] {message['start']:9.2f}-{message['end']:<9.2f} "
-            f"{message['text']}  (conf {message['confidence'] if message['confidence'] is not None else 'n/a'}"
-            f"{'' if message['confidence'] is None else ''}, latency {message['latency']:.2f}s)"
+            f"{message['text']}  (confidence {conf_text}, latency {message['latency']:.2f} s)"
         )
     if kind == "state":
         detail = f": {message['detail']}" if message.get("detail") else ""

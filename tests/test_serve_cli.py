@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -98,17 +99,24 @@ url = "nope://camera"
             proc.kill()
 
 
-def test_demo_captions_a_live_pattern_end_to_end(tmp_path):
-    """README's main job, bounded: untrained built-in model, live test pattern, captions printed."""
+def test_demo_captions_a_live_scene_end_to_end(tmp_path):
+    """README's main job, bounded: bundled model, live synthetic scenes, captions printed."""
+    from streamer.world import world_vocabulary
+
     result = subprocess.run(
         [sys.executable, "-m", "streamer", "demo", "--port", "0", "--count", "3"],
         capture_output=True, text=True, timeout=120,
         env=dict(os.environ, HF_HUB_OFFLINE="1", STREAMER_CACHE=str(tmp_path)),
     )
     assert result.returncode == 0, result.stderr
-    caption_lines = [line for line in result.stdout.splitlines() if line.startswith("[demo]") and "latency" in line]
-    assert len(caption_lines) == 3
-    assert "untrained" in result.stdout  # it says plainly that the words mean nothing yet
+    assert "# model: streamer/world-git" in result.stdout  # no hub here: the bundled model, and it says so
+    scene_lines = [line for line in result.stdout.splitlines() if line.startswith("#") and " s  " in line]
+    captions = [line for line in result.stdout.splitlines() if line.startswith("[demo]") and "latency" in line]
+    assert len(captions) == 3 and scene_lines
+    first_scene = scene_lines[0].split(" s  ", 1)[1].split()
+    texts = [re.match(r"^\[demo\]\s+[\d.]+-[\d.]+\s+(.*?)\s+\(confidence", line).group(1).split() for line in captions]
+    assert all(set(words) <= set(world_vocabulary()) for words in texts)
+    assert texts[0][:4] == first_scene[:4]  # it names what is on screen
 
 
 def test_bad_config_is_one_clear_line(tmp_path):

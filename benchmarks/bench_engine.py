@@ -52,7 +52,6 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import time
@@ -67,6 +66,7 @@ sys.path.insert(0, str(ROOT))  # for tests.support (checkpoint + synthetic video
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from machine import machine_info  # noqa: E402  (benchmarks/machine.py)
 
 from streamer.decode import scaled_size  # noqa: E402
 from streamer.engine import Engine, EngineConfig  # noqa: E402
@@ -555,18 +555,11 @@ def main(argv: list[str] | None = None) -> int:
         "model": label,
         "checkpoint": path,
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "cpu_model": _cpu_model(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "transformers": __import__("transformers").__version__,
-            "device": "cpu",
-            "dtype": {"naive": "float32", "engine": args.engine_dtype},
-        },
+        "machine": machine_info(
+            transformers=__import__("transformers").__version__,
+            device="cpu",
+            dtype={"naive": "float32", "engine": args.engine_dtype},
+        ),
         "workload": {
             "streams": args.streams,
             "seconds": seconds,
@@ -637,16 +630,6 @@ def main(argv: list[str] | None = None) -> int:
           + "".join(f", {k}: {v:.2f}" for k, v in ag_all.items()))
     print(f"  total {total:.0f} s; wrote {json_path} and {png_path}")
     return 0
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 if __name__ == "__main__":

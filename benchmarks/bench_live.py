@@ -52,13 +52,14 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
 import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine_info  # benchmarks/machine.py (scripts run from benchmarks/)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hubs are unreachable here: fail fast
 
@@ -475,16 +476,6 @@ def plot(result: dict, path: Path) -> None:
 
 
 # -- main -------------------------------------------------------------------------------------
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
 def _run(coro):
     try:
         import uvloop
@@ -542,18 +533,11 @@ def main(argv: list[str] | None = None) -> int:
         "model": label,
         "checkpoint": model_path,
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "cpu_model": _cpu_model(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "torch_threads_set_by": "--torch-threads" if args.torch_threads else "torch default",
-            "event_loop": "uvloop" if _has_uvloop() else "asyncio",
-            "device": "cpu",
-        },
+        "machine": machine_info(
+            torch_threads_set_by="--torch-threads" if args.torch_threads else "torch default",
+            event_loop="uvloop" if _has_uvloop() else "asyncio",
+            device="cpu",
+        ),
         "workload": {
             "source": "file as live (realtime, loop): moving_square H.264 clip",
             "frame_size": [width, height],

@@ -52,7 +52,6 @@ import datetime as _dt
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -66,7 +65,7 @@ sys.path.insert(0, str(ROOT))  # for tests.support (checkpoint + synthetic video
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from machine import machine_info  # noqa: E402  (benchmarks/machine.py)
+from common import ensure_checkpoint, machine_info  # noqa: E402  (benchmarks/common.py)
 
 from streamer.decode import scaled_size  # noqa: E402
 from streamer.engine import Engine, EngineConfig  # noqa: E402
@@ -82,30 +81,6 @@ def log(msg: str) -> None:
 
 
 # -- model -------------------------------------------------------------------
-def ensure_checkpoint(which: str) -> tuple[str, str]:
-    """(label, path). base/tiny are built once into benchmarks/.cache/."""
-    if which not in ("base", "tiny"):
-        path = Path(which).expanduser()
-        return path.name or str(path), str(path)
-    from tests.support.models import base_vatex_config, save_git_checkpoint, tiny_config
-
-    name = {"base": "git-base-vatex-shape", "tiny": "git-tiny"}[which]
-    target = CACHE_DIR / name
-    if (target / ".complete").is_file():
-        return which, str(target)
-    log(f"building {which} checkpoint (random weights) in {target} ...")
-    t0 = time.perf_counter()
-    tmp = CACHE_DIR / f"{name}.building-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    config = base_vatex_config() if which == "base" else tiny_config()
-    save_git_checkpoint(tmp, config, seed=0)
-    (tmp / ".complete").write_text("built by benchmarks/bench_engine.py\n")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    log(f"checkpoint built in {time.perf_counter() - t0:.1f} s")
-    return which, str(target)
-
-
 # -- windows -------------------------------------------------------------------
 def build_windows(
     streams: int, seconds: float, fps: float, size: tuple[int, int], short_side: int | None, prefix: str = "cam", seed0: int = 0

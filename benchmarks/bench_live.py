@@ -52,14 +52,13 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from machine import machine_info  # benchmarks/machine.py (scripts run from benchmarks/)
+from common import ensure_checkpoint, machine_info  # benchmarks/common.py (scripts run from benchmarks/)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hubs are unreachable here: fail fast
 
@@ -118,27 +117,6 @@ async def _client(url: str, out_path: str) -> None:
 
 
 # -- checkpoint and clip ------------------------------------------------------------
-def ensure_checkpoint(which: str) -> tuple[str, str]:
-    """(label, path). base/tiny are built once into benchmarks/.cache/ (same layout as bench_engine.py)."""
-    if which not in ("base", "tiny"):
-        path = Path(which).expanduser()
-        return path.name or str(path), str(path)
-    from tests.support.models import base_vatex_config, save_git_checkpoint, tiny_config
-
-    name = {"base": "git-base-vatex-shape", "tiny": "git-tiny"}[which]
-    target = CACHE_DIR / name
-    if (target / ".complete").is_file():
-        return which, str(target)
-    log(f"building {which} checkpoint (random weights) in {target} ...")
-    tmp = CACHE_DIR / f"{name}.building-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_git_checkpoint(tmp, base_vatex_config() if which == "base" else tiny_config(), seed=0)
-    (tmp / ".complete").write_text("built by benchmarks/bench_live.py\n")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return which, str(target)
-
-
 def ensure_clip(width: int, height: int, fps: int, seconds: float) -> Path:
     from tests.support.media import moving_square, write_video
 

@@ -39,7 +39,7 @@ from aiohttp import WSMsgType, web
 
 from . import protocol
 from .daemon import Daemon, StreamConfig, StreamExists, StreamNotFound
-from .decode import iter_frames, open_input
+from .decode import iter_frames
 from .errors import VideoError
 from .hub import SubscriptionClosed
 from .ingest.source import SourceSpecError

@@ -13,7 +13,6 @@ import pytest
 import srt
 import webvtt
 
-from streamer.engine import Engine, EngineConfig
 from streamer.offline import CaptionJob, caption_file
 from streamer.sampler import SamplerConfig
 from tests.support.media import moving_square, truncate, write_audio_only, write_video

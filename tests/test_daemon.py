@@ -11,7 +11,6 @@ import io
 import json
 import socket
 import time
-from dataclasses import replace
 
 import aiohttp
 import numpy as np

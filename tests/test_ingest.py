@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import av
 import numpy as np
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from streamer.errors import VideoError
 from streamer.ingest import (
@@ -431,7 +431,6 @@ async def test_whip_rejects_bad_offers() -> None:
 
 
 def test_platform_camera_names_need_their_ffmpeg_input() -> None:
-    import av
 
     for fmt, url in (("avfoundation", "avfoundation:0"), ("dshow", "dshow:video=USB Camera")):
         if fmt in av.formats_available:

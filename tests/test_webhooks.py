@@ -89,7 +89,7 @@ async def test_webhooks_get_every_matching_caption_once_in_order_and_survive_the
 
                 # -- receiver up: every caption arrives, once, in order, with the WebSocket fields
                 await wait_for(lambda: len(ws_caps) >= 6, 40, "6 captions")
-                t_up = time.monotonic()
+
                 n_up = len(ws_caps)
                 await wait_for(lambda: len(receiver.got.get("all", [])) >= n_up, 10, "deliveries")
                 assert receiver.got["all"][:n_up] == ws_caps[:n_up]

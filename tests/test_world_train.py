@@ -9,10 +9,9 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from streamer.engine import Engine, EngineConfig
-from streamer.evaluate import evaluate, synthetic_clips
+from streamer.evaluate import synthetic_clips
 from streamer.train import TrainConfig, train
 from streamer.world import COLOURS, MOTIONS, clip, random_scene, world_vocabulary
 from tests.support.media import moving_square, write_video

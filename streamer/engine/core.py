@@ -179,7 +179,7 @@ class Engine:
     def _greedy(self, image_tokens: torch.Tensor, max_new_tokens: int) -> tuple[list[list[int]], list[float]]:
         git, head = self.model.git, self.model.output
         batch, n_img, _ = image_tokens.shape
-        device, dtype = image_tokens.device, image_tokens.dtype
+        device = image_tokens.device
         bos = torch.full((batch, 1), self.bos_id, dtype=torch.long, device=device)
         text = git.embeddings(input_ids=bos, position_ids=torch.zeros_like(bos))
         hidden = torch.cat([image_tokens, text], dim=1)

@@ -1,0 +1,64 @@
+"""Shared by the benchmark scripts: the checkpoints they build, and what a result
+records about the machine it ran on."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def machine_info(**extra: Any) -> dict[str, Any]:
+    return {
+        "cpu_count": os.cpu_count(),
+        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": cpu_model(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        **extra,
+    }
+
+
+CACHE_DIR = Path(__file__).parent / ".cache"
+
+
+def ensure_checkpoint(which: str) -> tuple[str, str]:
+    """(label, path). "base" (git-base-vatex shape) and "tiny" are built once,
+    with random weights, into benchmarks/.cache/; anything else is a path."""
+    if which not in ("base", "tiny"):
+        path = Path(which).expanduser()
+        return path.name or str(path), str(path)
+    from tests.support.models import base_vatex_config, save_git_checkpoint, tiny_config
+
+    name = {"base": "git-base-vatex-shape", "tiny": "git-tiny"}[which]
+    target = CACHE_DIR / name
+    if (target / ".complete").is_file():
+        return which, str(target)
+    print(f"building {which} checkpoint (random weights) in {target} ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    tmp = CACHE_DIR / f"{name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_git_checkpoint(tmp, base_vatex_config() if which == "base" else tiny_config(), seed=0)
+    (tmp / ".complete").write_text("built by benchmarks/common.py\n")
+    shutil.rmtree(target, ignore_errors=True)  # written aside, then renamed: never half a checkpoint
+    tmp.rename(target)
+    print(f"checkpoint built in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    return which, str(target)

@@ -17,6 +17,11 @@ if [ "$want_test" = 1 ] && command -v apt-get >/dev/null; then
 fi
 
 PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ] && ! "$PY" -c "import ensurepip, venv" 2>/dev/null && command -v apt-get >/dev/null; then
+  # Debian's python3 ships venv/ensurepip separately
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -84,11 +84,16 @@ class DaemonConfig:
 class CaptionEngine(Protocol):
     model_name: str
     num_frames: int
+    device: Any  # torch.device (this module stays free of torch)
 
     @property
     def frame_short_side(self) -> int | None: ...
 
     def caption(self, windows, max_new_tokens: int | None = None) -> list[Caption]: ...
+
+    def prepare(self, windows): ...  # caption = finish(prepare(...)), split for pipelining
+
+    def finish(self, prepared, max_new_tokens: int | None = None) -> list[Caption]: ...
 
     def forget_stream(self, stream_id: str) -> None: ...
 
@@ -197,12 +202,16 @@ class Daemon:
         self.metrics_state = m.gauge("streamer_source_state", "1 for the state each source is in", ("stream", "state"))
         self.metrics_streams = m.gauge("streamer_streams", "Streams configured")
         self.metrics_clients_dropped = m.counter("streamer_ws_clients_dropped", "WebSocket clients closed for reading too slowly")
+        pipeline = self.config.scheduler.pipeline
+        if pipeline is None:
+            pipeline = self.engine.device.type == "cuda"
         self.scheduler = Scheduler(
             self.engine.caption,
             self._publish,
             self.config.scheduler,
             on_batch=self._on_batch,
             on_drop=lambda w: self.metrics_dropped.labels(stream=w.stream_id).inc(),
+            pipeline=(self.engine.prepare, self.engine.finish) if pipeline else None,
         )
         self.streams: dict[str, StreamRuntime] = {}
         self.ready = False

@@ -69,7 +69,7 @@ def load_config(path: str | None, args: argparse.Namespace | None = None) -> Ser
     if "id" in model:
         model["model"] = model.pop("id")
     limits = section("limits")
-    sched_keys = {"max_batch", "max_wait", "max_pending_per_stream"}
+    sched_keys = {"max_batch", "max_wait", "max_pending_per_stream", "pipeline"}
     scheduler = build(SchedulerConfig, {k: v for k, v in limits.items() if k in sched_keys}, "limits")
     daemon_values = {k: v for k, v in limits.items() if k not in sched_keys and k not in ("max_body_bytes",)}
     server_values = section("server")

@@ -6,6 +6,10 @@ and hands captions on. Overload policy: each stream keeps at most
 `max_pending_per_stream` windows waiting; a newer window pushes out the
 oldest (newest wins), so latency stays bounded instead of growing, and every
 drop is counted.
+
+With `pipeline` (prepare, finish), the loop prepares batch k+1 before it
+finishes batch k: on a GPU the engine queues k+1's upload and vision work on
+its own CUDA stream, so it runs while k decodes (streamer/engine/core.py).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .types import Caption, Window
 
@@ -30,6 +35,7 @@ class SchedulerConfig:
     max_batch: int = 8  # windows per engine call
     max_wait: float = 0.05  # seconds to wait for a fuller batch once one window is ready
     max_pending_per_stream: int = 2  # newest wins beyond this
+    pipeline: bool | None = None  # prepare batch k+1 while k decodes; None: on when the engine is on CUDA
 
 
 class BatchPlanner:
@@ -80,6 +86,8 @@ class BatchPlanner:
 
 
 CaptionFn = Callable[[Sequence[Window]], list[Caption]]
+PrepareFn = Callable[[Sequence[Window]], Any]
+FinishFn = Callable[[Any], list[Caption]]
 
 
 class Scheduler:
@@ -91,6 +99,7 @@ class Scheduler:
         *,
         on_batch: Callable[[int, float], None] | None = None,
         on_drop: Callable[[Window], None] | None = None,
+        pipeline: tuple[PrepareFn, FinishFn] | None = None,
     ) -> None:
         self.config = config or SchedulerConfig()
         self.planner = BatchPlanner(self.config)
@@ -98,6 +107,7 @@ class Scheduler:
         self._on_captions = on_captions
         self._on_batch = on_batch
         self._on_drop = on_drop
+        self._pipeline = pipeline
         # One worker: the engine is not thread-safe, and HTTP one-off requests
         # share it through run_exclusive().
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
@@ -127,34 +137,62 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args)
 
-    async def _run(self) -> None:
+    async def _next_batch(self, wait_for_more: bool) -> list[Window]:
+        """The next batch; [] once closing with nothing left, or (not waiting) when idle."""
         loop = asyncio.get_running_loop()
-        while True:
-            if not self.planner.pending:
-                if self._closing:
-                    return
+        while not self.planner.pending:
+            if self._closing or not wait_for_more:
+                return []
+            self._wake.clear()
+            await self._wake.wait()
+        if wait_for_more and self.planner.pending < self.config.max_batch and not self._closing:
+            # a fuller batch is cheaper per window; wait a little for one
+            deadline = loop.time() + self.config.max_wait
+            while self.planner.pending < self.config.max_batch and loop.time() < deadline:
                 self._wake.clear()
-                await self._wake.wait()
-                continue
-            if self.planner.pending < self.config.max_batch and not self._closing:
-                # a fuller batch is cheaper per window; wait a little for one
-                deadline = loop.time() + self.config.max_wait
-                while self.planner.pending < self.config.max_batch and loop.time() < deadline:
-                    self._wake.clear()
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), deadline - loop.time())
-                    except asyncio.TimeoutError:
-                        break
-            batch = self.planner.next_batch()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), deadline - loop.time())
+                except asyncio.TimeoutError:
+                    break
+        return self.planner.next_batch()
+
+    async def _on_engine(self, fn, arg, batch: list[Window]):
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, arg)
+        except Exception:
+            log.exception("engine failed on a batch", extra={"windows": len(batch)})
+            return None
+
+    def _done(self, batch: list[Window], started: float, captions: list[Caption] | None) -> None:
+        if captions is None:
+            return
+        if self._on_batch:
+            self._on_batch(len(batch), time.perf_counter() - started)
+        self._on_captions(captions)
+
+    async def _run(self) -> None:
+        if self._pipeline is not None:
+            return await self._run_pipelined(*self._pipeline)
+        while batch := await self._next_batch(wait_for_more=True):
             started = time.perf_counter()
-            try:
-                captions = await loop.run_in_executor(self._executor, self._caption_fn, batch)
-            except Exception:
-                log.exception("engine failed on a batch", extra={"windows": len(batch)})
-                continue
-            if self._on_batch:
-                self._on_batch(len(batch), time.perf_counter() - started)
-            self._on_captions(captions)
+            self._done(batch, started, await self._on_engine(self._caption_fn, batch, batch))
+
+    async def _run_pipelined(self, prepare: PrepareFn, finish: FinishFn) -> None:
+        in_flight = None  # (batch, prepared, started): prepared, not yet finished
+        while True:
+            # with a batch in flight, take what is waiting now rather than wait
+            batch = await self._next_batch(wait_for_more=in_flight is None)
+            if not batch and in_flight is None:
+                return  # closing and drained
+            queued = None
+            if batch:
+                started = time.perf_counter()
+                prepared = await self._on_engine(prepare, batch, batch)
+                queued = None if prepared is None else (batch, prepared, started)
+            if in_flight is not None:
+                done_batch, prepared_before, started_before = in_flight
+                self._done(done_batch, started_before, await self._on_engine(finish, prepared_before, done_batch))
+            in_flight = queued
 
     async def close(self, drain: bool = True) -> None:
         """Stop: with drain, windows already waiting are captioned first."""

@@ -246,11 +246,14 @@ async def test_many_streams_all_get_captions_and_a_stalled_client_is_dropped(tin
             assert families["streamer_ws_clients_dropped"].samples[0].value == 1
 
 
-async def test_overload_drops_old_windows_and_keeps_latency_bounded(tiny_model, clip2):
+@pytest.mark.parametrize("pipeline", [False, True], ids=["plain", "pipelined"])
+async def test_overload_drops_old_windows_and_keeps_latency_bounded(tiny_model, clip2, pipeline):
     # hop 0.1 s on 8 streams, one window per engine call and 40 tokens per
     # caption: far more windows than the engine can caption (~80/s asked),
-    # so the newest-wins policy has to act.
-    daemon_config = DaemonConfig(scheduler=SchedulerConfig(max_batch=1, max_wait=0.0, max_pending_per_stream=1))
+    # so the newest-wins policy has to act. Pipelined is the GPU scheduling
+    # order (prepare the next batch before finishing this one), run on the CPU.
+    scheduler = SchedulerConfig(max_batch=1, max_wait=0.0, max_pending_per_stream=1, pipeline=pipeline)
+    daemon_config = DaemonConfig(scheduler=scheduler)
     async with running_daemon(tiny_model, daemon_config=daemon_config, max_new_tokens=40) as d, aiohttp.ClientSession() as http:
         async with websockets.connect(d.ws + "?all=1") as ws:
             for i in range(8):

@@ -97,6 +97,59 @@ def test_rows_that_finish_early_leave_the_batch_without_changing_others(tiny_mod
     assert [c.text for c in together] == [c.text for c in alone]
 
 
+def test_masked_greedy_gives_the_same_tokens_as_the_compact_loop(tiny_model):
+    # masked is the GPU loop (finished rows stay in the batch, no per-token host read);
+    # it must caption exactly like the CPU loop, including rows that stop early
+    compact = Engine.load(EngineConfig(model=str(tiny_model), max_new_tokens=40, cache_frames=0, greedy="compact"))
+    masked = Engine.load(EngineConfig(model=str(tiny_model), max_new_tokens=40, cache_frames=0, greedy="masked"))
+    assert compact.greedy == "compact" and masked.greedy == "masked"
+    windows = [Window(f"s{i}", 0, tuple(frames_of(moving_square(6, seed=20 + i), stream=f"s{i}"))) for i in range(6)]
+    a, b = compact.caption(windows), masked.caption(windows)
+    assert [c.text for c in b] == [c.text for c in a]
+    assert [c.confidence for c in b] == pytest.approx([c.confidence for c in a], abs=1e-4)
+    lengths = {len(c.text.split()) for c in a}
+    assert len(lengths) > 1  # some rows really finished before others
+
+
+def test_masked_greedy_matches_transformers_generate(tiny_model):
+    engine = Engine.load(EngineConfig(model=str(tiny_model), max_new_tokens=8, greedy="masked"))
+    images = moving_square(6, 32, 32, seed=3)
+    (caption,) = engine.caption([Window("s", 0, tuple(frames_of(images)))])
+    tokens, mean_logp = hf_generate(engine, images, max_new_tokens=8)
+    assert caption.text == " ".join(engine.loaded.tokenizer.decode(tokens, skip_special_tokens=True).split())
+    assert caption.confidence == pytest.approx(mean_logp, abs=1e-4)
+
+
+def test_masked_greedy_stops_soon_after_every_row_has_finished():
+    from streamer.defaults import BUNDLED_MODEL
+    from streamer.evaluate import synthetic_clips
+
+    engine = Engine.load(EngineConfig(model=str(BUNDLED_MODEL), max_new_tokens=40, greedy="masked", sync_every=4))
+    windows = [w for w, _ in synthetic_clips(8, seed=3, frames=6, size=64)]
+    captions = engine.caption(windows)
+    longest = max(len(c.text.split()) for c in captions) + 1  # + [SEP]
+    steps = engine.stats.tokens_generated / len(windows)
+    assert longest <= steps < longest + 4  # looked every 4 tokens, not run to 40
+
+
+def test_preparing_the_next_batch_before_finishing_this_one_changes_nothing(tiny_model):
+    # the scheduler's pipelined order: prepare(k+1), then finish(k)
+    frames = frames_of(moving_square(60, 64, 48, seed=5))
+    windows = windows_of(frames)
+    batches = [windows[i : i + 3] for i in range(0, len(windows), 3)]
+    plain = Engine.load(EngineConfig(model=str(tiny_model), max_new_tokens=6))
+    piped = Engine.load(EngineConfig(model=str(tiny_model), max_new_tokens=6))
+    expected = [c.text for b in batches for c in plain.caption(b)]
+    got, prepared = [], piped.prepare(batches[0])
+    for nxt in batches[1:]:
+        ahead = piped.prepare(nxt)
+        got += [c.text for c in piped.finish(prepared)]
+        prepared = ahead
+    got += [c.text for c in piped.finish(prepared)]
+    assert got == expected
+    assert piped.stats.frames_encoded == plain.stats.frames_encoded == 6 + 2 * (len(windows) - 1)
+
+
 def test_captions_carry_the_windows_media_time(tiny_engine):
     frames = [Frame("cam", i, 50.0 + i / 6, img) for i, img in enumerate(moving_square(24, seed=2))]
     windows = windows_of(frames)

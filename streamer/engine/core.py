@@ -6,13 +6,26 @@ frame shared by overlapping windows needs encoding once. The engine keeps each
 frame's encoder output in a FeatureCache, builds each window's image tokens
 from cached features, and runs only the text decoder per window: one prefill
 over [image tokens, BOS] for the whole batch, then greedy decoding with the
-KV cache, dropping rows from the batch as they finish.
+KV cache.
+
+Two greedy loops give the same tokens (tests/test_engine.py):
+- "compact" (CPU default): rows leave the batch as they finish. It reads
+  every token back to the host, which costs nothing on a CPU.
+- "masked" (CUDA default): the batch keeps its shape; finished rows are
+  masked on the device and the host looks only every `sync_every` tokens
+  (to stop early) and once at the end, so the GPU never waits on Python.
+
+On CUDA, `prepare` (upload, preprocessing, vision tower, projection) runs on
+its own CUDA stream and `finish` (the decoder) on the current one, ordered by
+an event: a caller that prepares batch k+1 before finishing batch k (the
+scheduler does, with `pipeline`) gets the two overlapped on the GPU.
 
 Not thread-safe: one thread calls `caption` at a time (the scheduler's worker).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -28,7 +41,7 @@ from .cache import FeatureCache
 from .loader import LoadedModel, load_model
 from .preprocess import PreprocessSpec, preprocess_frames
 
-__all__ = ["Engine", "EngineConfig", "EngineStats"]
+__all__ = ["Engine", "EngineConfig", "EngineStats", "PreparedBatch"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +58,8 @@ class EngineConfig:
     # loop need: on a busy 2-core box two OpenMP threads spin against the decode
     # threads and a batch takes 10-40x longer (benchmarks/README.md, live latency).
     threads: int | None = None
+    greedy: str = "auto"  # auto | compact | masked (see the module doc); auto: masked on CUDA
+    sync_every: int = 4  # masked: tokens between looks at "all rows finished?"
 
 
 @dataclass
@@ -56,6 +71,15 @@ class EngineStats:
     tokens_generated: int = 0
     vision_seconds: float = 0.0
     decode_seconds: float = 0.0
+
+
+@dataclass
+class PreparedBatch:
+    """Windows whose image tokens are computed (or, on CUDA, queued)."""
+
+    windows: list[Window]
+    image_tokens: torch.Tensor  # (B, frames * (patches + 1), D)
+    ready: torch.cuda.Event | None  # recorded on the vision stream after the last kernel
 
 
 class Engine:
@@ -76,6 +100,13 @@ class Engine:
         self.bos_id = _first_id(gen.bos_token_id, cfg.bos_token_id, loaded.tokenizer.cls_token_id)
         eos = _first_id(gen.eos_token_id, cfg.eos_token_id, loaded.tokenizer.sep_token_id)
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        greedy = self.config.greedy
+        if greedy == "auto":
+            greedy = "masked" if self.device.type == "cuda" else "compact"
+        if greedy not in ("compact", "masked"):
+            raise ValueError(f"greedy: expected auto, compact or masked, got {greedy!r}")
+        self.greedy = greedy
+        self._vision_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:
@@ -94,18 +125,38 @@ class Engine:
         """Caption a batch of windows (any mix of streams); one Caption per window, same order."""
         if not windows:
             return []
-        limit = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
-        with torch.inference_mode():
-            t0 = time.perf_counter()
+        return self.finish(self.prepare(windows), max_new_tokens)
+
+    def prepare(self, windows: Sequence[Window]) -> PreparedBatch:
+        """First half of `caption`: the image tokens of each window. On CUDA this
+        only queues work on the vision stream and returns at once."""
+        t0 = time.perf_counter()
+        with torch.inference_mode(), _on_stream(self._vision_stream):
             image_tokens = self._image_tokens([self._fit(w.frames) for w in windows])
-            t1 = time.perf_counter()
-            token_ids, scores = self._greedy(image_tokens, limit)
-            t2 = time.perf_counter()
+            ready = None
+            if self._vision_stream is not None:
+                ready = torch.cuda.Event()
+                ready.record(self._vision_stream)
+        self.stats.vision_seconds += time.perf_counter() - t0
+        return PreparedBatch(list(windows), image_tokens, ready)
+
+    def finish(self, prepared: PreparedBatch, max_new_tokens: int | None = None) -> list[Caption]:
+        """Second half of `caption`: greedy decoding, on the current CUDA stream."""
+        windows = prepared.windows
+        limit = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            image_tokens = prepared.image_tokens
+            if prepared.ready is not None:
+                stream = torch.cuda.current_stream(self.device)
+                stream.wait_event(prepared.ready)
+                image_tokens.record_stream(stream)  # made on the vision stream, used here
+            greedy = self._greedy_masked if self.greedy == "masked" else self._greedy_compact
+            token_ids, scores = greedy(image_tokens, limit)
         texts = self.loaded.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
         self.stats.windows += len(windows)
         self.stats.batches += 1
-        self.stats.vision_seconds += t1 - t0
-        self.stats.decode_seconds += t2 - t1
+        self.stats.decode_seconds += time.perf_counter() - t0
         now = time.time()
         return [
             Caption(
@@ -176,7 +227,8 @@ class Engine:
     def _decoder(self, hidden: torch.Tensor, mask: torch.Tensor | None, cache: PreallocatedKVCache) -> torch.Tensor:
         return _decoder_layers(self.model, hidden, mask, cache)
 
-    def _greedy(self, image_tokens: torch.Tensor, max_new_tokens: int) -> tuple[list[list[int]], list[float]]:
+    def _prefill(self, image_tokens: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, PreallocatedKVCache]:
+        """One decoder pass over [image tokens, BOS]: logits of the first token."""
         git, head = self.model.git, self.model.output
         batch, n_img, _ = image_tokens.shape
         device = image_tokens.device
@@ -190,7 +242,19 @@ class Engine:
         cache = PreallocatedKVCache(len(git.encoder.layer), capacity=length + max_new_tokens)
         logits = head(self._decoder(hidden, mask, cache)[:, -1])
         cache.advance(length)
+        return logits, cache
 
+    def _step(self, ids: torch.Tensor, step: int, cache: PreallocatedKVCache) -> torch.Tensor:
+        """Feed token `step` (0-based among generated ones) of each row; logits of the next."""
+        pos = torch.full_like(ids, step + 1)
+        hidden = self.model.git.embeddings(input_ids=ids, position_ids=pos)
+        logits = self.model.output(self._decoder(hidden, None, cache)[:, -1])
+        cache.advance(1)
+        return logits
+
+    def _greedy_compact(self, image_tokens: torch.Tensor, max_new_tokens: int) -> tuple[list[list[int]], list[float]]:
+        batch = image_tokens.shape[0]
+        logits, cache = self._prefill(image_tokens, max_new_tokens)
         tokens: list[list[int]] = [[] for _ in range(batch)]
         logprob_sum = [0.0] * batch
         active = list(range(batch))  # original row of each row still in the batch
@@ -209,16 +273,39 @@ class Engine:
             if not still or step == max_new_tokens - 1:
                 break
             if len(still) < len(active):
-                keep = torch.tensor(still, device=device)
+                keep = torch.tensor(still, device=best.device)
                 cache.batch_select_indices(keep)
                 best = best[keep]
                 active = [active[r] for r in still]
-            ids = best.unsqueeze(1)
-            pos = torch.full_like(ids, step + 1)
-            step_hidden = git.embeddings(input_ids=ids, position_ids=pos)
-            logits = head(self._decoder(step_hidden, None, cache)[:, -1])
-            cache.advance(1)
+            logits = self._step(best.unsqueeze(1), step, cache)
         scores = [s / max(1, len(t)) for s, t in zip(logprob_sum, tokens)]
+        return tokens, scores
+
+    def _greedy_masked(self, image_tokens: torch.Tensor, max_new_tokens: int) -> tuple[list[list[int]], list[float]]:
+        batch, device = image_tokens.shape[0], image_tokens.device
+        logits, cache = self._prefill(image_tokens, max_new_tokens)
+        chosen = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
+        chosen_lp = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device)
+        eos = torch.tensor(sorted(self.eos_ids), device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        steps = 0
+        for step in range(max_new_tokens):
+            best_lp, best = torch.log_softmax(logits.float(), dim=-1).max(dim=-1)
+            chosen[:, step], chosen_lp[:, step] = best, best_lp
+            finished |= torch.isin(best, eos)
+            steps = step + 1
+            if step == max_new_tokens - 1:
+                break
+            if steps % self.config.sync_every == 0 and bool(finished.all()):  # the only mid-loop sync
+                break
+            # a finished row keeps stepping on its own output: rows never mix, and it is cut below
+            logits = self._step(best.unsqueeze(1), step, cache)
+        tokens, scores = [], []
+        for row_tokens, row_lp in zip(chosen[:, :steps].tolist(), chosen_lp[:, :steps].tolist()):
+            end = next((i + 1 for i, t in enumerate(row_tokens) if t in self.eos_ids), steps)
+            tokens.append(row_tokens[:end])
+            scores.append(sum(row_lp[:end]) / end)
+        self.stats.tokens_generated += batch * steps
         return tokens, scores
 
 
@@ -273,6 +360,10 @@ class PreallocatedKVCache:
         """Keep only these batch rows (rows that finished leave the batch)."""
         self._keys = [None if k is None else k.index_select(0, rows) for k in self._keys]
         self._values = [None if v is None else v.index_select(0, rows) for v in self._values]
+
+
+def _on_stream(stream: torch.cuda.Stream | None):
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 def _first_id(*candidates):

@@ -87,7 +87,7 @@ def preprocess_frames(
     """uint8 H x W x 3 RGB frames -> pixel_values (B, 3, H', W') in `dtype` on `device`.
 
     Frames of one size are processed as one batch; uint8 travels to the device
-    (4x less to copy than float).
+    (4x less to copy than float), from pinned memory on CUDA.
     """
     out: list[torch.Tensor | None] = [None] * len(images)
     by_shape: dict[tuple[int, ...], list[int]] = {}
@@ -96,7 +96,11 @@ def preprocess_frames(
             raise ValueError(f"frame {i}: expected H x W x 3 uint8 RGB, got {img.shape} {img.dtype}")
         by_shape.setdefault(img.shape, []).append(i)
     for shape, idx in by_shape.items():
-        batch = torch.from_numpy(np.stack([images[i] for i in idx])).to(device, non_blocking=True)
+        batch = torch.from_numpy(np.stack([images[i] for i in idx]))
+        if device.type == "cuda":
+            # page-locked: the copy is a DMA that runs while the host goes on
+            batch = batch.pin_memory()
+        batch = batch.to(device, non_blocking=True)
         pixels = _process_batch(batch, spec, dtype)
         for j, i in enumerate(idx):
             out[i] = pixels[j]

@@ -31,6 +31,15 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+def _hwaccel(text: str) -> str:
+    from .decode import check_hwaccel
+
+    try:
+        return check_hwaccel(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -72,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--batch-size", type=_positive_int, default=8)
     cap.add_argument("-o", "--output", default="-", help="output file (default: stdout)")
     cap.add_argument("--no-progress", action="store_true")
+    cap.add_argument("--hwaccel", type=_hwaccel, default=None, help="decode on this FFmpeg hardware device, e.g. cuda (NVDEC); software where unavailable")
     cap.set_defaults(run=run_caption)
 
     tr = sub.add_parser("train", help="train or fine-tune a GIT captioner")
@@ -126,6 +136,7 @@ def run_caption(args: argparse.Namespace) -> int:
         sampler=SamplerConfig(window=args.window, frames=frames, hop=args.hop),
         summary=args.summary,
         batch_size=args.batch_size,
+        hwaccel=args.hwaccel,
     )
     out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     progress = Progress(enabled=not args.no_progress, label=args.video)

@@ -51,6 +51,7 @@ class StreamConfig:
     loop: bool = False  # files: start again at the end
     rtsp_transport: str = "tcp"
     stall_timeout: float = 5.0
+    hwaccel: str | None = None  # hardware decoding ("cuda": NVDEC) where FFmpeg has it, else software
 
     def __post_init__(self) -> None:
         if not STREAM_ID.match(self.id):
@@ -250,6 +251,7 @@ class Daemon:
                 rtsp_transport=config.rtsp_transport,
                 stall_timeout=config.stall_timeout,
                 short_side=self.engine.frame_short_side,
+                hwaccel=config.hwaccel,
             )  # raises SourceSpecError (a ValueError) for unknown schemes, missing files
             rt.source = FrameSource(spec, rt.on_frame, rt.on_state)
             self.streams[config.id] = rt

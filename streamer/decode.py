@@ -6,6 +6,7 @@ directly; live ingest runs one decode thread per source).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -19,7 +20,7 @@ import numpy as np
 from .errors import VideoError
 from .types import Frame
 
-__all__ = ["open_input", "iter_frames", "video_duration", "probe_media_span", "scaled_size", "describe"]
+__all__ = ["check_hwaccel", "hardware_decoding", "open_input", "iter_frames", "video_duration", "probe_media_span", "scaled_size", "describe"]
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +31,21 @@ def open_input(
     format: str | None = None,
     options: Mapping[str, str] | None = None,
     timeout: float | tuple[float, float] | None = None,
+    hwaccel: str | None = None,
 ) -> av.container.InputContainer:
-    """Open a file, device or network URL that has a video stream, or raise VideoError."""
+    """Open a file, device or network URL that has a video stream, or raise VideoError.
+
+    `hwaccel` ("cuda" for NVDEC, "vaapi", ...) decodes on that device where
+    FFmpeg can open it, else in software (said once in the log).
+    """
     is_url = "://" in url or format is not None
     if not is_url and not os.path.exists(url):
         raise VideoError(f"{url}: no such file")
     if not is_url and os.path.isdir(url):
         raise VideoError(f"{url}: is a directory, not a video file")
     try:
-        container = av.open(url, format=format, options=dict(options or {}), timeout=timeout)
+        extra = {"hwaccel": _hwaccel(hwaccel)} if hwaccel and hardware_decoding(hwaccel) else {}
+        container = av.open(url, format=format, options=dict(options or {}), timeout=timeout, **extra)
     except av.error.EOFError as exc:
         raise VideoError(f"{url}: is empty (no video frames)") from exc
     except av.error.FFmpegError as exc:
@@ -50,6 +57,36 @@ def open_input(
         container.close()
         raise VideoError(f"{url}: has no video stream (contains {', '.join(kinds)})")
     return container
+
+
+def check_hwaccel(device_type: str) -> str:
+    """The name if FFmpeg knows such a device type (cuda, vaapi, qsv, ...), else ValueError."""
+    from av.codec.hwaccel import HWDeviceType
+
+    known = [m.name for m in HWDeviceType if m.name != "none"]
+    if device_type not in known:
+        raise ValueError(f"hwaccel {device_type!r}: expected one of {', '.join(known)}")
+    return device_type
+
+
+@functools.cache
+def hardware_decoding(device_type: str) -> bool:
+    """Whether FFmpeg can open a `device_type` decoding device here (probed once)."""
+    try:
+        _hwaccel(device_type).create(av.Codec("h264", "r"))
+        return True
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        log.warning("hardware decoding unavailable: decoding in software",
+                    extra={"hwaccel": device_type, "reason": str(exc)})
+        return False
+
+
+def _hwaccel(device_type: str):
+    from av.codec.hwaccel import HWAccel
+
+    # frames come back to host memory: the engine wants RGB arrays; codecs the
+    # device cannot decode fall back to software inside FFmpeg
+    return HWAccel(device_type=device_type, allow_software_fallback=True)
 
 
 def _ffmpeg_reason(exc: av.error.FFmpegError) -> str:

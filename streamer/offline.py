@@ -28,6 +28,7 @@ class CaptionJob:
     summary: bool = False  # one caption for the whole video, frames spread over it
     batch_size: int = 8
     max_new_tokens: int | None = None
+    hwaccel: str | None = None  # FFmpeg hardware decoding ("cuda": NVDEC), software where unavailable
 
 
 def plan_sampler(job: CaptionJob, span: tuple[float, float] | None) -> SamplerConfig:
@@ -61,7 +62,7 @@ def caption_file(
     sampler = WindowSampler(plan_sampler(job, span), stream_id=job.video)
     total = (span[1] - span[0]) if span else None
     origin = span[0] if span else 0.0
-    frames = _DecodeAhead(job.video, engine.frame_short_side)
+    frames = _DecodeAhead(job.video, engine.frame_short_side, job.hwaccel)
     pending: list[Window] = []
     try:
         while True:
@@ -89,10 +90,10 @@ def caption_file(
 class _DecodeAhead:
     """Decodes in one thread ahead of inference; the bounded queue holds it back."""
 
-    def __init__(self, video: str, short_side: int | None, depth: int = 64) -> None:
+    def __init__(self, video: str, short_side: int | None, hwaccel: str | None = None, depth: int = 64) -> None:
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._video, self._short_side = video, short_side
+        self._video, self._short_side, self._hwaccel = video, short_side, hwaccel
         self._thread = threading.Thread(target=self._run, name=f"decode:{video}", daemon=True)
         self._thread.start()
 
@@ -110,7 +111,7 @@ class _DecodeAhead:
 
     def _run(self) -> None:
         try:
-            container = open_input(self._video)
+            container = open_input(self._video, hwaccel=self._hwaccel)
             try:
                 for frame in iter_frames(container, self._video, short_side=self._short_side):
                     if not self._put(frame):

@@ -138,7 +138,27 @@ def test_unknown_model_is_one_clear_line(clip_10s):
     assert "nobody/missing-model" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("args", [["--window", "0s"], ["--hop", "abc"], ["--frames", "0"], ["--format", "docx"]])
+@pytest.mark.parametrize(
+    "args", [["--window", "0s"], ["--hop", "abc"], ["--frames", "0"], ["--format", "docx"], ["--hwaccel", "nvdec"]]
+)
 def test_bad_options_are_rejected_before_any_work(clip_10s, args):
     result = streamer("caption", str(clip_10s), *args)
     assert result.returncode == 2 and "error" in result.stderr
+
+
+def test_hardware_decoding_request_captions_the_same_with_or_without_the_device(tmp_path, tiny_model, clip_10s):
+    # --hwaccel cuda: NVDEC where FFmpeg can open a CUDA device; here (no GPU) the
+    # decoder says once that it falls back to software, and nothing else changes.
+    from streamer.decode import hardware_decoding
+
+    outputs = {}
+    for name, extra in (("software", []), ("hwaccel", ["--hwaccel", "cuda"])):
+        out = tmp_path / f"{name}.jsonl"
+        result = streamer("caption", str(clip_10s), "--model", str(tiny_model), "--format", "jsonl",
+                          "--max-new-tokens", "4", "--no-progress", "-o", str(out), *extra)
+        assert result.returncode == 0, result.stderr
+        outputs[name] = [json.loads(line) for line in out.read_text().splitlines()]
+        if name == "hwaccel" and not hardware_decoding("cuda"):
+            assert result.stderr.count("hardware decoding unavailable") == 1, result.stderr
+    strip = lambda rows: [(r["start"], r["end"], r["text"]) for r in rows]  # noqa: E731
+    assert strip(outputs["hwaccel"]) == strip(outputs["software"]) and outputs["software"]

@@ -151,6 +151,8 @@ def test_unknown_scheme_and_missing_file_are_clear_errors(tmp_path) -> None:
         SourceSpec("s", str(tmp_path / "missing.mp4"))
     with pytest.raises(SourceSpecError, match="rtsp_transport"):
         SourceSpec("s", "rtsp://h/x", rtsp_transport="carrier-pigeon")
+    with pytest.raises(SourceSpecError, match="hwaccel .nvdec.: expected one of .*cuda"):
+        SourceSpec("s", "rtsp://h/x", hwaccel="nvdec")
 
 
 def test_redacted_url_hides_secrets() -> None:

@@ -34,7 +34,7 @@ import av.container
 import av.error
 import numpy as np
 
-from ..decode import open_input, scaled_size
+from ..decode import check_hwaccel, open_input, scaled_size
 from ..errors import VideoError
 from ..types import Frame
 from .state import Backoff, SourceState
@@ -179,6 +179,7 @@ class SourceSpec:
     backoff_jitter: float = 0.2
     max_retries: int | None = None  # consecutive failed attempts before FAILED; None: forever
     short_side: int | None = None  # downscale so the shorter side is at most this
+    hwaccel: str | None = None  # FFmpeg hardware decoder device ("cuda": NVDEC); software where unavailable
     ffmpeg_options: Mapping[str, str] = field(default_factory=dict, hash=False)  # override FFmpeg input options
     kind: SourceKind = field(init=False)
     target: str = field(init=False)  # what av.open gets
@@ -201,6 +202,11 @@ class SourceSpec:
                 raise SourceSpecError(f"{name} must be a positive number of seconds, got {value!r}")
         if self.short_side is not None and self.short_side < 1:
             raise SourceSpecError(f"short_side must be >= 1 or None, got {self.short_side}")
+        if self.hwaccel is not None:
+            try:
+                check_hwaccel(self.hwaccel)
+            except ValueError as exc:
+                raise SourceSpecError(str(exc)) from None
         if self.max_retries is not None and self.max_retries < 0:
             raise SourceSpecError(f"max_retries must be >= 0 or None, got {self.max_retries}")
         try:
@@ -543,7 +549,8 @@ class FrameSource:
         self._abandon.clear()
         try:
             container = open_input(
-                spec.target, format=spec.input_format, options=spec.av_options(), timeout=spec.av_timeout()
+                spec.target, format=spec.input_format, options=spec.av_options(), timeout=spec.av_timeout(),
+                hwaccel=spec.hwaccel,
             )
         except VideoError as exc:
             return self._open_failed(exc)

@@ -113,6 +113,9 @@ class Engine:
         loaded = load_model(config.model, config.device, config.dtype)
         if loaded.device.type == "cpu":
             torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 2) - 1))
+            if config.dtype == "auto" and _cpu_has_amx():
+                # fp32 stays the CPU default (it matches the reference captions exactly)
+                log.info("this CPU has AMX: --dtype bfloat16 captions 2-3x faster (benchmarks/README.md)")
         return cls(loaded, config)
 
     # -- public ------------------------------------------------------------
@@ -360,6 +363,14 @@ class PreallocatedKVCache:
         """Keep only these batch rows (rows that finished leave the batch)."""
         self._keys = [None if k is None else k.index_select(0, rows) for k in self._keys]
         self._values = [None if v is None else v.index_select(0, rows) for v in self._values]
+
+
+def _cpu_has_amx() -> bool:
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private; absent in some builds
+    try:
+        return bool(probe and probe())
+    except Exception:
+        return False
 
 
 def _on_stream(stream: torch.cuda.Stream | None):

@@ -48,9 +48,7 @@ def _parts(caption: str) -> dict[str, str]:
     """count, size, colour, shape, event of a world caption ('' where missing)."""
     words = caption.split()
     get = lambda i: words[i] if len(words) > i else ""  # noqa: E731
-    # the event is the verb phrase, singular: "move to the left", "appear", "stay at the top"
-    event = " ".join([words[4].removesuffix("s"), *words[5:]]) if len(words) > 4 else ""
-    return {"count": get(0), "size": get(1), "colour": get(2), "shape": get(3).rstrip("s"), "event": event}
+    return {"count": get(0), "size": get(1), "colour": get(2), "shape": get(3).rstrip("s"), "event": words[-1] if words else ""}
 
 
 def coco_scores(references: list[str], candidates: list[str]) -> dict[str, float]:

@@ -60,22 +60,14 @@ class TrainConfig:
 Example = tuple[list[np.ndarray], str]
 
 
-def synthetic_examples(seed: int, frames: int = 6, size: int = 64, reversed_twins: bool = True) -> Iterator[Example]:
-    """World clips with their captions. With `reversed_twins` every clip is
-    followed by itself played backwards, captioned with the opposite event:
-    the two differ only in frame order, so the pair's gradient is all about
-    order (left vs right, appears vs disappears), which a model otherwise
-    learns last, if at all."""
+def synthetic_examples(seed: int, frames: int = 6, size: int = 64) -> Iterator[Example]:
     from .world import clip, random_scene
 
     rng = np.random.default_rng(seed)
     while True:
         start = float(rng.uniform(0.0, 4.0))  # late windows see objects wrap, like live video
         scene = random_scene(rng, start=start)
-        frames_ = clip(scene, frames=frames, start=start, size=size)
-        yield frames_, scene.caption
-        if reversed_twins:
-            yield frames_[::-1], scene.reversed_caption
+        yield clip(scene, frames=frames, start=start, size=size), scene.caption
 
 
 def read_manifest(path: str) -> list[tuple[str, float, float, str]]:

@@ -12,7 +12,7 @@ that shuffles frames or swaps channels gets captions wrong.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 import numpy as np
@@ -29,17 +29,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.24, "big": 0.40}  # side / diameter as a fraction of the frame height
 MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-# "stays": still, somewhere (left/right/up/down of the frame). Saying where
-# things are makes a model keep positions in its image features; without it a
-# vision tower trained from scratch drops them (colour, shape, size and count
-# do not need them) and left/right motion cannot be learned.
-EVENTS = tuple(MOTIONS) + ("appears", "disappears", "stays")
-# what each event looks like with the frames played backwards
-REVERSED = {
-    "left": "right", "right": "left", "up": "down", "down": "up",
-    "appears": "disappears", "disappears": "appears", "stays": "stays",
-}
-_PLACES = {"left": "on the left", "right": "on the right", "up": "at the top", "down": "at the bottom"}
+EVENTS = tuple(MOTIONS) + ("appears", "disappears")
 BACKGROUNDS = ("black", "gray", "noise")
 
 _PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
@@ -63,7 +53,6 @@ class Scene:
     background: str = "black"
     event_time: float = 0.0  # appears / disappears: when (seconds)
     seed: int = 0
-    place: str = ""  # stays: where (a MOTIONS key: left, right, up, down)
     noise: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -75,15 +64,8 @@ class Scene:
         if self.event in MOTIONS:
             verb = "moves" if n == 1 else "move"
             return f"{subject} {verb} {_direction_phrase(self.event)}"
-        if self.event == "stays":
-            return f"{subject} {'stays' if n == 1 else 'stay'} {_PLACES[self.place]}"
         verb = self.event if n == 1 else self.event[:-1]  # appears -> appear
         return f"{subject} {verb}"
-
-    @property
-    def reversed_caption(self) -> str:
-        """The caption of this scene's clip played backwards."""
-        return replace(self, event=REVERSED[self.event]).caption
 
     def visible(self, t: float) -> bool:
         if self.event == "appears":
@@ -151,17 +133,9 @@ def random_scene(
     # start on the side the motion leaves from, so the window sees it cross the middle
     along = rng.uniform(0.12, 0.22)
     along = along if dx + dy >= 0 else 1.0 - along
-    place = list(MOTIONS)[rng.integers(len(MOTIONS))] if event == "stays" else ""
     objects = []
     for i in range(count):
         lane = (i + 0.5) / count if count > 1 else rng.uniform(0.3, 0.7)  # pairs: separate lanes
-        if place:  # still, near one edge
-            px, py = MOTIONS[place]
-            edge = rng.uniform(0.16, 0.24)
-            near = edge if px + py < 0 else 1.0 - edge
-            x, y = (near, lane) if px else (lane, near)
-            objects.append(Obj(shape, colour, size, x, y))
-            continue
         if dy:
             x, y = lane, along - dy * speed * start
         elif dx:
@@ -171,7 +145,7 @@ def random_scene(
         objects.append(Obj(shape, colour, size, x % 1.0, y % 1.0, dx * speed, dy * speed))
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     event_time = start + rng.uniform(0.3, 0.7) * duration if event in ("appears", "disappears") else 0.0
-    return Scene(tuple(objects), event, background, event_time, seed=int(rng.integers(2**31)), place=place)
+    return Scene(tuple(objects), event, background, event_time, seed=int(rng.integers(2**31)))
 
 
 def clip(scene: Scene, frames: int = 6, duration: float = 3.0, start: float = 0.0, size: int = 64) -> list[np.ndarray]:
@@ -221,7 +195,6 @@ def world_vocabulary() -> list[str]:
     words = {"a", "two", "to", "the", "moves", "move"}
     words |= set(COLOURS) | set(SIZES) | set(SHAPES) | set(_PLURAL.values())
     words |= {"left", "right", "up", "down", "appears", "appear", "disappears", "disappear"}
-    words |= {"stays", "stay", "on", "at", "top", "bottom"}
     return sorted(words)
 
 

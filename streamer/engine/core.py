@@ -369,7 +369,7 @@ def _cpu_has_amx() -> bool:
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private; absent in some builds
     try:
         return bool(probe and probe())
-    except Exception:
+    except (RuntimeError, OSError):
         return False
 
 

@@ -37,7 +37,7 @@ engine seconds per batch.
 The checkpoints for `tiny` (tests/support/models.py `tiny_config()`, random
 weights: captions are noise, the work is real) and `base` (git-base-vatex
 shape, random weights) are built once into benchmarks/.cache/, shared with
-bench_engine.py. Output: <out>/live-<model>-cpu.json and .png; progress on
+bench_engine.py. Output: <out>/live-<model>-<device>.json and .png; progress on
 stderr. Other processes on the machine show in the load averages recorded
 before and after each run.
 """
@@ -211,13 +211,14 @@ async def run_point(n: int, args, model_path: str, clip: Path, workdir: Path) ->
     from streamer.daemon import DaemonConfig
     from streamer.daemon_cli import ServeConfig, serve
     from streamer.engine import EngineConfig
+    from streamer.scheduler import SchedulerConfig
     from streamer.server import ServerConfig
 
-    engine_kw = {"model": model_path, "device": "cpu"}
+    engine_kw = {"model": model_path, "device": args.device, "dtype": args.dtype}
     if args.max_new_tokens is not None:
         engine_kw["max_new_tokens"] = args.max_new_tokens
-    config = ServeConfig(engine=EngineConfig(**engine_kw), server=ServerConfig(host="127.0.0.1", port=0),
-                         daemon=DaemonConfig())
+    daemon = DaemonConfig(scheduler=SchedulerConfig(max_batch=args.max_batch))
+    config = ServeConfig(engine=EngineConfig(**engine_kw), server=ServerConfig(host="127.0.0.1", port=0), daemon=daemon)
     loop = asyncio.get_running_loop()
     ready: asyncio.Future = loop.create_future()
     stop = asyncio.Event()
@@ -440,7 +441,7 @@ def plot(result: dict, path: Path) -> None:
     m, wl = result["machine"], result["workload"]
     loads = [p["loadavg_measure_start"][0] for p in pts if p.get("loadavg_measure_start")]
     fig.suptitle(
-        f"streamer live daemon, GIT {result['model']} on CPU ({m['cpu_count']} cores, {m['torch_threads']} torch thread{'s' if m['torch_threads'] != 1 else ''}) - "
+        f"streamer live daemon, GIT {result['model']} on {m.get('gpu') or 'CPU'} ({m['cpu_count']} cores, {m['torch_threads']} torch thread{'s' if m['torch_threads'] != 1 else ''}) - "
         f"{wl['frame_size'][0]}x{wl['frame_size'][1]} @ {wl['fps']} fps files as live, window {wl['window_s']:g} s / "
         f"hop {wl['hop_s']:g} s, {wl['measure_s']:g} s measured per point\n"
         f"{result['date']}; 1-min load average at measurement start: {', '.join(f'{x:.1f}' for x in loads)}",
@@ -481,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch.set_num_threads() in the daemon process (default: torch's own, = cores); "
                          "results then go to live-<model>-cpu-t<N>.json/.png")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (default cpu); results go to live-<model>-<device>*")
+    ap.add_argument("--dtype", default="auto", help="engine dtype (default auto: fp32 on CPU, bf16 on CUDA)")
+    ap.add_argument("--max-batch", type=int, default=8, help="scheduler max_batch (default 8; try 64 on a GPU)")
     ap.add_argument("--first-caption-timeout", type=float, default=60.0)
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
@@ -514,7 +518,13 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(
             torch_threads_set_by="--torch-threads" if args.torch_threads else "torch default",
             event_loop="uvloop" if _has_uvloop() else "asyncio",
-            device="cpu",
+            device=args.device,
+            dtype=args.dtype,
+            max_batch=args.max_batch,
+            gpu=torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
+            gpu_memory_peak_mib=(
+                torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None
+            ),
         ),
         "workload": {
             "source": "file as live (realtime, loop): moving_square H.264 clip",
@@ -534,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"live-{label}-cpu" + (f"-t{args.torch_threads}" if args.torch_threads else "")
+    stem = f"live-{label}-{args.device.split(':')[0]}" + (f"-t{args.torch_threads}" if args.torch_threads else "")
     json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
     tmp_json = json_path.with_suffix(".json.tmp")
     tmp_json.write_text(json.dumps(result, indent=2) + "\n")

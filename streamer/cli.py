@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--save-every", type=_positive_int, default=500)
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     tr.add_argument("--log-every", type=_positive_int, default=50, help="steps between log lines (no terminal)")
+    tr.add_argument("--world", default="full", choices=["full", "simple"],
+                    help="synthetic data: the full world, or one kind of object so that only the event varies")
+    tr.add_argument("--reversed-twins", action="store_true",
+                    help="synthetic data: follow each clip with itself played backwards, captioned with the opposite event")
+    tr.add_argument("--fixed-positions", action="store_true",
+                    help="keep the ViT position embeddings frozen (a new model gets large random ones)")
     tr.set_defaults(run=run_train)
 
     ev = sub.add_parser("eval", help="score a model on held-out clips")
@@ -161,7 +167,8 @@ def run_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         out=args.out, model=args.model, data=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         warmup=args.warmup, seed=args.seed, device=args.device, save_every=args.save_every, resume=args.resume,
-        threads=args.threads, log_every=args.log_every,
+        threads=args.threads, log_every=args.log_every, world=args.world, reversed_twins=args.reversed_twins,
+        fixed_positions=args.fixed_positions,
     )
     out = train(config)
     print(f"model saved to {out}; use it with: streamer caption VIDEO --model {out}")

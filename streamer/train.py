@@ -55,19 +55,37 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads (1 avoids oversubscription on a busy machine)
     image_size: int = 64  # model="new" only: input resolution and ViT patch size
     patch_size: int = 16
+    # How the bundled model learned left from right (streamer/models/world-git/README.md):
+    world: str = "full"  # synthetic data: "full", or "simple" (one kind of object: only the event varies)
+    reversed_twins: bool = False  # synthetic data: each clip is followed by itself backwards, opposite event
+    fixed_positions: bool = False  # ViT position embeddings frozen (model="new": set to random unit vectors x 8)
 
 
 Example = tuple[list[np.ndarray], str]
 
 
-def synthetic_examples(seed: int, frames: int = 6, size: int = 64) -> Iterator[Example]:
+SIMPLE_SUBJECT = ("square", "white", "big")
+
+
+def synthetic_examples(
+    seed: int, frames: int = 6, size: int = 64, *, world: str = "full", reversed_twins: bool = False
+) -> Iterator[Example]:
+    """World clips and their captions. `reversed_twins`: every clip is followed
+    by itself played backwards with the opposite event's caption; the pair
+    differs only in frame order, so its gradient is all about order."""
     from .world import clip, random_scene
 
+    if world not in ("full", "simple"):
+        raise StreamerError(f"world: expected full or simple, got {world!r}")
+    subject = SIMPLE_SUBJECT if world == "simple" else None
     rng = np.random.default_rng(seed)
     while True:
         start = float(rng.uniform(0.0, 4.0))  # late windows see objects wrap, like live video
-        scene = random_scene(rng, start=start)
-        yield clip(scene, frames=frames, start=start, size=size), scene.caption
+        scene = random_scene(rng, start=start, subject=subject)
+        frames_ = clip(scene, frames=frames, start=start, size=size)
+        yield frames_, scene.caption
+        if reversed_twins:
+            yield frames_[::-1], scene.reversed_caption
 
 
 def read_manifest(path: str) -> list[tuple[str, float, float, str]]:
@@ -138,11 +156,16 @@ def _build_or_load(config: TrainConfig, device: torch.device):
 
         tokenizer = word_tokenizer(world_vocabulary())
         model, processor = new_git_model(
-            tokenizer, seed=config.seed, text_layers=3, image_size=config.image_size, patch_size=config.patch_size
+            tokenizer, seed=config.seed, text_layers=3, image_size=config.image_size, patch_size=config.patch_size,
+            fixed_positions=config.fixed_positions,
         )
-        return model.to(device), tokenizer, processor
-    loaded = load_model(config.model, str(device), "float32")
-    return loaded.model, loaded.tokenizer, loaded.image_processor
+        model, tokenizer, processor = model.to(device), tokenizer, processor
+    else:
+        loaded = load_model(config.model, str(device), "float32")
+        model, tokenizer, processor = loaded.model, loaded.tokenizer, loaded.image_processor
+    if config.fixed_positions:
+        model.git.image_encoder.vision_model.embeddings.position_embedding.weight.requires_grad_(False)
+    return model, tokenizer, processor
 
 
 def _latest_checkpoint(out: Path) -> Path | None:
@@ -174,7 +197,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
     frames = int(model.config.num_image_with_embedding or 1)
     size = spec.crop_hw[0] if spec.crop_hw else 64
     if config.data == "synthetic":
-        examples = synthetic_examples(config.seed + start_step, frames=frames, size=size)
+        examples = synthetic_examples(
+            config.seed + start_step, frames=frames, size=size, world=config.world, reversed_twins=config.reversed_twins
+        )
     else:
         examples = manifest_examples(config.data, frames, spec.short_side, config.seed + start_step)
 

@@ -12,7 +12,7 @@ that shuffles frames or swaps channels gets captions wrong.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 import numpy as np
@@ -30,6 +30,8 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.24, "big": 0.40}  # side / diameter as a fraction of the frame height
 MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 EVENTS = tuple(MOTIONS) + ("appears", "disappears")
+# what each event looks like with the frames played backwards
+REVERSED = {"left": "right", "right": "left", "up": "down", "down": "up", "appears": "disappears", "disappears": "appears"}
 BACKGROUNDS = ("black", "gray", "noise")
 
 _PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
@@ -66,6 +68,11 @@ class Scene:
             return f"{subject} {verb} {_direction_phrase(self.event)}"
         verb = self.event if n == 1 else self.event[:-1]  # appears -> appear
         return f"{subject} {verb}"
+
+    @property
+    def reversed_caption(self) -> str:
+        """The caption of this scene's clip played backwards."""
+        return replace(self, event=REVERSED[self.event]).caption
 
     def visible(self, t: float) -> bool:
         if self.event == "appears":
@@ -114,9 +121,16 @@ def _draw(img: np.ndarray, shape: str, rgb: tuple[int, int, int], cx: float, cy:
 
 
 def random_scene(
-    rng: np.random.Generator, duration: float = 3.0, start: float = 0.0, events: tuple[str, ...] = EVENTS
+    rng: np.random.Generator,
+    duration: float = 3.0,
+    start: float = 0.0,
+    events: tuple[str, ...] = EVENTS,
+    subject: tuple[str, str, str] | None = None,
 ) -> Scene:
     """A scene whose event is visible in the window [start, start + duration).
+
+    `subject` fixes what the object is, so that only the event varies (the
+    first stage of training the bundled model).
 
     Objects wrap around the frame edges, so a window late in a long scene can
     see an object leave one side and come back on the other, as live video does.
@@ -124,6 +138,8 @@ def random_scene(
     shape = SHAPES[rng.integers(len(SHAPES))]
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     size = list(SIZES)[rng.integers(len(SIZES))]
+    if subject is not None:  # (shape, colour, size): the same thing every time
+        shape, colour, size = subject
     event = events[rng.integers(len(events))]
     count = 1 if rng.random() < 0.7 else 2
     # Most of the frame per window: the object crosses several ViT patches,

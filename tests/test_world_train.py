@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 
 from streamer.engine import Engine, EngineConfig
 from streamer.evaluate import synthetic_clips
@@ -48,6 +50,46 @@ def test_direction_is_only_visible_in_frame_order():
         # reversed frames show the opposite motion: a pipeline that reorders frames says the wrong thing
         assert (centroid_x(frames[0], rgb) < centroid_x(frames[-1], rgb)) != (xs[::-1][-1] > xs[::-1][0])
     assert set(MOTIONS) == {"left", "right", "up", "down"}
+
+
+def test_reversed_twins_show_the_opposite_event():
+    # `--reversed-twins` pairs each clip with itself backwards, captioned with the
+    # opposite event: the world must really show that event in the reversed frames
+    from streamer.train import synthetic_examples
+
+    examples = synthetic_examples(seed=4, reversed_twins=True)
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up",
+                "appears": "disappears", "disappears": "appears", "appear": "disappear", "disappear": "appear"}
+    for _ in range(60):
+        (frames, caption), (backwards, twin) = next(examples), next(examples)
+        assert [f.tobytes() for f in backwards] == [f.tobytes() for f in reversed(frames)]
+        words = caption.split()
+        assert twin.split()[-1] == opposite[words[-1]] and twin.split()[:4] == words[:4]
+        rgb = np.array(COLOURS[words[2]], np.uint8)
+        if words[-1] in ("left", "right") and words[0] == "a":
+            xs = [centroid_x(f, rgb) for f in backwards]
+            assert (xs[-1] > xs[0]) == (twin.split()[-1] == "right")
+        if words[-1] in ("appear", "appears"):  # backwards, the object is there first and then gone
+            shown = [np.all(f == rgb, axis=-1).sum() for f in backwards]
+            assert shown[0] > 0 and shown[-1] == 0
+
+
+def test_simple_world_varies_only_the_event():
+    from streamer.train import synthetic_examples
+
+    captions = [c for _, c in itertools.islice(synthetic_examples(seed=2, world="simple"), 200)]
+    assert {" ".join(c.split()[1:4]) for c in captions} == {"big white square", "big white squares"}
+    assert len({c.split()[-1].removesuffix("s") for c in captions}) == 6  # every event
+
+
+def test_fixed_positions_stay_fixed_through_training(tmp_path):
+    out = tmp_path / "fixed"
+    train(TrainConfig(out=str(out), steps=6, batch_size=4, warmup=1, threads=1, fixed_positions=True,
+                      reversed_twins=True, world="simple"), progress=False)
+    engine = Engine.load(EngineConfig(model=str(out), max_new_tokens=4))
+    table = engine.model.git.image_encoder.vision_model.embeddings.position_embedding.weight
+    assert torch.allclose(table[1:].norm(dim=1), torch.full((table.shape[0] - 1,), 8.0))  # as made, never updated
+    assert set(world_vocabulary()) <= set(engine.loaded.tokenizer.get_vocab())  # the simple world keeps every word
 
 
 def test_training_lowers_the_loss_and_the_result_loads(tmp_path, caplog):

@@ -39,6 +39,7 @@ def new_git_model(
     text_layers: int = 2,
     heads: int = 4,
     seed: int = 0,
+    fixed_positions: bool = False,
 ) -> tuple[GitForCausalLM, VideoMAEImageProcessorPil]:
     config = GitConfig(
         vision_config={
@@ -54,6 +55,14 @@ def new_git_model(
     with torch.no_grad():
         for p in model.git.img_temporal_embedding:
             p.normal_(0.0, 0.02)  # zeros would start training blind to frame order
+        if fixed_positions:
+            # Random unit vectors x 8 (near-orthogonal: every patch tells apart), for
+            # training with them frozen: a tower trained from scratch otherwise
+            # learns to drop where things are (streamer/models/world-git/README.md).
+            table = model.git.image_encoder.vision_model.embeddings.position_embedding.weight
+            pos = torch.randn(table.shape[0] - 1, table.shape[1])
+            table[1:] = pos / pos.norm(dim=1, keepdim=True) * 8.0
+            table[0] = 0.0
     processor = VideoMAEImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
         image_mean=[0.5] * 3, image_std=[0.5] * 3,

@@ -21,7 +21,7 @@ from streamer.evaluate import evaluate, synthetic_clips
 from streamer.types import Frame, Window
 
 HELD_OUT_SEED = 10_000  # training draws from seed 0 onwards; these scenes were never seen
-EXACT_MATCH_FLOOR = 0.55  # measured 0.667 on these 120 clips (0.645 on 200) when it shipped
+EXACT_MATCH_FLOOR = 0.85  # measured 0.958 on these 120 clips (0.945 on 200) when it shipped
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,9 @@ def test_held_out_accuracy(bundled):
     result = evaluate(bundled, synthetic_clips(120, HELD_OUT_SEED, bundled.num_frames, 64))
     print(json.dumps(result.to_dict(), indent=1))
     assert result.exact_match >= EXACT_MATCH_FLOOR
-    for part in ("count", "size", "colour", "shape"):  # what is on screen: measured 0.99-1.00
-        assert result.part_accuracy[part] >= 0.95, (part, result.part_accuracy)
-    assert result.part_accuracy["event"] >= 0.55  # motion direction is the weak part: measured 0.675
+    for part in ("count", "size", "colour", "shape"):  # measured 0.99 / 0.975 / 1.00 / 0.958
+        assert result.part_accuracy[part] >= 0.9, (part, result.part_accuracy)
+    assert result.part_accuracy["event"] >= 0.9  # which way things move, appear or disappear: measured 0.99
 
 
 def _broken(clips, how):
@@ -70,10 +70,10 @@ def test_a_pipeline_that_swaps_channels_or_reorders_frames_is_caught(bundled):
     good = evaluate(bundled, iter(clips))
     bgr = evaluate(bundled, _broken(clips, "bgr"))
     backwards = evaluate(bundled, _broken(clips, "reversed"))
-    # measured when it shipped: colour 1.00 -> 0.47 with BGR, event 0.65 -> 0.33 reversed
+    # measured when it shipped: colour 1.00 -> 0.47 with BGR; event 1.00 -> 0.00 with frames reversed
     assert bgr.part_accuracy["colour"] < good.part_accuracy["colour"] - 0.3  # red <-> blue
-    assert backwards.part_accuracy["event"] < good.part_accuracy["event"] - 0.2  # left <-> right, appear <-> disappear
-    assert good.exact_match - max(bgr.exact_match, backwards.exact_match) > 0.2
+    assert backwards.part_accuracy["event"] < 0.2  # every left <-> right, up <-> down, appear <-> disappear
+    assert good.exact_match - max(bgr.exact_match, backwards.exact_match) > 0.4
 
 
 def test_eval_command_reports_the_scores(tmp_path):

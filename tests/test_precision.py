@@ -2,13 +2,10 @@
 
 The comparison model is the bundled world-git (small and trained): a
 random-weight model has near-tied logits, so any change of precision flips
-tokens there and says nothing. What the trained model is sure of (count,
-size, colour, shape, appears/disappears) must come out the same in bf16. Its
-one near-tie is the sign of motion, which it has not learned (left vs right
-logits about 0.02 apart: streamer/models/world-git/README.md); there bf16
-may flip the word, and nowhere else.
-CI has no GPU: the CUDA tests run on a GPU machine (see the device notes in
-README.md) and are skipped elsewhere.
+tokens there and says nothing. A trained model's margins are what a user
+relies on: on them bf16 must give the fp32 captions (measured: 48/48 on the
+CPU, mean log-probability within 0.022).
+CI has no GPU: the CUDA tests run on a GPU machine and are skipped elsewhere.
 """
 
 from __future__ import annotations
@@ -35,19 +32,10 @@ def fp32_captions(windows):
     return engine.caption(windows)
 
 
-FLIPS = {("left", "right"), ("right", "left"), ("up", "down"), ("down", "up")}
-
-
 def check_same_captions(captions, reference) -> None:
-    """Identical, except that a motion direction may flip (the model's near-tie)."""
-    same = 0
-    for got, want in zip(captions, reference):
-        if got.text == want.text:
-            same += 1
-            continue
-        a, b = got.text.split(), want.text.split()
-        assert len(a) == len(b) and a[:-1] == b[:-1] and (a[-1], b[-1]) in FLIPS, (got.text, want.text)
-    assert same / len(reference) >= 0.8  # measured 0.90 in bf16 on the CPU
+    same = sum(got.text == want.text for got, want in zip(captions, reference))
+    # a clip or two may sit on a near-tie of the model's own
+    assert same / len(reference) >= 0.95, [(g.text, w.text) for g, w in zip(captions, reference) if g.text != w.text]
     # mean token log-probability moves by little more than bf16's resolution
     drift = max(abs(x.confidence - y.confidence) for x, y in zip(captions, reference))
     assert drift < 0.05

@@ -159,7 +159,7 @@ def _build_or_load(config: TrainConfig, device: torch.device):
             tokenizer, seed=config.seed, text_layers=3, image_size=config.image_size, patch_size=config.patch_size,
             fixed_positions=config.fixed_positions,
         )
-        model, tokenizer, processor = model.to(device), tokenizer, processor
+        model = model.to(device)
     else:
         loaded = load_model(config.model, str(device), "float32")
         model, tokenizer, processor = loaded.model, loaded.tokenizer, loaded.image_processor

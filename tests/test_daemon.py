@@ -285,6 +285,7 @@ async def test_bad_requests_get_clear_errors_and_nothing_else_is_disturbed(tiny_
                 ("POST", "/streams", {"json": {"id": "bad id!", "url": str(clip2)}}, 400, "stream id"),
                 ("POST", "/streams", {"json": {"id": "y", "url": str(clip2), "hop": -1}}, 400, "hop"),
                 ("POST", "/streams", {"json": {"id": "y", "url": str(clip2), "colour": 1}}, 400, "unknown stream field"),
+                ("POST", "/streams", {"json": {"id": "y", "url": str(clip2), "hwaccel": "nvdec"}}, 400, "hwaccel 'nvdec'"),
                 ("POST", "/streams", {"data": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
                 ("DELETE", "/streams/nope", {}, 404, "no stream"),
                 ("POST", "/whip/w1", {"data": "v=0 garbage", "headers": {"Content-Type": "application/sdp"}}, 400, ""),

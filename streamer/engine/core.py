@@ -140,7 +140,7 @@ class Engine:
             if self._vision_stream is not None:
                 ready = torch.cuda.Event()
                 ready.record(self._vision_stream)
-        self.stats.vision_seconds += time.perf_counter() - t0
+        self.stats.vision_seconds += time.perf_counter() - t0  # on CUDA: host time to queue it only
         return PreparedBatch(list(windows), image_tokens, ready)
 
     def finish(self, prepared: PreparedBatch, max_new_tokens: int | None = None) -> list[Caption]:

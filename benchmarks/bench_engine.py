@@ -67,10 +67,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import ensure_checkpoint, machine_info  # noqa: E402  (benchmarks/common.py)
 
-from streamer.decode import scaled_size  # noqa: E402
 from streamer.engine import Engine, EngineConfig  # noqa: E402
 from streamer.engine.core import EngineStats  # noqa: E402
-from streamer.sampler import SamplerConfig, WindowSampler  # noqa: E402
+from streamer.media.decode import scaled_size  # noqa: E402
+from streamer.pipeline.sampler import SamplerConfig, WindowSampler  # noqa: E402
 from streamer.types import Frame, Window  # noqa: E402
 
 CACHE_DIR = HERE / ".cache"

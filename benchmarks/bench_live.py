@@ -6,7 +6,7 @@
 
 For each stream count N, one run:
 
-  1. the daemon starts in this process (`streamer.daemon_cli.serve()`, port 0,
+  1. the daemon starts in this process (`streamer.cli.serve.serve()`, port 0,
      default limits, the model on CPU), exactly as `streamer serve` wires it;
   2. one WebSocket client connects to /ws?all=1. The client is a separate
      Python process (the `websockets` library, as `streamer tail` uses), so
@@ -58,7 +58,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ensure_checkpoint, machine_info  # benchmarks/common.py (scripts run from benchmarks/)
+from common import (  # benchmarks/common.py (scripts run from benchmarks/)
+    ensure_checkpoint,
+    machine_info,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hubs are unreachable here: fail fast
 
@@ -208,11 +211,11 @@ def _stats(values: list[float]) -> dict:
 async def run_point(n: int, args, model_path: str, clip: Path, workdir: Path) -> dict:
     import aiohttp
 
-    from streamer.daemon import DaemonConfig
-    from streamer.daemon_cli import ServeConfig, serve
+    from streamer.cli.serve import ServeConfig, serve
     from streamer.engine import EngineConfig
-    from streamer.scheduler import SchedulerConfig
-    from streamer.server import ServerConfig
+    from streamer.http.app import ServerConfig
+    from streamer.pipeline.daemon import DaemonConfig
+    from streamer.pipeline.scheduler import SchedulerConfig
 
     engine_kw = {"model": model_path, "device": args.device, "dtype": args.dtype}
     if args.max_new_tokens is not None:

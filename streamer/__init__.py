@@ -3,9 +3,9 @@
 Heavy pieces (torch, transformers) load only when the engine is used.
 """
 
-from .errors import ModelLoadError, StreamerError, VideoError
-from .sampler import SamplerConfig, WindowSampler
-from .types import Caption, Frame, Window
+from streamer.errors import ModelLoadError, StreamerError, VideoError
+from streamer.pipeline.sampler import SamplerConfig, WindowSampler
+from streamer.types import Caption, Frame, Window
 
 __version__ = "0.1.0"
 

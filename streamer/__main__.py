@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from streamer.cli import main
 
 sys.exit(main())

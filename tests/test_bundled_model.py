@@ -17,7 +17,7 @@ import pytest
 
 from streamer.defaults import BUNDLED_MODEL, BUNDLED_MODEL_NAME
 from streamer.engine import Engine, EngineConfig
-from streamer.evaluate import evaluate, synthetic_clips
+from streamer.training.evaluate import evaluate, synthetic_clips
 from streamer.types import Frame, Window
 
 HELD_OUT_SEED = 10_000  # training draws from seed 0 onwards; these scenes were never seen

@@ -13,8 +13,8 @@ import pytest
 import srt
 import webvtt
 
-from streamer.offline import CaptionJob, caption_file
-from streamer.sampler import SamplerConfig
+from streamer.pipeline.offline import CaptionJob, caption_file
+from streamer.pipeline.sampler import SamplerConfig
 from tests.support.media import moving_square, truncate, write_audio_only, write_video
 
 
@@ -149,7 +149,7 @@ def test_bad_options_are_rejected_before_any_work(clip_10s, args):
 def test_hardware_decoding_request_captions_the_same_with_or_without_the_device(tmp_path, tiny_model, clip_10s):
     # --hwaccel cuda: NVDEC where FFmpeg can open a CUDA device; here (no GPU) the
     # decoder says once that it falls back to software, and nothing else changes.
-    from streamer.decode import hardware_decoding
+    from streamer.media.decode import hardware_decoding
 
     outputs = {}
     for name, extra in (("software", []), ("hwaccel", ["--hwaccel", "cuda"])):

@@ -19,11 +19,11 @@ import websockets
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamer.daemon import DaemonConfig
-from streamer.daemon_cli import ServeConfig, serve
+from streamer.cli.serve import ServeConfig, serve
 from streamer.engine import EngineConfig
-from streamer.scheduler import SchedulerConfig
-from streamer.server import ServerConfig
+from streamer.http.app import ServerConfig
+from streamer.pipeline.daemon import DaemonConfig
+from streamer.pipeline.scheduler import SchedulerConfig
 from tests.support.media import moving_square, write_video
 from tests.support.rtsp import RtspServer, require_rtsp_server
 from tests.support.webrtc import NumberedTrack

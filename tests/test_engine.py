@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from streamer.decode import iter_frames, open_input
 from streamer.engine import Engine, EngineConfig
 from streamer.engine.preprocess import PreprocessSpec, preprocess_frames
 from streamer.errors import ModelLoadError
-from streamer.sampler import SamplerConfig, WindowSampler
+from streamer.media.decode import iter_frames, open_input
+from streamer.pipeline.sampler import SamplerConfig, WindowSampler
 from streamer.types import Frame, Window
 from tests.support.media import moving_square, solid_frames
 from tests.support.models import save_git_checkpoint, tiny_config
@@ -122,7 +122,7 @@ def test_masked_greedy_matches_transformers_generate(tiny_model):
 
 def test_masked_greedy_stops_soon_after_every_row_has_finished():
     from streamer.defaults import BUNDLED_MODEL
-    from streamer.evaluate import synthetic_clips
+    from streamer.training.evaluate import synthetic_clips
 
     engine = Engine.load(EngineConfig(model=str(BUNDLED_MODEL), max_new_tokens=40, greedy="masked", sync_every=4))
     windows = [w for w, _ in synthetic_clips(8, seed=3, frames=6, size=64)]

@@ -12,8 +12,8 @@ import pytest
 import srt
 import webvtt
 
-from streamer import formats
-from streamer.formats import FORMATS, CaptionWriter, format_timestamp, render
+from streamer.publish import formats
+from streamer.publish.formats import FORMATS, CaptionWriter, format_timestamp, render
 from streamer.types import Caption
 
 

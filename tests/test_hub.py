@@ -14,8 +14,8 @@ import websockets
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
-from streamer import hub as hub_module
-from streamer.hub import CaptionHub, Subscription, SubscriptionClosed
+from streamer.publish import hub as hub_module
+from streamer.publish.hub import CaptionHub, Subscription, SubscriptionClosed
 from streamer.types import Caption
 
 pytestmark = pytest.mark.timeout(30)

@@ -30,9 +30,9 @@ from streamer.ingest import (
     redact_url,
 )
 from streamer.types import Frame
-from tests.support.webrtc import NumberedTrack
 from tests.support.media import moving_square, write_video
 from tests.support.rtsp import RtspServer, require_rtsp_server
+from tests.support.webrtc import NumberedTrack
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -8,8 +8,8 @@ import threading
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamer import metrics
-from streamer.metrics import CONTENT_TYPE, Registry
+from streamer.ops import metrics
+from streamer.ops.metrics import CONTENT_TYPE, Registry
 
 
 def parse(registry: Registry) -> dict[str, object]:

@@ -18,20 +18,20 @@ from pathlib import Path
 import aiohttp
 import pytest
 import srt
-import webvtt
 import websockets
+import webvtt
 
-from streamer.daemon import DaemonConfig
-from streamer.daemon_cli import ServeConfig, load_config, serve
+from streamer.cli.serve import ServeConfig, load_config, serve
 from streamer.engine import EngineConfig
 from streamer.errors import StreamerError
-from streamer.formats import render
-from streamer.hub import CaptionHub
-from streamer.outputs import SubtitleOutputs, caption_from_message
-from streamer.server import ServerConfig
-from streamer.sinks import Sink, outputs_from_config
+from streamer.http.app import ServerConfig
+from streamer.pipeline.daemon import DaemonConfig
+from streamer.publish.formats import render
+from streamer.publish.hub import CaptionHub
+from streamer.publish.sinks import Sink, outputs_from_config
+from streamer.publish.subtitles import SubtitleOutputs, caption_from_message
+from streamer.publish.webhooks import WebhookSink
 from streamer.types import Caption
-from streamer.webhooks import WebhookSink
 from tests.support.media import solid_frames, write_video
 
 pytestmark = pytest.mark.timeout(90)
@@ -235,7 +235,7 @@ async def test_a_full_disk_or_unwritable_dir_is_logged_once_per_stream_and_nothi
     good = SubtitleOutputs(out)
     bad = SubtitleOutputs(blocked / "subs", streams=["ok"])
     watcher = hub.subscribe(None, only_changes=False, replay=False)  # e.g. a WebSocket client
-    with recorded("streamer.outputs") as records:
+    with recorded("streamer.publish.subtitles") as records:
         await good.start(hub)
         await bad.start(hub)
         captions = [make_caption(sid, i, i * 0.5, f"{sid} caption {i}") for i in range(20) for sid in ("ok", "full")]
@@ -290,7 +290,9 @@ async def test_a_stream_added_again_continues_its_timeline_and_a_cut_file_is_rep
 
 
 def test_sinks_from_config_tables_and_clear_errors(tmp_path):
-    from streamer import outputs, sinks as sinks_module, webhooks
+    from streamer.publish import sinks as sinks_module
+    from streamer.publish import subtitles as outputs
+    from streamer.publish import webhooks
 
     assert set(outputs.__all__) == {"OUTPUT_FORMATS", "SubtitleOutputs", "caption_from_message"}
     assert set(webhooks.__all__) == {"WebhookSink"}

@@ -15,7 +15,7 @@ import torch
 
 from streamer.defaults import BUNDLED_MODEL
 from streamer.engine import Engine, EngineConfig
-from streamer.evaluate import synthetic_clips
+from streamer.training.evaluate import synthetic_clips
 
 CLIPS = 48
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")

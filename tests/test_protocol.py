@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from streamer import protocol
-from streamer.protocol import (
+from streamer.publish import protocol
+from streamer.publish.protocol import (
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     SCHEMA,
@@ -207,4 +207,4 @@ def test_schema_documents_every_error_code() -> None:
 
 def test_docs_protocol_md_is_the_schema() -> None:
     doc = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
-    assert SCHEMA in doc.read_text(encoding="utf-8"), "regenerate docs/protocol.md from streamer.protocol.SCHEMA"
+    assert SCHEMA in doc.read_text(encoding="utf-8"), "regenerate docs/protocol.md from streamer.publish.protocol.SCHEMA"

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamer.sampler import SamplerConfig, WindowSampler
+from streamer.pipeline.sampler import SamplerConfig, WindowSampler
 from streamer.types import Frame
 
 _IMG = np.zeros((2, 2, 3), np.uint8)

@@ -14,7 +14,7 @@ import websockets
 from PIL import Image
 
 from streamer.defaults import BUNDLED_MODEL
-from streamer.world import Obj, Scene, render_video, write_video
+from streamer.training.world import Obj, Scene, render_video, write_video
 from tests.support.rtsp import RtspServer, require_rtsp_server
 from tests.test_daemon import add_stream, captions_of, read_messages, running_daemon
 

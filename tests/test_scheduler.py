@@ -6,8 +6,8 @@ import asyncio
 
 import numpy as np
 
-from streamer.buffer import FrameRing
-from streamer.scheduler import BatchPlanner, Scheduler, SchedulerConfig
+from streamer.pipeline.ring import FrameRing
+from streamer.pipeline.scheduler import BatchPlanner, Scheduler, SchedulerConfig
 from streamer.types import Caption, Frame, Window
 
 _IMG = np.zeros((2, 2, 3), np.uint8)

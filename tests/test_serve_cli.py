@@ -101,7 +101,7 @@ url = "nope://camera"
 
 def test_demo_captions_a_live_scene_end_to_end(tmp_path):
     """README's main job, bounded: bundled model, live synthetic scenes, captions printed."""
-    from streamer.world import world_vocabulary
+    from streamer.training.world import world_vocabulary
 
     result = subprocess.run(
         [sys.executable, "-m", "streamer", "demo", "--port", "0", "--count", "3"],

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import websockets
 
-from streamer import server as server_module
-from streamer.server import ServerConfig
+from streamer.http import app as server_module
+from streamer.http.app import ServerConfig
 from tests.support.media import write_video
 from tests.test_daemon import add_stream, running_daemon
 
@@ -42,7 +42,7 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(autouse=True)
 def web_routes(monkeypatch):
     """The daemon serves the pages (add_web_routes is idempotent: harmless if build_app already calls it)."""
-    from streamer.web import add_web_routes
+    from streamer.http.pages import add_web_routes
 
     original = server_module.build_app
 

@@ -15,9 +15,17 @@ import pytest
 import websockets
 from aiohttp import web
 
-from streamer.hub import CaptionHub
-from streamer.webhooks import WebhookSink
-from tests.test_outputs import add_stream, collect_captions, colours, make_caption, publish_all, serving, wait_for  # noqa: F401
+from streamer.publish.hub import CaptionHub
+from streamer.publish.webhooks import WebhookSink
+from tests.test_outputs import (  # noqa: F401
+    add_stream,
+    collect_captions,
+    colours,
+    make_caption,
+    publish_all,
+    serving,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -13,9 +13,15 @@ import numpy as np
 import torch
 
 from streamer.engine import Engine, EngineConfig
-from streamer.evaluate import synthetic_clips
-from streamer.train import TrainConfig, train
-from streamer.world import COLOURS, MOTIONS, clip, random_scene, world_vocabulary
+from streamer.training.evaluate import synthetic_clips
+from streamer.training.train import TrainConfig, train
+from streamer.training.world import (
+    COLOURS,
+    MOTIONS,
+    clip,
+    random_scene,
+    world_vocabulary,
+)
 from tests.support.media import moving_square, write_video
 
 
@@ -55,7 +61,7 @@ def test_direction_is_only_visible_in_frame_order():
 def test_reversed_twins_show_the_opposite_event():
     # `--reversed-twins` pairs each clip with itself backwards, captioned with the
     # opposite event: the world must really show that event in the reversed frames
-    from streamer.train import synthetic_examples
+    from streamer.training.train import synthetic_examples
 
     examples = synthetic_examples(seed=4, reversed_twins=True)
     opposite = {"left": "right", "right": "left", "up": "down", "down": "up",
@@ -75,7 +81,7 @@ def test_reversed_twins_show_the_opposite_event():
 
 
 def test_simple_world_varies_only_the_event():
-    from streamer.train import synthetic_examples
+    from streamer.training.train import synthetic_examples
 
     captions = [c for _, c in itertools.islice(synthetic_examples(seed=2, world="simple"), 200)]
     assert {" ".join(c.split()[1:4]) for c in captions} == {"big white square", "big white squares"}
@@ -94,7 +100,7 @@ def test_fixed_positions_stay_fixed_through_training(tmp_path):
 
 def test_training_lowers_the_loss_and_the_result_loads(tmp_path, caplog):
     out = tmp_path / "model"
-    caplog.set_level("WARNING", logger="streamer.train")
+    caplog.set_level("WARNING", logger="streamer.training.train")
     train(TrainConfig(out=str(out), steps=12, batch_size=8, warmup=2, save_every=6, log_every=3, threads=1), progress=False)
     losses = [r.loss for r in caplog.records if hasattr(r, "loss")]
     assert losses[-1] < losses[0]

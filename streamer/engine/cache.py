@@ -6,7 +6,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..types import FrameKey
+from streamer.types import FrameKey
 
 __all__ = ["FeatureCache"]
 

@@ -36,10 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..types import Caption, Frame, Window
-from .cache import FeatureCache
-from .loader import LoadedModel, load_model
-from .preprocess import PreprocessSpec, preprocess_frames
+from streamer.engine.cache import FeatureCache
+from streamer.engine.loader import LoadedModel, load_model
+from streamer.engine.preprocess import PreprocessSpec, preprocess_frames
+from streamer.types import Caption, Frame, Window
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "PreparedBatch"]
 

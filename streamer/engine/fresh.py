@@ -7,7 +7,12 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import BertTokenizerFast, GitConfig, GitForCausalLM, VideoMAEImageProcessorPil
+from transformers import (
+    BertTokenizerFast,
+    GitConfig,
+    GitForCausalLM,
+    VideoMAEImageProcessorPil,
+)
 
 __all__ = ["word_tokenizer", "new_git_model", "save_new_git_model"]
 

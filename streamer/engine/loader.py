@@ -12,8 +12,8 @@ import torch
 from transformers import AutoImageProcessor, AutoTokenizer, GitForCausalLM
 from transformers.utils import logging as hf_logging
 
-from ..defaults import BUNDLED_MODEL, BUNDLED_MODEL_NAME, DEFAULT_MODEL
-from ..errors import ModelLoadError
+from streamer.defaults import BUNDLED_MODEL, BUNDLED_MODEL_NAME, DEFAULT_MODEL
+from streamer.errors import ModelLoadError
 
 __all__ = ["DEFAULT_MODEL", "LoadedModel", "load_model", "default_model", "resolve_device", "resolve_dtype"]
 

@@ -1,8 +1,16 @@
 """Live ingest: sources (RTSP, files as live, devices, lavfi, network URLs) and WHIP."""
 
-from .source import FrameSource, SourceKind, SourceSpec, SourceSpecError, SourceStats, detect_kind, redact_url
-from .state import Backoff, SourceState
-from .whip import WhipError, WhipSession
+from streamer.ingest.source import (
+    FrameSource,
+    SourceKind,
+    SourceSpec,
+    SourceSpecError,
+    SourceStats,
+    detect_kind,
+    redact_url,
+)
+from streamer.ingest.state import Backoff, SourceState
+from streamer.ingest.whip import WhipError, WhipSession
 
 __all__ = [
     "Backoff",

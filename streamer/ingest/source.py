@@ -34,10 +34,10 @@ import av.container
 import av.error
 import numpy as np
 
-from ..decode import check_hwaccel, open_input, scaled_size
-from ..errors import VideoError
-from ..types import Frame
-from .state import Backoff, SourceState
+from streamer.errors import VideoError
+from streamer.ingest.state import Backoff, SourceState
+from streamer.media.decode import check_hwaccel, open_input, scaled_size
+from streamer.types import Frame
 
 __all__ = [
     "SourceSpec",

@@ -24,11 +24,11 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc import sdp as aiortc_sdp
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from ..decode import scaled_size
-from ..errors import VideoError
-from ..types import Frame
-from .source import OnFrame, OnState, SourceStats
-from .state import SourceState
+from streamer.errors import VideoError
+from streamer.ingest.source import OnFrame, OnState, SourceStats
+from streamer.ingest.state import SourceState
+from streamer.media.decode import scaled_size
+from streamer.types import Frame
 
 __all__ = ["WhipError", "WhipSession", "check_offer"]
 

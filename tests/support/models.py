@@ -12,7 +12,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, GitConfig, GitForCausalLM, VideoMAEImageProcessorPil
+from transformers import (
+    AutoTokenizer,
+    GitConfig,
+    GitForCausalLM,
+    VideoMAEImageProcessorPil,
+)
 
 
 def bert_tokenizer():

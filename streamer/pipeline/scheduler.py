@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .types import Caption, Window
+from streamer.types import Caption, Window
 
 __all__ = ["SchedulerConfig", "BatchPlanner", "Scheduler"]
 

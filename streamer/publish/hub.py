@@ -31,8 +31,8 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .protocol import encode_caption, encode_state
-from .types import Caption
+from streamer.publish.protocol import encode_caption, encode_state
+from streamer.types import Caption
 
 __all__ = ["CaptionHub", "Subscription", "SubscriptionClosed"]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from .types import Caption
+from streamer.types import Caption
 
 __all__ = [
     "PROTOCOL_VERSION",

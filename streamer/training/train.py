@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .engine.loader import load_model, resolve_device
-from .engine.preprocess import PreprocessSpec, preprocess_frames
-from .errors import StreamerError
+from streamer.engine.loader import load_model, resolve_device
+from streamer.engine.preprocess import PreprocessSpec, preprocess_frames
+from streamer.errors import StreamerError
 
 __all__ = ["TrainConfig", "train", "synthetic_examples", "manifest_examples"]
 
@@ -73,7 +73,7 @@ def synthetic_examples(
     """World clips and their captions. `reversed_twins`: every clip is followed
     by itself played backwards with the opposite event's caption; the pair
     differs only in frame order, so its gradient is all about order."""
-    from .world import clip, random_scene
+    from streamer.training.world import clip, random_scene
 
     if world not in ("full", "simple"):
         raise StreamerError(f"world: expected full or simple, got {world!r}")
@@ -113,8 +113,8 @@ def read_manifest(path: str) -> list[tuple[str, float, float, str]]:
 
 def window_from_video(video: str, start: float, end: float, frames: int, short_side: int | None, stream_id: str):
     """One window of `frames` frames spread over [start, end] of a video file."""
-    from .decode import iter_frames, open_input
-    from .sampler import SamplerConfig, WindowSampler
+    from streamer.media.decode import iter_frames, open_input
+    from streamer.pipeline.sampler import SamplerConfig, WindowSampler
 
     span = max(end - start, 1e-3)
     sampler = WindowSampler(SamplerConfig(window=span, frames=frames, hop=span), stream_id)
@@ -151,8 +151,8 @@ def manifest_examples(path: str, frames: int, short_side: int | None, seed: int)
 
 def _build_or_load(config: TrainConfig, device: torch.device):
     if config.model == "new":
-        from .engine.fresh import new_git_model, word_tokenizer
-        from .world import world_vocabulary
+        from streamer.engine.fresh import new_git_model, word_tokenizer
+        from streamer.training.world import world_vocabulary
 
         tokenizer = word_tokenizer(world_vocabulary())
         model, processor = new_git_model(

@@ -15,13 +15,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from .buffer import FrameRing
-from .hub import CaptionHub
-from .ingest import FrameSource, SourceSpec, SourceState
-from .metrics import Registry
-from .sampler import SamplerConfig, WindowSampler
-from .scheduler import Scheduler, SchedulerConfig
-from .types import Caption, Frame, Window
+from streamer.ingest import FrameSource, SourceSpec, SourceState
+from streamer.ops.metrics import Registry
+from streamer.pipeline.ring import FrameRing
+from streamer.pipeline.sampler import SamplerConfig, WindowSampler
+from streamer.pipeline.scheduler import Scheduler, SchedulerConfig
+from streamer.publish.hub import CaptionHub
+from streamer.types import Caption, Frame, Window
 
 __all__ = ["StreamConfig", "DaemonConfig", "Daemon", "StreamExists", "StreamNotFound"]
 
@@ -176,7 +176,7 @@ def _kind(source: Any) -> str | None:
 
 
 def _redacted(url: str) -> str:
-    from .ingest.source import redact_url
+    from streamer.ingest.source import redact_url
 
     return redact_url(url) if url else ""
 
@@ -263,7 +263,7 @@ class Daemon:
 
     async def add_whip_stream(self, config: StreamConfig, offer_sdp: str) -> tuple[StreamRuntime, str]:
         """A stream pushed to us over WebRTC: answer the offer, frames flow in."""
-        from .ingest.whip import WhipSession
+        from streamer.ingest.whip import WhipSession
 
         async with self._lock:
             if config.id in self.streams:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .types import Frame, Window
+from streamer.types import Frame, Window
 
 __all__ = ["SamplerConfig", "WindowSampler"]
 

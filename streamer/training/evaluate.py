@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from .engine import Engine
-from .types import Frame, Window
+from streamer.engine import Engine
+from streamer.types import Frame, Window
 
 __all__ = ["EvalResult", "evaluate", "coco_scores", "synthetic_clips", "manifest_clips"]
 
@@ -82,7 +82,7 @@ def coco_scores(references: list[str], candidates: list[str]) -> dict[str, float
 def synthetic_clips(count: int, seed: int, frames: int, size: int, window: float = 3.0) -> Iterator[tuple[Window, str]]:
     import numpy as np
 
-    from .world import random_scene
+    from streamer.training.world import random_scene
 
     rng = np.random.default_rng(seed)
     step = window / frames
@@ -97,7 +97,7 @@ def synthetic_clips(count: int, seed: int, frames: int, size: int, window: float
 
 def manifest_clips(path: str, frames: int, short_side: int | None) -> Iterator[tuple[Window, str]]:
     """Held-out clips from a manifest of {path, start, end, caption}, spread like training."""
-    from .train import read_manifest, window_from_video
+    from streamer.training.train import read_manifest, window_from_video
 
     for n, (video, start, end, caption) in enumerate(read_manifest(path)):
         yield window_from_video(video, start, end, frames, short_side, f"_eval{n}"), caption

@@ -80,9 +80,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .formats import CaptionWriter
-from .hub import REASON_SLOW, CaptionHub, Subscription, SubscriptionClosed
-from .types import Caption
+from streamer.publish.formats import CaptionWriter
+from streamer.publish.hub import (
+    REASON_SLOW,
+    CaptionHub,
+    Subscription,
+    SubscriptionClosed,
+)
+from streamer.types import Caption
 
 __all__ = ["OUTPUT_FORMATS", "SubtitleOutputs", "caption_from_message"]
 

@@ -44,7 +44,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TextIO
 
-from .types import Caption
+from streamer.types import Caption
 
 __all__ = ["FORMATS", "CaptionWriter", "render", "format_timestamp"]
 

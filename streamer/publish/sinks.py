@@ -30,9 +30,9 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
-from .hub import CaptionHub
-from .outputs import OUTPUT_FORMATS, SubtitleOutputs
-from .webhooks import WebhookSink
+from streamer.publish.hub import CaptionHub
+from streamer.publish.subtitles import OUTPUT_FORMATS, SubtitleOutputs
+from streamer.publish.webhooks import WebhookSink
 
 __all__ = ["Sink", "outputs_from_config", "close_sinks"]
 

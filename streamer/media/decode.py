@@ -17,8 +17,8 @@ import av
 import av.container
 import numpy as np
 
-from .errors import VideoError
-from .types import Frame
+from streamer.errors import VideoError
+from streamer.types import Frame
 
 __all__ = ["check_hwaccel", "hardware_decoding", "open_input", "iter_frames", "video_duration", "probe_media_span", "scaled_size", "describe"]
 

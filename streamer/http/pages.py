@@ -23,9 +23,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ..daemon import STREAM_ID, StreamNotFound, StreamRuntime
-from ..server import DAEMON_KEY
-from ..types import Frame
+from streamer.http.common import DAEMON_KEY
+from streamer.pipeline.daemon import STREAM_ID, StreamNotFound, StreamRuntime
+from streamer.types import Frame
 
 __all__ = ["add_web_routes", "STATIC_DIR"]
 

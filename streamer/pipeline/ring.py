@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from .types import Frame
+from streamer.types import Frame
 
 __all__ = ["FrameRing"]
 

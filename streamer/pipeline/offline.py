@@ -8,11 +8,11 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .decode import iter_frames, open_input, probe_media_span
-from .engine import Engine
-from .errors import VideoError
-from .sampler import SamplerConfig, WindowSampler
-from .types import Caption, Frame, Window
+from streamer.engine import Engine
+from streamer.errors import VideoError
+from streamer.media.decode import iter_frames, open_input, probe_media_span
+from streamer.pipeline.sampler import SamplerConfig, WindowSampler
+from streamer.types import Caption, Frame, Window
 
 __all__ = ["CaptionJob", "caption_file"]
 

@@ -41,8 +41,13 @@ from collections.abc import Iterable
 import aiohttp
 from yarl import URL
 
-from .hub import REASON_SLOW, CaptionHub, Subscription, SubscriptionClosed
-from .protocol import SERVER_NAME
+from streamer.publish.hub import (
+    REASON_SLOW,
+    CaptionHub,
+    Subscription,
+    SubscriptionClosed,
+)
+from streamer.publish.protocol import SERVER_NAME
 
 __all__ = ["WebhookSink"]
 

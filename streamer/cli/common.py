@@ -1,0 +1,69 @@
+"""What every command shares: option types, the model options, running a coroutine on uvloop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+
+__all__ = ["parse_duration", "positive_int", "hwaccel_arg", "add_model_options", "run_async"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|min)?\s*$")
+
+
+
+def parse_duration(text: str) -> float:
+    """'3s', '1.5', '500ms', '2m' -> seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 3s, 500ms, 1.5)")
+    value = float(match.group(1))
+    unit = match.group(2) or "s"
+    seconds = value / 1000 if unit == "ms" else value * 60 if unit in ("m", "min") else value
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"duration must be positive: {text!r}")
+    return seconds
+
+
+def hwaccel_arg(text: str) -> str:
+    from streamer.media.decode import check_hwaccel
+
+    try:
+        return check_hwaccel(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    from streamer.defaults import BUNDLED_MODEL_NAME, DEFAULT_MODEL
+
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"hub id, HF cache entry or local directory (default: {DEFAULT_MODEL} when cached or reachable, "
+        f"else the bundled {BUNDLED_MODEL_NAME})",
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--max-new-tokens", type=positive_int, default=20, help="caption length limit in tokens")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: all cores but one)")
+
+
+def run_async(coro) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)
+    except ImportError:
+        asyncio.run(coro)
+

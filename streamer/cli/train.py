@@ -1,0 +1,45 @@
+"""`streamer train`: train or fine-tune a GIT captioner."""
+
+from __future__ import annotations
+
+import argparse
+
+from streamer.cli.common import positive_int
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    tr = sub.add_parser("train", help="train or fine-tune a GIT captioner")
+    tr.add_argument("--out", required=True, help="output directory (save_pretrained layout)")
+    tr.add_argument("--model", default="new", help='"new" (a fresh small GIT with the synthetic-world vocabulary) or a GIT checkpoint')
+    tr.add_argument("--data", default="synthetic", help='"synthetic" or a JSON Lines manifest {path, start, end, caption}')
+    tr.add_argument("--steps", type=positive_int, default=3000)
+    tr.add_argument("--batch-size", type=positive_int, default=32)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--warmup", type=int, default=200)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    tr.add_argument("--save-every", type=positive_int, default=500)
+    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    tr.add_argument("--log-every", type=positive_int, default=50, help="steps between log lines (no terminal)")
+    tr.add_argument("--world", default="full", choices=["full", "simple"],
+                    help="synthetic data: the full world, or one kind of object so that only the event varies")
+    tr.add_argument("--reversed-twins", action="store_true",
+                    help="synthetic data: follow each clip with itself played backwards, captioned with the opposite event")
+    tr.add_argument("--fixed-positions", action="store_true",
+                    help="keep the ViT position embeddings frozen (a new model gets large random ones)")
+    tr.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from streamer.training.train import TrainConfig, train
+
+    config = TrainConfig(
+        out=args.out, model=args.model, data=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        warmup=args.warmup, seed=args.seed, device=args.device, save_every=args.save_every, resume=args.resume,
+        threads=args.threads, log_every=args.log_every, world=args.world, reversed_twins=args.reversed_twins,
+        fixed_positions=args.fixed_positions,
+    )
+    out = train(config)
+    print(f"model saved to {out}; use it with: streamer caption VIDEO --model {out}")
+    return 0

@@ -1,0 +1,96 @@
+"""HTTP + WebSocket front of the daemon, on one port (aiohttp).
+
+Routes:
+  GET  /ws                      captions over WebSocket (docs/protocol.md); ?streams=a,b or ?streams=*
+  GET  /streams                 list streams      POST /streams {id, url, ...}   add one
+  GET  /streams/{id}            one stream        DELETE /streams/{id}           remove it
+  POST /whip/{id}               WHIP: SDP offer in, 201 + SDP answer + Location
+  DELETE /whip/{id}             end a WHIP session
+  GET  /healthz  /readyz  /metrics
+  POST /v1/caption/video        {"video": base64, "max_length": N}       one caption for a clip
+  POST /v1/caption/videos       {"videos": [base64...], "max_length": N} one per clip, batched
+  POST /v1/caption/frames       {"frames": [base64 image...], "max_length": N}
+
+Every error is JSON `{"error": {"code": ..., "message": ...}}` with a 4xx/5xx
+status; a bad request never disturbs other streams or clients.
+
+aiohttp rather than the websockets server: websockets' server speaks only
+GET, and the control API, the JSON APIs and WHIP need POST and DELETE on
+the same port. Clients (`streamer tail`, tests) use the websockets library.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from streamer.http import oneshot, streams, whip, ws
+from streamer.http.common import (
+    CONFIG_KEY,
+    DAEMON_KEY,
+    SOCKETS_KEY,
+    ServerConfig,
+    error_response,
+)
+from streamer.http.pages import add_web_routes
+from streamer.ops.metrics import CONTENT_TYPE
+from streamer.pipeline.daemon import Daemon
+
+__all__ = ["ServerConfig", "build_app", "DAEMON_KEY"]
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[CONFIG_KEY].max_body_bytes
+        return error_response(413, "too_large", f"request body is over the limit of {limit} bytes")
+    except web.HTTPException as exc:
+        if exc.status >= 400 and exc.content_type != "application/json":
+            return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+        raise
+
+
+def build_app(daemon: Daemon, config: ServerConfig | None = None) -> web.Application:
+    config = config or ServerConfig()
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[errors_middleware])
+    app[DAEMON_KEY] = daemon
+    app[CONFIG_KEY] = config
+    app[SOCKETS_KEY] = set()
+    app.add_routes(
+        [
+            web.get("/ws", ws.ws_handler),
+            web.get("/streams", streams.list_streams),
+            web.post("/streams", streams.add_stream),
+            web.get("/streams/{id}", streams.get_stream),
+            web.delete("/streams/{id}", streams.remove_stream),
+            web.post("/whip/{id}", whip.whip_offer),
+            web.delete("/whip/{id}", whip.whip_delete),
+            web.get("/healthz", healthz),
+            web.get("/readyz", readyz),
+            web.get("/metrics", metrics),
+            web.post("/v1/caption/video", oneshot.caption_video),
+            web.post("/v1/caption/videos", oneshot.caption_videos),
+            web.post("/v1/caption/frames", oneshot.caption_frames),
+        ]
+    )
+    app.on_shutdown.append(ws.close_sockets)
+    add_web_routes(app)
+    return app
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON_KEY]
+    if daemon.ready and not daemon.draining:
+        return web.json_response({"status": "ready", "model": daemon.engine.model_name, "streams": len(daemon.streams)})
+    return web.json_response({"status": "draining" if daemon.draining else "starting"}, status=503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[DAEMON_KEY].metrics.render()
+    return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
+

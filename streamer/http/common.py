@@ -1,0 +1,49 @@
+"""What every route module shares: the server config, the app keys, JSON errors and bodies."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from streamer.pipeline.daemon import Daemon
+
+__all__ = ["ServerConfig", "DAEMON_KEY", "CONFIG_KEY", "SOCKETS_KEY", "error_response", "json_body"]
+
+DAEMON_KEY = web.AppKey("daemon", Daemon)
+CONFIG_KEY: web.AppKey["ServerConfig"] = web.AppKey("server_config")
+SOCKETS_KEY: web.AppKey[set] = web.AppKey("sockets", set)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    max_body_bytes: int = 32 * 1024 * 1024  # JSON APIs carry base64 video
+    max_clips: int = 16  # per /v1/caption/videos request
+    max_frames: int = 64  # per /v1/caption/frames request
+    heartbeat: float = 20.0  # WebSocket ping interval, seconds
+    close_timeout: float = 2.0  # give a slow client this long to take the close frame
+    # Bytes a client may have in flight (kernel send buffer + transport buffer)
+    # before its messages back up into its bounded queue: bounds memory per
+    # client and makes a stalled client show up as slow within seconds.
+    client_send_buffer: int = 256 * 1024
+
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+
+async def json_body(request: web.Request) -> Any:
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": {"code": "bad_json", "message": f"body is not valid JSON: {exc}"}}),
+            content_type="application/json",
+        ) from None
+

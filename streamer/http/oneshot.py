@@ -1,0 +1,153 @@
+"""Routes: POST /v1/caption/video, /v1/caption/videos, /v1/caption/frames (base64 in, captions out)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import itertools
+import time
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+from streamer.errors import VideoError
+from streamer.http.common import CONFIG_KEY, DAEMON_KEY, error_response, json_body
+from streamer.media.decode import iter_frames
+from streamer.pipeline.sampler import SamplerConfig, WindowSampler
+from streamer.types import Frame, Window
+
+_REQUEST_IDS = itertools.count()  # one-off requests get stream ids of their own (feature-cache keys)
+
+
+def _b64(data: Any, what: str) -> bytes:
+    if not isinstance(data, str) or not data:
+        raise ValueError(f"{what} must be a non-empty base64 string")
+    if data.startswith("data:") and "," in data:  # data URLs from browsers
+        data = data.split(",", 1)[1]
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{what} is not valid base64") from None
+
+
+def _max_length(body: dict) -> int | None:
+    value = body.get("max_length")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 256:
+        raise ValueError("max_length must be an integer from 1 to 256")
+    return value
+
+
+def _clip_window(data: bytes, clip_id: str, num_frames: int, short_side: int | None) -> Window:
+    """One window over a whole clip: num_frames spread evenly over it."""
+    try:
+        container = open_input_bytes(data)
+    except VideoError as exc:
+        raise ValueError(f"{clip_id}: {str(exc).split(': ', 1)[-1]}") from None
+    try:
+        frames = list(iter_frames(container, clip_id, short_side=short_side))
+    except VideoError as exc:
+        raise ValueError(f"{clip_id}: {str(exc).split(': ', 1)[-1]}") from None
+    finally:
+        container.close()
+    span = max(frames[-1].pts - frames[0].pts, 1e-3)
+    sampler = WindowSampler(SamplerConfig(window=span, frames=num_frames, hop=span), clip_id)
+    windows = [w for f in frames for w in sampler.feed(f)] + sampler.flush()
+    return windows[0]
+
+
+def open_input_bytes(data: bytes):
+    import av
+
+    try:
+        container = av.open(io.BytesIO(data))
+    except av.error.FFmpegError as exc:
+        raise VideoError(f"clip: not a readable video ({getattr(exc, 'strerror', None) or exc})") from None
+    if not container.streams.video:
+        container.close()
+        raise VideoError("clip: has no video stream")
+    return container
+
+
+async def _caption_clips(request: web.Request, clips: list[bytes], max_length: int | None) -> list[dict]:
+    daemon = request.app[DAEMON_KEY]
+    engine = daemon.engine
+    loop = asyncio.get_running_loop()
+    windows = []
+    request_id = next(_REQUEST_IDS)
+    for i, data in enumerate(clips):
+        # decoding is blocking work: off the loop
+        windows.append(
+            await loop.run_in_executor(None, _clip_window, data, f"_clip{request_id}.{i}", engine.num_frames, engine.frame_short_side)
+        )
+    captions = await daemon.caption_windows(windows, max_length)
+    return [_api_caption(c) for c in captions]
+
+
+def _api_caption(c) -> dict:
+    return {"caption": c.text, "confidence": c.confidence, "start": c.start, "end": c.end, "model": c.model}
+
+
+async def caption_video(request: web.Request) -> web.Response:
+    body = await json_body(request)
+    try:
+        if not isinstance(body, dict):
+            raise ValueError("body must be a JSON object")
+        clip = _b64(body.get("video"), "video")
+        (result,) = await _caption_clips(request, [clip], _max_length(body))
+    except ValueError as exc:
+        return error_response(400, "bad_request", str(exc))
+    return web.json_response(result)
+
+
+async def caption_videos(request: web.Request) -> web.Response:
+    body = await json_body(request)
+    limit = request.app[CONFIG_KEY].max_clips
+    try:
+        if not isinstance(body, dict) or not isinstance(body.get("videos"), list) or not body["videos"]:
+            raise ValueError("body must be {\"videos\": [base64, ...]}")
+        if len(body["videos"]) > limit:
+            raise ValueError(f"at most {limit} videos per request")
+        clips = [_b64(v, f"videos[{i}]") for i, v in enumerate(body["videos"])]
+        results = await _caption_clips(request, clips, _max_length(body))
+    except ValueError as exc:
+        return error_response(400, "bad_request", str(exc))
+    return web.json_response({"results": results})
+
+
+def _decode_image(data: bytes, what: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{what} is not a readable image ({exc})") from None
+
+
+async def caption_frames(request: web.Request) -> web.Response:
+    body = await json_body(request)
+    daemon = request.app[DAEMON_KEY]
+    limit = request.app[CONFIG_KEY].max_frames
+    try:
+        frames_in = body.get("frames") if isinstance(body, dict) else None
+        if not isinstance(frames_in, list) or not frames_in:
+            raise ValueError("body must be {\"frames\": [base64 image, ...]}")
+        if len(frames_in) > limit:
+            raise ValueError(f"at most {limit} frames per request")
+        loop = asyncio.get_running_loop()
+        images = [
+            await loop.run_in_executor(None, _decode_image, _b64(f, f"frames[{i}]"), f"frames[{i}]")
+            for i, f in enumerate(frames_in)
+        ]
+        now, stream_id = time.time(), f"_frames{next(_REQUEST_IDS)}"
+        frames = tuple(Frame(stream_id, i, float(i), img, now) for i, img in enumerate(images))
+        (caption,) = await daemon.caption_windows([Window(stream_id, 0, frames)], _max_length(body))
+    except ValueError as exc:
+        return error_response(400, "bad_request", str(exc))
+    return web.json_response(_api_caption(caption))
+

@@ -1,0 +1,1 @@
+"""Operating the daemon: metrics, logs, progress bars, task supervision."""

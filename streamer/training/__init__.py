@@ -1,0 +1,1 @@
+"""Training and evaluating captioners: the synthetic world, `streamer train`, `streamer eval`."""

@@ -1,4 +1,4 @@
-"""The records that flow between pipeline stages: Frame -> Window -> Caption.
+"""The records that flow between pipeline stages: Frame -> Window -> Caption (and StateChange).
 
 Data only moves one way (ingest -> buffer -> sampler -> engine -> publish), and
 every stage hands the next one of these immutable records.
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Frame", "Window", "Caption", "FrameKey"]
+__all__ = ["Frame", "Window", "Caption", "StateChange", "FrameKey"]
 
 FrameKey = tuple[str, int]
 
@@ -86,3 +86,13 @@ class Caption:
         data = dataclasses.asdict(self)
         data["latency"] = round(self.latency, 4)
         return data
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """A stream's source changed state (connecting, live, stalled, ...; see ingest/state.py)."""
+
+    stream_id: str
+    state: str
+    detail: str | None
+    time: float  # wall clock of the change

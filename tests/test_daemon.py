@@ -19,80 +19,15 @@ import websockets
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamer.cli.serve import ServeConfig, serve
-from streamer.engine import EngineConfig
 from streamer.http.app import ServerConfig
 from streamer.pipeline.daemon import DaemonConfig
 from streamer.pipeline.scheduler import SchedulerConfig
+from tests.support.daemon import add_stream, captions_of, count_for, read_messages, running_daemon
 from tests.support.media import moving_square, write_video
 from tests.support.rtsp import RtspServer, require_rtsp_server
 from tests.support.webrtc import NumberedTrack
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class Running:
-    def __init__(self, port: int, daemon) -> None:
-        self.port, self.daemon = port, daemon
-        self.http = f"http://127.0.0.1:{port}"
-        self.ws = f"ws://127.0.0.1:{port}/ws"
-
-
-@contextlib.asynccontextmanager
-async def running_daemon(
-    model, *, daemon_config: DaemonConfig | None = None, server_config: ServerConfig | None = None, max_new_tokens: int = 4
-):
-    config = ServeConfig(
-        engine=EngineConfig(model=str(model), max_new_tokens=max_new_tokens),
-        server=server_config or ServerConfig(port=0),
-        daemon=daemon_config or DaemonConfig(),
-    )
-    ready: asyncio.Future = asyncio.get_running_loop().create_future()
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve(config, on_ready=lambda port, d: ready.set_result(Running(port, d)), stop=stop))
-    done, _ = await asyncio.wait([ready, task], timeout=60, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()  # raises what went wrong
-    running = ready.result()
-    try:
-        yield running
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-
-
-async def add_stream(session: aiohttp.ClientSession, running: Running, **body) -> dict:
-    body.setdefault("window", 1.0)
-    body.setdefault("hop", 0.5)
-    async with session.post(f"{running.http}/streams", json=body) as resp:
-        data = await resp.json()
-        assert resp.status == 201, data
-        return data
-
-
-async def read_messages(ws, until, timeout: float) -> list[dict]:
-    """Read messages until `until(messages)` holds; fail after `timeout` seconds."""
-    messages: list[dict] = []
-    deadline = time.monotonic() + timeout
-    while not until(messages):
-        try:
-            raw = await asyncio.wait_for(ws.recv(), max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            counts: dict = {}
-            for m in captions_of(messages):
-                counts[m["stream_id"]] = counts.get(m["stream_id"], 0) + 1
-            states = [(m["stream_id"], m["state"], m["detail"]) for m in messages if m["type"] == "state"][-6:]
-            raise AssertionError(f"timed out after {timeout} s; captions per stream {counts}; states {states}") from None
-        messages.append(json.loads(raw))
-    return messages
-
-
-def captions_of(messages, stream_id=None) -> list[dict]:
-    return [m for m in messages if m["type"] == "caption" and (stream_id is None or m["stream_id"] == stream_id)]
-
-
-def count_for(stream_id: str, n: int):
-    return lambda ms: len(captions_of(ms, stream_id)) >= n
 
 
 @pytest.fixture(scope="module")
@@ -379,3 +314,25 @@ async def test_identical_captions_are_not_resent_unless_asked(tiny_model, tmp_pa
         assert len(texts) == 1
         assert any(c["stable"] for c in captions_of(all_msgs, "still"))
         assert len(captions_of(change_msgs, "still")) == 1  # sent once, not on every window
+
+
+async def test_sixteen_clips_over_http_stay_within_max_batch_while_a_live_stream_captions(tiny_model, clip2):
+    # At c81686b the 16 clips of one request ran as one engine call of 16, ahead of live windows.
+    scheduler = SchedulerConfig(max_batch=4, max_wait=0.01)
+    async with running_daemon(tiny_model, daemon_config=DaemonConfig(scheduler=scheduler)) as d, \
+            aiohttp.ClientSession() as http:
+        async with websockets.connect(d.ws + "?streams=live&all=1") as ws:
+            await add_stream(http, d, id="live", url=str(clip2), loop=True)
+            await read_messages(ws, count_for("live", 1), 20)
+            clip = base64.b64encode(clip2.read_bytes()).decode()
+            request = asyncio.ensure_future(http.post(f"{d.http}/v1/caption/videos",
+                                                      json={"videos": [clip] * 16, "max_new_tokens": 4}))
+            during = await read_messages(ws, count_for("live", 2), 30)  # live captions go on meanwhile
+            async with await request as resp:
+                results = (await resp.json())["results"]
+            assert resp.status == 200 and len(results) == 16 and len({r["caption"] for r in results}) == 1
+            assert captions_of(during, "live")
+        async with http.get(f"{d.http}/metrics") as resp:
+            families = {f.name: f for f in text_string_to_metric_families(await resp.text())}
+        buckets = {s.labels["le"]: s.value for s in families["streamer_batch_size"].samples if s.name.endswith("_bucket")}
+        assert buckets["4.0"] == buckets["+Inf"] > 0  # no engine call over max_batch

@@ -241,3 +241,23 @@ def test_one_subtitle_writer_per_stream() -> None:
     writer.write(cap(0, 0.0, "a", stream="cam1"))
     with pytest.raises(ValueError, match="cam2"):
         writer.write(cap(0, 1.0, "b", stream="cam2"))
+
+
+def test_a_writer_can_continue_a_file_without_a_second_header_and_says_where_its_last_cue_ends():
+    # What live subtitle files need to append across segments without parsing their own output back.
+    caps = [Caption("cam", i, 10.0 + i, 11.0 + i, text, -0.1, "m") for i, text in enumerate(["a dog", "a cat"])]
+    vtt, srt = io.StringIO(), io.StringIO()
+    with CaptionWriter("vtt", vtt, header=False) as w:
+        for c in caps:
+            w.write(c)
+    assert not vtt.getvalue().startswith("WEBVTT") and vtt.getvalue().count("-->") == 2
+    assert w.last_end == 12.0  # the last cue: its caption's end (min_duration 1 s)
+    w = CaptionWriter("srt", srt, first_cue_number=7)
+    w.write(caps[0])
+    assert w.last_end is None and w.last_cue_number == 6  # one cue held back, nothing written yet
+    w.write(caps[1])
+    assert w.last_end == 11.0 and w.last_cue_number == 7  # the first cue ends where the second starts
+    w.close()
+    assert [b.split("\n")[0] for b in srt.getvalue().strip().split("\n\n")] == ["7", "8"]
+    with pytest.raises(ValueError):
+        CaptionWriter("srt", io.StringIO(), first_cue_number=0)

@@ -36,7 +36,7 @@ def cap(stream: str, index: int, text: str | None = None, *, emit: float | None 
 
 
 async def read(sub: Subscription, n: int) -> list[dict[str, Any]]:
-    return [json.loads(await sub.get()) for _ in range(n)]
+    return [json.loads((await sub.get()).encoded) for _ in range(n)]
 
 
 async def read_pending(sub: Subscription) -> list[dict[str, Any]]:
@@ -48,7 +48,7 @@ def summary(msgs: list[dict[str, Any]]) -> list[tuple]:
 
 
 def test_public_api() -> None:
-    assert set(hub_module.__all__) == {"CaptionHub", "Subscription", "SubscriptionClosed"}
+    assert set(hub_module.__all__) == {"CaptionHub", "HubMessage", "Subscription", "SubscriptionClosed"}
 
 
 async def test_many_subscribers_get_every_message_in_order() -> None:
@@ -332,7 +332,7 @@ async def forward(hub: CaptionHub, ws: ServerConnection, *, close_timeout: float
 
     async def pump() -> None:
         while True:
-            await ws.send(await sub.get())
+            await ws.send((await sub.get()).encoded)
 
     pump_task = asyncio.create_task(pump())
     dropped = asyncio.create_task(sub.wait_closed())
@@ -447,7 +447,7 @@ async def test_drain_lets_subscribers_read_what_is_queued_then_closes() -> None:
     got = []
     with pytest.raises(SubscriptionClosed) as closed:
         while True:
-            got.append(json.loads(await reader.get())["index"])
+            got.append(json.loads((await reader.get()).encoded)["index"])
     assert got == [0, 1, 2, 3, 4] and closed.value.reason == "server shutdown"
     hub.publish_caption(cap("a", 9, "late"))  # after drain began: not delivered to anyone
     await asyncio.wait_for(drained, 2)

@@ -242,7 +242,7 @@ async def test_a_full_disk_or_unwritable_dir_is_logged_once_per_stream_and_nothi
         started = time.monotonic()
         await publish_all(hub, captions)
         assert time.monotonic() - started < 1.0
-        got = [json.loads(await watcher.get()) for _ in captions]  # nobody waited for the disk
+        got = [json.loads((await watcher.get()).encoded) for _ in captions]  # nobody waited for the disk
         assert [(m["stream_id"], m["index"]) for m in got] == [(c.stream_id, c.index) for c in captions]
         hub.close()
         await good.close()

@@ -44,7 +44,8 @@ def test_public_api() -> None:
     assert set(protocol.__all__) == {
         "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES", "SERVER_NAME", "SCHEMA", "ProtocolError",
         "Subscribe", "Unsubscribe", "Ping", "ClientMessage", "parse_client_message",
-        "apply_subscription", "encode_caption", "encode_state", "encode_hello", "encode_error", "encode_pong",
+        "apply_subscription", "caption_message", "state_message", "encode",
+        "encode_caption", "encode_state", "encode_hello", "encode_error", "encode_pong",
     }  # fmt: skip
     assert PROTOCOL_VERSION == 1
 

@@ -139,3 +139,91 @@ async def test_pipelined_scheduler_survives_an_engine_error():
         scheduler.submit(window(s, 0))
     await scheduler.close(drain=True)
     assert sorted(c.stream_id for c in published) == ["a", "b"]  # the bad batch is logged and skipped
+
+
+def _request(windows, max_new_tokens=None, submitted=0.0):
+    from streamer.pipeline.scheduler import Request
+
+    loop = asyncio.new_event_loop()
+    try:
+        return Request(list(windows), max_new_tokens, submitted, loop.create_future())
+    finally:
+        loop.close()
+
+
+def test_plans_put_live_windows_first_and_fill_with_one_off_windows_within_max_batch():
+    planner = BatchPlanner(SchedulerConfig(max_batch=4, max_pending_per_stream=4, request_max_wait=10.0))
+    clips = [window(f"_clip.{i}", 0) for i in range(6)]
+    request = _request(clips)
+    planner.submit_request(request)
+    planner.submit(window("cam", 0))
+    planner.submit(window("cam", 1))
+    first = planner.next_plan(now=1.0)
+    assert [w.stream_id for w in first.windows] == ["cam", "cam", "_clip.0", "_clip.1"] and first.live == 2
+    assert first.free == []  # the request is not finished: its features may still be shared
+    second = planner.next_plan(now=1.0)
+    assert [w.stream_id for w in second.windows] == ["_clip.2", "_clip.3", "_clip.4", "_clip.5"] and second.live == 0
+    assert second.free == [f"_clip.{i}" for i in range(6)]  # freed with the plan that finishes the request
+    assert not planner.has_work
+
+
+def test_a_one_off_request_with_its_own_token_limit_waits_for_a_batch_of_its_own_but_never_starves():
+    planner = BatchPlanner(SchedulerConfig(max_batch=4, max_pending_per_stream=8, request_max_wait=2.0))
+    planner.submit_request(_request([window("_f", 0)], max_new_tokens=5, submitted=0.0))
+    for i in range(3):
+        planner.submit(window("cam", i))
+    plan = planner.next_plan(now=0.5)
+    assert [w.stream_id for w in plan.windows] == ["cam"] * 3 and plan.max_new_tokens is None
+    planner.submit(window("cam", 3))
+    plan = planner.next_plan(now=2.5)  # the request is overdue: it goes first, alone
+    assert [w.stream_id for w in plan.windows] == ["_f"] and plan.max_new_tokens == 5 and plan.free == ["_f"]
+    assert [w.index for w in planner.next_plan(now=2.5).windows] == [3]
+
+
+def test_forgetting_a_stream_frees_its_features_in_the_next_plan():
+    planner = BatchPlanner(SchedulerConfig())
+    planner.submit(window("gone", 0))
+    planner.forget("gone")
+    planner.free("gone")
+    plan = planner.next_plan(now=0.0)
+    assert plan.windows == [] and plan.free == ["gone"] and not planner.has_work
+
+
+async def test_one_off_captions_go_through_the_planner_within_max_batch_beside_live_windows(tiny_model):
+    # 16 one-off windows (what /v1/caption/videos may send) while live windows keep coming:
+    # every batch stays within max_batch, live windows are never held back, the one-off
+    # captions equal captioning each window alone, and their cached features are freed.
+    from streamer.engine import Engine, EngineConfig
+    from tests.support.media import moving_square
+
+    engine = Engine.load(EngineConfig(model=str(tiny_model), max_new_tokens=6))
+    reference = Engine.load(EngineConfig(model=str(tiny_model), max_new_tokens=6, cache_frames=0))
+    imgs = moving_square(12, seed=3)
+    clips = [Window(f"_clip.{i}", 0, tuple(Frame(f"_clip.{i}", j, j / 6, imgs[(i + j) % 12]) for j in range(6)))
+             for i in range(16)]
+    live = [Window("cam", k, tuple(Frame("cam", j, j / 6, imgs[j]) for j in range(k, k + 6))) for k in range(6)]
+    batches: list[list[str]] = []
+    published: list[Caption] = []
+    real_caption = engine.caption
+
+    def caption(batch, max_new_tokens=None):
+        batches.append([w.stream_id for w in batch])
+        return real_caption(batch, max_new_tokens)
+
+    scheduler = Scheduler(caption, published.extend, SchedulerConfig(max_batch=4, max_wait=0.0, max_pending_per_stream=8),
+                          forget_fn=engine.forget_stream)
+    scheduler.start()
+    one_off = asyncio.ensure_future(scheduler.caption(clips, 4))
+    for w in live:
+        scheduler.submit(w)
+    results = await asyncio.wait_for(one_off, 60)
+    await scheduler.close(drain=True)
+    assert max(len(b) for b in batches) <= 4
+    assert [c.stream_id for c in results] == [w.stream_id for w in clips]
+    assert [c.text for c in results] == [reference.caption([w], 4)[0].text for w in clips]
+    assert sorted(c.index for c in published) == list(range(6))
+    last_live = max(i for i, b in enumerate(batches) if "cam" in b)
+    first_one_off = min(i for i, b in enumerate(batches) if any(s.startswith("_clip") for s in b))
+    assert last_live < first_one_off  # live windows first
+    assert not any((w.stream_id, f.seq) in engine.cache for w in clips for f in w.frames)  # freed
+    assert any(("cam", f.seq) in engine.cache for f in live[-1].frames)  # live features kept

@@ -136,3 +136,58 @@ def test_a_port_in_use_is_one_clear_line(tiny_model):
                                 capture_output=True, text=True, timeout=60, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_a_second_signal_skips_the_waits_but_still_flushes_the_subtitle_files(tmp_path, tiny_model):
+    # A webhook endpoint that accepts connections and never answers: the first signal's drain
+    # would wait its 30 s timeout for it; the second signal must end that wait at once.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        port, subs = free_port(), tmp_path / "subs"
+        config = tmp_path / "streamer.toml"
+        config.write_text(f"""
+[model]
+id = "{tiny_model}"
+max_new_tokens = 4
+
+[server]
+port = {port}
+
+[[streams]]
+id = "pattern"
+url = "lavfi:testsrc2=size=160x120:rate=15"
+window = "1s"
+hop = "500ms"
+
+[outputs]
+dir = "{subs}"
+formats = ["vtt"]
+
+[[webhooks]]
+url = "http://127.0.0.1:{silent.getsockname()[1]}/hook"
+timeout = 30
+retries = 0
+""")
+        proc = start("serve", "--config", str(config))
+        try:
+            await wait_ready(port)
+            async with websockets.connect(f"ws://127.0.0.1:{port}/ws?all=1") as ws:
+                captions = 0
+                while captions < 3:
+                    captions += json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] == "caption"
+                proc.send_signal(signal.SIGTERM)
+                with pytest.raises(websockets.ConnectionClosed):  # the drain reached the clients: now the sinks
+                    while True:
+                        await asyncio.wait_for(ws.recv(), 20)
+            proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            assert proc.wait(15) == 0
+            assert time.monotonic() - started < 10  # not the webhook's 30 s timeout
+            stderr = proc.stderr.read()
+            assert "second signal" in stderr and "dropped" in stderr and "Traceback" not in stderr, stderr
+            vtt = (subs / "pattern.vtt").read_text()
+            assert vtt.startswith("WEBVTT") and vtt.count("-->") >= 1 and vtt.endswith("\n\n")  # the held cue was written
+        finally:
+            if proc.poll() is None:
+                proc.kill()

@@ -206,7 +206,7 @@ async def test_a_slow_endpoint_holds_nothing_up_and_drops_the_oldest():
         captions = [make_caption("cam", i, i * 0.5, f"caption {i}") for i in range(10)]
         started = time.monotonic()
         await publish_all(hub, captions)
-        got = [json.loads(await watcher.get())["index"] for _ in captions]
+        got = [json.loads((await watcher.get()).encoded)["index"] for _ in captions]
         assert time.monotonic() - started < 1.0 and got == list(range(10))
         await wait_for(lambda: dead.failed >= 1, 5, "a failed delivery to the dead endpoint")
         await wait_for(lambda: sink.pending == 0 and len(receiver.got.get("slow", [])) >= 3, 10, "the slow deliveries")

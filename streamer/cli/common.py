@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 
 __all__ = ["parse_duration", "positive_int", "hwaccel_arg", "add_model_options", "run_async"]
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|min)?\s*$")
-
-
-
 def parse_duration(text: str) -> float:
-    """'3s', '1.5', '500ms', '2m' -> seconds."""
-    match = _DURATION.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 3s, 500ms, 1.5)")
-    value = float(match.group(1))
-    unit = match.group(2) or "s"
-    seconds = value / 1000 if unit == "ms" else value * 60 if unit in ("m", "min") else value
+    """'3s', '1.5', '500ms', '2m' -> seconds (the config schema's duration type, positive)."""
+    from streamer.config import parse_duration as seconds_of
+
+    try:
+        seconds = seconds_of(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if seconds <= 0:
         raise argparse.ArgumentTypeError(f"duration must be positive: {text!r}")
     return seconds

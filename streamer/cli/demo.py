@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -37,7 +36,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 shown = 0
                 started = time.monotonic()
                 while True:
-                    message = json.loads(await sub.get())
+                    message = (await sub.get()).data
                     line = format_caption_line(message)
                     if line:
                         print(line, flush=True)

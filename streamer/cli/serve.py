@@ -10,10 +10,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +34,15 @@ class ServeConfig:
 
 
 def load_config(path: str | None, args: argparse.Namespace | None = None) -> ServeConfig:
-    """streamer.toml sections: [model], [server], [limits], [[streams]], [outputs], [[webhooks]]; flags override."""
+    """streamer.toml sections: [model], [server], [limits], [[streams]], [outputs], [[webhooks]]; flags override.
+
+    File and flags are merged first and validated once by `streamer.config.FileConfig`,
+    so a bad value from either is one StreamerError line naming the key.
+    """
+    from streamer.config import ConfigError, FileConfig, StreamConfig, validate
     from streamer.engine import EngineConfig
-    from streamer.http.app import ServerConfig
-    from streamer.pipeline.daemon import DaemonConfig, StreamConfig
+    from streamer.http.common import ServerConfig
+    from streamer.pipeline.daemon import DaemonConfig
     from streamer.pipeline.scheduler import SchedulerConfig
 
     data: dict[str, Any] = {}
@@ -47,51 +51,46 @@ def load_config(path: str | None, args: argparse.Namespace | None = None) -> Ser
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise StreamerError(f"config {path}: no such file") from None
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise StreamerError(f"config {path}: {exc}") from None
-
-    def section(name: str) -> dict[str, Any]:
-        value = data.get(name, {})
-        if not isinstance(value, dict):
+    for name in ("model", "server", "limits"):
+        if not isinstance(data.get(name, {}), dict):
             raise StreamerError(f"config: [{name}] must be a table")
-        return dict(value)
-
-    def build(cls, values: dict[str, Any], where: str):
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise StreamerError(f"config [{where}]: {exc}") from None
-
-    model = section("model")
-    if "id" in model:
-        model["model"] = model.pop("id")
-    limits = section("limits")
-    sched_keys = {"max_batch", "max_wait", "max_pending_per_stream", "pipeline"}
-    scheduler = build(SchedulerConfig, {k: v for k, v in limits.items() if k in sched_keys}, "limits")
-    daemon_values = {k: v for k, v in limits.items() if k not in sched_keys and k not in ("max_body_bytes",)}
-    server_values = section("server")
-    if "max_body_bytes" in limits:
-        server_values["max_body_bytes"] = limits["max_body_bytes"]
-    engine = build(EngineConfig, model, "model")
-    server = build(ServerConfig, server_values, "server")
-    daemon = build(DaemonConfig, {**daemon_values, "scheduler": scheduler}, "limits")
-    try:
-        streams = [StreamConfig.from_dict(s) for s in data.get("streams", [])]
-    except ValueError as exc:
-        raise StreamerError(f"config [[streams]]: {exc}") from None
-
+    streams = data.get("streams", [])
+    if not isinstance(streams, list):
+        raise StreamerError("config: streams must be an array of tables: write [[streams]]")
     if args is not None:  # flags win over the file
-        overrides = {k: getattr(args, a) for k, a in (("model", "model"), ("device", "device"), ("dtype", "dtype"), ("max_new_tokens", "max_new_tokens"), ("threads", "threads")) if getattr(args, a, None) is not None}
-        engine = replace(engine, **overrides)
-        server = replace(server, **{k: getattr(args, k) for k in ("host", "port") if getattr(args, k, None) is not None})
+        model = dict(data.get("model", {}))
+        for key in ("model", "device", "dtype", "max_new_tokens", "threads"):
+            if getattr(args, key, None) is not None:
+                model.pop("id" if key == "model" else key, None)
+                model[key] = getattr(args, key)
+        server = dict(data.get("server", {}))
+        server.update({k: getattr(args, k) for k in ("host", "port") if getattr(args, k, None) is not None})
+        streams = list(streams)
         for item in getattr(args, "stream", None) or []:
             stream_id, sep, url = item.partition("=")
             if not sep:
                 raise StreamerError(f"--stream {item!r}: expected ID=URL")
             try:
-                streams.append(StreamConfig(id=stream_id, url=url, loop=True))
-            except ValueError as exc:
+                streams.append(StreamConfig.from_dict({"id": stream_id, "url": url, "loop": True}))
+            except ConfigError as exc:
                 raise StreamerError(f"--stream {item!r}: {exc}") from None
+        data = {**data, "model": model, "server": server}
+    try:
+        parsed = validate(FileConfig, {**data, "streams": streams})
+    except ConfigError as exc:
+        raise StreamerError(f"config{' ' + path if path else ''}: {exc}") from None
+    limits = parsed.limits
+    server_values = parsed.server.model_dump()
+    if limits.max_body_bytes is not None:
+        server_values["max_body_bytes"] = limits.max_body_bytes
+    scheduler = SchedulerConfig(max_batch=limits.max_batch, max_wait=limits.max_wait,
+                                max_pending_per_stream=limits.max_pending_per_stream, pipeline=limits.pipeline)
+    daemon = DaemonConfig(scheduler=scheduler, ring_capacity=limits.ring_capacity, history=limits.history,
+                          client_queue=limits.client_queue, max_failed_batches=limits.max_failed_batches,
+                          restart_budget=limits.restart_budget, restart_window=limits.restart_window)
+    engine = EngineConfig(**parsed.model.model_dump())
     sinks = tuple((k, data[k]) for k in ("outputs", "webhooks") if k in data)
     try:
         from streamer.publish.sinks import outputs_from_config
@@ -99,44 +98,49 @@ def load_config(path: str | None, args: argparse.Namespace | None = None) -> Ser
         outputs_from_config(dict(sinks))  # validate now; serve() builds fresh ones
     except ValueError as exc:
         raise StreamerError(f"config {exc}") from None
-    return ServeConfig(engine, server, daemon, tuple(streams), sinks)
+    return ServeConfig(engine, ServerConfig(**server_values), daemon, tuple(parsed.streams), sinks)
 
 
-async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | None = None) -> None:
-    """Run the daemon until SIGINT/SIGTERM (or `stop`). The first signal drains:
-    ingest stops, windows in flight are captioned, clients get close code 1001.
-    A second signal exits at once."""
+async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | None = None,
+                on_listening=None) -> None:
+    """Run the daemon until SIGINT/SIGTERM (or `stop`), as uvicorn runs an app:
+
+    startup   bind the port first (/healthz 200, /readyz 503 "loading model"),
+              load the model off the loop, start the daemon, the sinks, the
+              configured streams; then /readyz 200 and `on_ready(port, daemon)`.
+    main      wait for a signal, `stop`, or the daemon giving up (a supervised
+              task spent its restart budget: raises StreamerError, exit 2).
+    shutdown  first signal: drain (ingest stops, waiting windows are captioned,
+              clients get their last captions, then 1001). A second signal skips
+              the waits: waiting windows and webhook deliveries are dropped and
+              said, subtitle files are still flushed.
+    """
     from aiohttp import web
 
     from streamer.engine import Engine
-    from streamer.http.app import build_app
+    from streamer.http.app import Service, build_app
     from streamer.pipeline.daemon import Daemon
-
-    loop = asyncio.get_running_loop()
-    engine = await loop.run_in_executor(None, Engine.load, config.engine)
-    daemon = Daemon(engine, config.daemon)
-    await daemon.start()
     from streamer.publish.sinks import close_sinks, outputs_from_config
 
+    loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
+    force = asyncio.Event()
     signals = 0
 
     def on_signal() -> None:
         nonlocal signals
         signals += 1
         if signals > 1:
-            log.warning("second signal: exiting now")
-            os._exit(130)
+            log.warning("second signal: shutting down without waiting")
+            force.set()
         stop.set()
 
+    service = Service()
+    daemon: Daemon | None = None
     sinks: list = []
-    runner: web.AppRunner | None = None
+    runner = web.AppRunner(build_app(service, config.server), handle_signals=False, access_log=None)
+    await runner.setup()
     try:
-        sinks = outputs_from_config(dict(config.sinks))
-        for sink in sinks:
-            await sink.start(daemon.hub)
-        runner = web.AppRunner(build_app(daemon, config.server), handle_signals=False, access_log=None)
-        await runner.setup()
         try:
             await web.TCPSite(runner, config.server.host, config.server.port).start()
         except OSError as exc:
@@ -145,24 +149,61 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, on_signal)
+        log.warning("listening; loading the model", extra={"url": f"http://{config.server.host}:{port}"})
+        if on_listening:
+            on_listening(port)
+        engine = await _until_stopped(loop.run_in_executor(None, Engine.load, config.engine), stop)
+        if engine is None:
+            return  # stopped while the model loaded
+        daemon = Daemon(engine, config.daemon)
+        await daemon.start()
+        sinks = outputs_from_config(dict(config.sinks))
+        for sink in sinks:
+            await sink.start(daemon.hub, daemon.supervisor.spawn)
         for stream in config.streams:
             try:
                 await daemon.add_stream(stream)
             except ValueError as exc:  # one bad stream in the config must not stop the others
                 log.error("stream not started", extra={"stream": stream.id, "error": str(exc)})
+        service.daemon, service.phase = daemon, "ready"
         log.warning("serving", extra={"url": f"http://{config.server.host}:{port}", "model": engine.model_name})
         if on_ready:
             on_ready(port, daemon)
-        await stop.wait()
+        fatal = asyncio.ensure_future(daemon.fatal.wait())
+        try:
+            await asyncio.wait([fatal, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            fatal.cancel()
+        if daemon.fatal.is_set():
+            raise StreamerError(f"giving up: {daemon.supervisor.failed}")
     finally:
         log.warning("shutting down")
-        await daemon.stop()
-        await close_sinks(sinks)  # after the drain: the last captions reach files and webhooks
-        if runner is not None:
-            await runner.cleanup()
+        service.phase = "draining"
+        if daemon is not None:
+            if await _until_stopped(daemon.stop(), force) is None:
+                dropped = await daemon.abort()
+                log.warning("shutdown cut short", extra={"windows_dropped": dropped})
+        await close_sinks(sinks, force=force)  # after the drain: the last captions reach files and webhooks
+        await runner.cleanup()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
+
+
+async def _until_stopped(work, stop: asyncio.Event):
+    """`await work`, unless `stop` is set first: then `work` is cancelled and None returned.
+    (A model load in a thread cannot be cancelled; its result is dropped.)"""
+    work = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([work, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    await asyncio.gather(work, return_exceptions=True)
+    return None
 
 
 def run_serve(args: argparse.Namespace) -> int:

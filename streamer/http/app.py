@@ -26,16 +26,18 @@ from aiohttp import web
 from streamer.http import oneshot, streams, whip, ws
 from streamer.http.common import (
     CONFIG_KEY,
-    DAEMON_KEY,
+    SERVICE_KEY,
     SOCKETS_KEY,
     ServerConfig,
+    Service,
+    daemon_of,
     error_response,
 )
 from streamer.http.pages import add_web_routes
 from streamer.ops.metrics import CONTENT_TYPE
 from streamer.pipeline.daemon import Daemon
 
-__all__ = ["ServerConfig", "build_app", "DAEMON_KEY"]
+__all__ = ["ServerConfig", "Service", "build_app"]
 
 
 @web.middleware
@@ -51,10 +53,11 @@ async def errors_middleware(request: web.Request, handler):
         raise
 
 
-def build_app(daemon: Daemon, config: ServerConfig | None = None) -> web.Application:
+def build_app(service: Daemon | Service, config: ServerConfig | None = None) -> web.Application:
+    """The app for a running daemon, or for a `Service` whose daemon comes once the model is loaded."""
     config = config or ServerConfig()
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[errors_middleware])
-    app[DAEMON_KEY] = daemon
+    app[SERVICE_KEY] = service if isinstance(service, Service) else Service(service)
     app[CONFIG_KEY] = config
     app[SOCKETS_KEY] = set()
     app.add_routes(
@@ -80,17 +83,29 @@ def build_app(daemon: Daemon, config: ServerConfig | None = None) -> web.Applica
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    """Liveness: 200 while the process can still recover (also while the model loads);
+    503 once a supervised task spent its restart budget."""
+    daemon = request.app[SERVICE_KEY].daemon
+    alive, reason = daemon.health() if daemon is not None else (True, "ok")
+    if alive:
+        return web.json_response({"status": "ok"})
+    return web.json_response({"status": "failed", "reason": reason}, status=503)
 
 
 async def readyz(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON_KEY]
-    if daemon.ready and not daemon.draining:
+    """Readiness: 200 only while captions can flow; otherwise 503 with the reason."""
+    service = request.app[SERVICE_KEY]
+    daemon = service.daemon
+    if daemon is None:
+        return web.json_response({"status": "starting", "reason": service.phase}, status=503)
+    ready, reason = daemon.readiness()
+    if ready:
         return web.json_response({"status": "ready", "model": daemon.engine.model_name, "streams": len(daemon.streams)})
-    return web.json_response({"status": "draining" if daemon.draining else "starting"}, status=503)
+    status = reason if reason in ("draining", "starting") else "not_ready"
+    return web.json_response({"status": status, "reason": reason}, status=503)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[DAEMON_KEY].metrics.render()
-    return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
+    body = daemon_of(request).metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 

@@ -10,9 +10,22 @@ from aiohttp import web
 
 from streamer.pipeline.daemon import Daemon
 
-__all__ = ["ServerConfig", "DAEMON_KEY", "CONFIG_KEY", "SOCKETS_KEY", "error_response", "json_body"]
+__all__ = ["ServerConfig", "SERVICE_KEY", "Service", "daemon_of", "CONFIG_KEY", "SOCKETS_KEY", "error_response", "json_body"]
 
-DAEMON_KEY = web.AppKey("daemon", Daemon)
+
+
+class Service:
+    """What the routes serve: the daemon once its model is loaded, and why not before that.
+
+    The port is bound before the model loads (a download can take minutes), so
+    /healthz answers and /readyz says "loading model" instead of refusing connections."""
+
+    def __init__(self, daemon: Daemon | None = None, phase: str = "loading model") -> None:
+        self.daemon = daemon
+        self.phase = "ready" if daemon is not None else phase
+
+
+SERVICE_KEY = web.AppKey("service", Service)
 CONFIG_KEY: web.AppKey["ServerConfig"] = web.AppKey("server_config")
 SOCKETS_KEY: web.AppKey[set] = web.AppKey("sockets", set)
 
@@ -46,4 +59,21 @@ async def json_body(request: web.Request) -> Any:
             text=json.dumps({"error": {"code": "bad_json", "message": f"body is not valid JSON: {exc}"}}),
             content_type="application/json",
         ) from None
+    except RecursionError:  # json.loads recurses per nesting level
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": {"code": "bad_json", "message": "body is nested too deeply"}}),
+            content_type="application/json",
+        ) from None
 
+
+
+def daemon_of(request: web.Request) -> Daemon:
+    """The running daemon; 503 while the model is still loading."""
+    service = request.app[SERVICE_KEY]
+    if service.daemon is None:
+        raise web.HTTPServiceUnavailable(
+            text=json.dumps({"error": {"code": "starting", "message": f"not ready yet: {service.phase}"}}),
+            content_type="application/json",
+            headers={"Retry-After": "1"},
+        )
+    return service.daemon

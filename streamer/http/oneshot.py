@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
+from streamer.config import CaptionFramesRequest, CaptionVideoRequest, CaptionVideosRequest, validate
 from streamer.errors import VideoError
-from streamer.http.common import CONFIG_KEY, DAEMON_KEY, error_response, json_body
+from streamer.http.common import CONFIG_KEY, daemon_of, error_response, json_body
 from streamer.media.decode import iter_frames
 from streamer.pipeline.sampler import SamplerConfig, WindowSampler
 from streamer.types import Frame, Window
@@ -31,15 +32,6 @@ def _b64(data: Any, what: str) -> bytes:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise ValueError(f"{what} is not valid base64") from None
-
-
-def _max_length(body: dict) -> int | None:
-    value = body.get("max_length")
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 256:
-        raise ValueError("max_length must be an integer from 1 to 256")
-    return value
 
 
 def _clip_window(data: bytes, clip_id: str, num_frames: int, short_side: int | None) -> Window:
@@ -74,7 +66,7 @@ def open_input_bytes(data: bytes):
 
 
 async def _caption_clips(request: web.Request, clips: list[bytes], max_length: int | None) -> list[dict]:
-    daemon = request.app[DAEMON_KEY]
+    daemon = daemon_of(request)
     engine = daemon.engine
     loop = asyncio.get_running_loop()
     windows = []
@@ -92,13 +84,17 @@ def _api_caption(c) -> dict:
     return {"caption": c.text, "confidence": c.confidence, "start": c.start, "end": c.end, "model": c.model}
 
 
+def _request(model, body: Any):
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    return validate(model, body)  # ConfigError (a ValueError): one line naming the field
+
+
 async def caption_video(request: web.Request) -> web.Response:
     body = await json_body(request)
     try:
-        if not isinstance(body, dict):
-            raise ValueError("body must be a JSON object")
-        clip = _b64(body.get("video"), "video")
-        (result,) = await _caption_clips(request, [clip], _max_length(body))
+        req = _request(CaptionVideoRequest, body)
+        (result,) = await _caption_clips(request, [_b64(req.video, "video")], req.max_new_tokens)
     except ValueError as exc:
         return error_response(400, "bad_request", str(exc))
     return web.json_response(result)
@@ -108,12 +104,11 @@ async def caption_videos(request: web.Request) -> web.Response:
     body = await json_body(request)
     limit = request.app[CONFIG_KEY].max_clips
     try:
-        if not isinstance(body, dict) or not isinstance(body.get("videos"), list) or not body["videos"]:
-            raise ValueError("body must be {\"videos\": [base64, ...]}")
-        if len(body["videos"]) > limit:
+        req = _request(CaptionVideosRequest, body)
+        if len(req.videos) > limit:
             raise ValueError(f"at most {limit} videos per request")
-        clips = [_b64(v, f"videos[{i}]") for i, v in enumerate(body["videos"])]
-        results = await _caption_clips(request, clips, _max_length(body))
+        clips = [_b64(v, f"videos[{i}]") for i, v in enumerate(req.videos)]
+        results = await _caption_clips(request, clips, req.max_new_tokens)
     except ValueError as exc:
         return error_response(400, "bad_request", str(exc))
     return web.json_response({"results": results})
@@ -131,23 +126,20 @@ def _decode_image(data: bytes, what: str) -> np.ndarray:
 
 async def caption_frames(request: web.Request) -> web.Response:
     body = await json_body(request)
-    daemon = request.app[DAEMON_KEY]
+    daemon = daemon_of(request)
     limit = request.app[CONFIG_KEY].max_frames
     try:
-        frames_in = body.get("frames") if isinstance(body, dict) else None
-        if not isinstance(frames_in, list) or not frames_in:
-            raise ValueError("body must be {\"frames\": [base64 image, ...]}")
-        if len(frames_in) > limit:
+        req = _request(CaptionFramesRequest, body)
+        if len(req.frames) > limit:
             raise ValueError(f"at most {limit} frames per request")
         loop = asyncio.get_running_loop()
         images = [
             await loop.run_in_executor(None, _decode_image, _b64(f, f"frames[{i}]"), f"frames[{i}]")
-            for i, f in enumerate(frames_in)
+            for i, f in enumerate(req.frames)
         ]
         now, stream_id = time.time(), f"_frames{next(_REQUEST_IDS)}"
         frames = tuple(Frame(stream_id, i, float(i), img, now) for i, img in enumerate(images))
-        (caption,) = await daemon.caption_windows([Window(stream_id, 0, frames)], _max_length(body))
+        (caption,) = await daemon.caption_windows([Window(stream_id, 0, frames)], req.max_new_tokens)
     except ValueError as exc:
         return error_response(400, "bad_request", str(exc))
     return web.json_response(_api_caption(caption))
-

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from streamer.http.common import DAEMON_KEY
+from streamer.http.common import daemon_of
 from streamer.pipeline.daemon import STREAM_ID, StreamNotFound, StreamRuntime
 from streamer.types import Frame
 
@@ -101,7 +101,7 @@ def encode_jpeg(frame: Frame, quality: int = THUMBNAIL_QUALITY) -> bytes:
 async def thumbnail(request: web.Request) -> web.Response:
     stream_id = request.match_info["id"]
     try:
-        rt: StreamRuntime = request.app[DAEMON_KEY].get(stream_id)
+        rt: StreamRuntime = daemon_of(request).get(stream_id)
     except StreamNotFound:
         return _json_error(404, "not_found", f"no stream {stream_id!r}")
     frame = rt.ring.latest

@@ -5,26 +5,26 @@ from __future__ import annotations
 from aiohttp import web
 
 from streamer.errors import VideoError
-from streamer.http.common import DAEMON_KEY, error_response, json_body
+from streamer.http.common import daemon_of, error_response, json_body
 from streamer.ingest.source import SourceSpecError
 from streamer.pipeline.daemon import StreamConfig, StreamExists, StreamNotFound
 
 
 async def list_streams(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON_KEY]
+    daemon = daemon_of(request)
     return web.json_response({"streams": [rt.describe() for rt in daemon.streams.values()]})
 
 
 async def get_stream(request: web.Request) -> web.Response:
     try:
-        rt = request.app[DAEMON_KEY].get(request.match_info["id"])
+        rt = daemon_of(request).get(request.match_info["id"])
     except StreamNotFound:
         return error_response(404, "not_found", f"no stream {request.match_info['id']!r}")
     return web.json_response(rt.describe())
 
 
 async def add_stream(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON_KEY]
+    daemon = daemon_of(request)
     if daemon.draining:
         return error_response(503, "draining", "the daemon is shutting down")
     body = await json_body(request)
@@ -41,7 +41,7 @@ async def add_stream(request: web.Request) -> web.Response:
 async def remove_stream(request: web.Request) -> web.Response:
     stream_id = request.match_info["id"]
     try:
-        await request.app[DAEMON_KEY].remove_stream(stream_id)
+        await daemon_of(request).remove_stream(stream_id)
     except StreamNotFound:
         return error_response(404, "not_found", f"no stream {stream_id!r}")
     return web.Response(status=204)

@@ -6,19 +6,19 @@ from typing import Any
 
 from aiohttp import web
 
-from streamer.http.common import DAEMON_KEY, error_response
+from streamer.http.common import daemon_of, error_response
 from streamer.http.streams import remove_stream
 from streamer.pipeline.daemon import StreamConfig, StreamExists
 
 
 async def whip_offer(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON_KEY]
+    daemon = daemon_of(request)
     stream_id = request.match_info["id"]
     if request.content_type != "application/sdp":
         return error_response(415, "unsupported_media_type", "WHIP offers must be Content-Type: application/sdp")
     offer = await request.text()
     try:
-        config = StreamConfig(id=stream_id, **_stream_params(request.query))
+        config = StreamConfig.from_dict({"id": stream_id, **_stream_params(request.query)})
         _, answer = await daemon.add_whip_stream(config, offer)
     except StreamExists as exc:
         return error_response(409, "exists", str(exc))
@@ -30,12 +30,14 @@ async def whip_offer(request: web.Request) -> web.Response:
 
 
 def _stream_params(query) -> dict[str, Any]:
+    """window, hop, frames from the query string, as strings for the schema ("3s", "1.5", "6")."""
     params: dict[str, Any] = {}
     for name in ("window", "hop"):
         if name in query:
-            params[name] = float(query[name])
+            params[name] = query[name]
     if "frames" in query:
-        params["frames"] = int(query["frames"])
+        text = query["frames"]
+        params["frames"] = int(text) if text.isdigit() and len(text) <= 3 else text
     return params
 
 

@@ -9,7 +9,7 @@ import socket
 
 from aiohttp import WSMsgType, web
 
-from streamer.http.common import CONFIG_KEY, DAEMON_KEY, SOCKETS_KEY
+from streamer.http.common import CONFIG_KEY, SOCKETS_KEY, daemon_of
 from streamer.pipeline.daemon import Daemon
 from streamer.publish import protocol
 from streamer.publish.hub import SubscriptionClosed
@@ -18,7 +18,7 @@ log = logging.getLogger("streamer.http")
 
 
 async def ws_handler(request: web.Request) -> web.StreamResponse:
-    daemon = request.app[DAEMON_KEY]
+    daemon = daemon_of(request)
     config = request.app[CONFIG_KEY]
     ws = web.WebSocketResponse(
         heartbeat=config.heartbeat,
@@ -80,11 +80,11 @@ async def _forward(sub, ws: web.WebSocketResponse, close_timeout: float, daemon:
     try:
         while True:
             message = await sub.get()
-            await ws.send_str(message)
+            await ws.send_str(message.encoded)
     except SubscriptionClosed as closed:
         code = 1001 if closed.reason == "server shutdown" else 1008
         if code == 1008:
-            daemon.metrics_clients_dropped.labels().inc()
+            daemon.metrics.clients_dropped.inc()
             log.warning("websocket client dropped", extra={"reason": closed.reason, "peer": request.remote})
         try:
             await asyncio.wait_for(ws.close(code=code, message=closed.reason.encode()), close_timeout)

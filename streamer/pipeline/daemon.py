@@ -10,24 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from streamer.config import STREAM_ID, StreamConfig
 from streamer.ingest import FrameSource, SourceSpec, SourceState
-from streamer.ops.metrics import Registry
+from streamer.ops.metrics import DaemonMetrics
+from streamer.ops.supervisor import Supervisor
 from streamer.pipeline.ring import FrameRing
 from streamer.pipeline.sampler import SamplerConfig, WindowSampler
 from streamer.pipeline.scheduler import Scheduler, SchedulerConfig
 from streamer.publish.hub import CaptionHub
 from streamer.types import Caption, Frame, Window
 
-__all__ = ["StreamConfig", "DaemonConfig", "Daemon", "StreamExists", "StreamNotFound"]
+__all__ = ["STREAM_ID", "StreamConfig", "DaemonConfig", "Daemon", "StreamExists", "StreamNotFound"]
 
 log = logging.getLogger(__name__)
 
-STREAM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also safe in URLs and file names
 
 
 class StreamExists(ValueError):
@@ -39,47 +39,14 @@ class StreamNotFound(KeyError):
 
 
 @dataclass(frozen=True)
-class StreamConfig:
-    """What a user says about one stream (config file, POST /streams, CLI)."""
-
-    id: str
-    url: str = ""  # empty for WHIP streams, which are pushed to us
-    window: float = 3.0
-    hop: float = 1.0
-    frames: int | None = None  # default: what the model takes
-    realtime: bool = True  # files: play at real-time pace
-    loop: bool = False  # files: start again at the end
-    rtsp_transport: str = "tcp"
-    stall_timeout: float = 5.0
-    hwaccel: str | None = None  # hardware decoding ("cuda": NVDEC) where FFmpeg has it, else software
-
-    def __post_init__(self) -> None:
-        if not STREAM_ID.match(self.id):
-            raise ValueError(f"stream id {self.id!r}: use 1-64 letters, digits, '.', '_' or '-'")
-        SamplerConfig(self.window, self.frames or 1, self.hop)  # validates the numbers
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> StreamConfig:
-        if not isinstance(data, dict):
-            raise ValueError("a stream must be a JSON object")
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown stream field(s): {', '.join(sorted(unknown))}")
-        if "id" not in data:
-            raise ValueError("a stream needs an 'id'")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ValueError(str(exc)) from None
-
-
-@dataclass(frozen=True)
 class DaemonConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     ring_capacity: int = 64
     history: int = 20  # captions replayed to a new WebSocket client, per stream
     client_queue: int = 256  # messages buffered per WebSocket client before it is dropped
+    max_failed_batches: int = 3  # engine batches failing in a row before the daemon says it is not ready
+    restart_budget: int = 5  # restarts of a died task allowed per restart_window; past it the daemon is unhealthy
+    restart_window: float = 60.0
 
 
 class CaptionEngine(Protocol):
@@ -118,20 +85,19 @@ class StreamRuntime:
         self._task: asyncio.Task | None = None
 
     def start_pipeline(self) -> None:
-        self._task = asyncio.create_task(self._pump(), name=f"pump:{self.config.id}")
+        self._task = self._daemon.supervisor.spawn(f"pump:{self.config.id}", self._pump)
 
     def on_frame(self, frame: Frame) -> None:
-        self._daemon.metrics_frames.labels(stream=self.config.id).inc()
+        self._daemon.metrics.frames.labels(stream=self.config.id).inc()
         dropped_before = self.ring.dropped
         self.ring.push(frame)
         if self.ring.dropped != dropped_before:
-            self._daemon.metrics_ring_dropped.labels(stream=self.config.id).inc()
+            self._daemon.metrics.ring_dropped.labels(stream=self.config.id).inc()
 
     def on_state(self, stream_id: str, state: SourceState, detail: str | None) -> None:
         self.state, self.detail = state.value, detail
         self._daemon.hub.publish_state(self.config.id, state.value, detail)
-        for s in SourceState:
-            self._daemon.metrics_state.labels(stream=self.config.id, state=s.value).set(1 if s is state else 0)
+        self._daemon.metrics.set_state(self.config.id, state.value)
 
     async def _pump(self) -> None:
         while True:
@@ -155,7 +121,7 @@ class StreamRuntime:
     def describe(self) -> dict[str, Any]:
         last = self.last_caption
         return {
-            **asdict(self.config),
+            **self.config.model_dump(),
             "url": _redacted(self.config.url),
             "kind": "whip" if not self.config.url else _kind(self.source),
             "state": self.state,
@@ -186,23 +152,18 @@ class Daemon:
         self.engine = engine
         self.config = config or DaemonConfig()
         self.hub = CaptionHub(history=self.config.history, queue_size=self.config.client_queue)
-        self.metrics = Registry()
-        m = self.metrics
-        self.metrics_frames = m.counter("streamer_frames", "Frames decoded", ("stream",))
-        self.metrics_ring_dropped = m.counter("streamer_frames_dropped", "Frames overwritten in the ring buffer", ("stream",))
-        self.metrics_captioned = m.counter("streamer_windows_captioned", "Windows captioned", ("stream",))
-        self.metrics_dropped = m.counter("streamer_windows_dropped", "Windows dropped under overload (newest wins)", ("stream",))
-        self.metrics_latency = m.histogram(
-            "streamer_caption_latency_seconds", "Newest frame of a window arriving -> caption published", ("stream",),
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
+        self.metrics = DaemonMetrics(s.value for s in SourceState)
+        self.metrics.watch(
+            lambda: self.engine.stats,
+            lambda: {sid: rt.source.stats for sid, rt in list(self.streams.items()) if rt.source is not None},
         )
-        self.metrics_batch = m.histogram("streamer_batch_size", "Windows per engine call", buckets=(1, 2, 4, 8, 16, 32, 64))
-        self.metrics_batch_seconds = m.histogram(
-            "streamer_batch_seconds", "Engine time per batch", buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8)
+        self.supervisor = Supervisor(
+            self.config.restart_budget, self.config.restart_window, on_fatal=self._on_fatal,
+            on_restart=lambda name: self.metrics.restarts.labels(task=name.partition(":")[0]).inc(),
         )
-        self.metrics_state = m.gauge("streamer_source_state", "1 for the state each source is in", ("stream", "state"))
-        self.metrics_streams = m.gauge("streamer_streams", "Streams configured")
-        self.metrics_clients_dropped = m.counter("streamer_ws_clients_dropped", "WebSocket clients closed for reading too slowly")
+        self.fatal = asyncio.Event()  # set once the restart budget is spent: serve() exits non-zero
+        self.batches_failed_in_row = 0
+        self.last_batch_error: str | None = None
         pipeline = self.config.scheduler.pipeline
         if pipeline is None:
             pipeline = self.engine.device.type == "cuda"
@@ -211,8 +172,10 @@ class Daemon:
             self._publish,
             self.config.scheduler,
             on_batch=self._on_batch,
-            on_drop=lambda w: self.metrics_dropped.labels(stream=w.stream_id).inc(),
+            on_drop=lambda w: self.metrics.windows_dropped.labels(stream=w.stream_id).inc(),
+            on_failure=self._on_batch_failed,
             pipeline=(self.engine.prepare, self.engine.finish) if pipeline else None,
+            forget_fn=self.engine.forget_stream,
         )
         self.streams: dict[str, StreamRuntime] = {}
         self.ready = False
@@ -221,7 +184,7 @@ class Daemon:
 
     # -- lifecycle ------------------------------------------------------------
     async def start(self) -> None:
-        self.scheduler.start()
+        self.scheduler.start(self.supervisor.spawn)
         self.ready = True
 
     async def stop(self) -> None:
@@ -233,6 +196,45 @@ class Daemon:
         await asyncio.gather(*(rt.stop() for rt in list(self.streams.values())), return_exceptions=True)
         await self.scheduler.close(drain=True)
         await self.hub.drain(timeout=2.0)  # clients get the last captions before the close frame
+        await self.supervisor.close()
+
+    async def abort(self) -> int:
+        """Stop without waiting (a second signal, or a drain cut short): windows still waiting are
+        dropped and counted, clients closed at once. Returns the windows dropped."""
+        self.draining = True
+        self.ready = False
+        dropped = await self.scheduler.close(drain=False)
+        self.hub.close()
+        await self.supervisor.close()
+        return dropped
+
+    # -- health ---------------------------------------------------------------
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why not): what /readyz says."""
+        if self.draining:
+            return False, "draining"
+        if not self.ready:
+            return False, "starting"
+        problems = self.supervisor.problems()
+        if problems:
+            return False, "; ".join(problems)
+        if self.batches_failed_in_row >= self.config.max_failed_batches:
+            return False, f"{self.batches_failed_in_row} engine batches failed in a row, last: {self.last_batch_error}"
+        return True, "ready"
+
+    def health(self) -> tuple[bool, str]:
+        """(alive, why not): what /healthz says. Unhealthy only once recovery was given up."""
+        if self.supervisor.failed:
+            return False, self.supervisor.failed
+        return True, "ok"
+
+    def _on_fatal(self, reason: str) -> None:
+        self.fatal.set()
+
+    def _on_batch_failed(self, size: int, exc: BaseException) -> None:
+        self.metrics.batches_failed.inc()
+        self.batches_failed_in_row += 1
+        self.last_batch_error = f"{type(exc).__name__}: {exc}"
 
     # -- streams ----------------------------------------------------------------
     async def add_stream(self, config: StreamConfig) -> StreamRuntime:
@@ -255,7 +257,7 @@ class Daemon:
             )  # raises SourceSpecError (a ValueError) for unknown schemes, missing files
             rt.source = FrameSource(spec, rt.on_frame, rt.on_state)
             self.streams[config.id] = rt
-            self.metrics_streams.labels().set(len(self.streams))
+            self.metrics.streams.set(len(self.streams))
         rt.start_pipeline()
         await rt.source.start()
         log.info("stream added", extra={"stream": config.id, "url": spec.redacted_url})
@@ -273,7 +275,7 @@ class Daemon:
             answer = await session.accept(offer_sdp)  # raises on a bad offer: nothing registered
             rt.source = session
             self.streams[config.id] = rt
-            self.metrics_streams.labels().set(len(self.streams))
+            self.metrics.streams.set(len(self.streams))
         rt.start_pipeline()
         log.info("whip stream added", extra={"stream": config.id})
         return rt, answer
@@ -283,12 +285,12 @@ class Daemon:
             rt = self.streams.pop(stream_id, None)
             if rt is None:
                 raise StreamNotFound(stream_id)
-            self.metrics_streams.labels().set(len(self.streams))
+            self.metrics.streams.set(len(self.streams))
         await rt.stop()
-        self.scheduler.forget(stream_id)
-        await self.scheduler.run_exclusive(self.engine.forget_stream, stream_id)  # the cache is the engine thread's
+        self.scheduler.forget(stream_id)  # waiting windows dropped; cached features freed on the engine thread
         self.hub.publish_state(stream_id, SourceState.STOPPED.value, "removed")
         self.hub.forget_stream(stream_id)
+        self.metrics.forget_stream(stream_id)
         log.info("stream removed", extra={"stream": stream_id})
 
     def get(self, stream_id: str) -> StreamRuntime:
@@ -299,8 +301,9 @@ class Daemon:
 
     # -- engine output --------------------------------------------------------
     def _on_batch(self, size: int, seconds: float) -> None:
-        self.metrics_batch.labels().observe(size)
-        self.metrics_batch_seconds.labels().observe(seconds)
+        self.batches_failed_in_row = 0
+        self.metrics.batch_size.observe(size)
+        self.metrics.batch_seconds.observe(seconds)
 
     def _publish(self, captions: list[Caption]) -> None:
         for caption in captions:
@@ -309,21 +312,13 @@ class Daemon:
                 continue
             rt.captions += 1
             rt.last_caption = caption
-            self.metrics_captioned.labels(stream=caption.stream_id).inc()
-            self.metrics_latency.labels(stream=caption.stream_id).observe(caption.latency)
+            self.metrics.captioned.labels(stream=caption.stream_id).inc()
+            self.metrics.latency.labels(stream=caption.stream_id).observe(caption.latency)
             self.hub.publish_caption(caption)
 
     # -- one-off requests (HTTP JSON APIs) -----------------------------------
     async def caption_windows(self, windows: list[Window], max_new_tokens: int | None = None) -> list[Caption]:
-        """Caption windows that belong to no live stream (HTTP clips, frame lists)
-        on the engine thread, between live batches; their cached features are
-        dropped afterwards. Stream ids must be unique to the request."""
-
-        def run() -> list[Caption]:
-            try:
-                return self.engine.caption(windows, max_new_tokens)
-            finally:
-                for stream_id in {w.stream_id for w in windows}:
-                    self.engine.forget_stream(stream_id)
-
-        return await self.scheduler.run_exclusive(run)
+        """Caption windows that belong to no live stream (HTTP clips, frame lists) through the
+        scheduler: after live windows, within max_batch; their cached features are freed once
+        they are captioned. Stream ids must be unique to the request."""
+        return await self.scheduler.caption(windows, max_new_tokens)

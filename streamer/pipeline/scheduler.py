@@ -1,8 +1,12 @@
 """Gathers ready windows from all streams into engine batches.
 
-`BatchPlanner` is the pure part (what to run next, what to drop);
-`Scheduler` is the loop that waits, runs the engine in its one worker thread
-and hands captions on. Overload policy: each stream keeps at most
+`BatchPlanner` is the pure part: it decides each engine step as a `Plan`
+(live windows, one-off request windows to fill the batch, cache entries to
+free), as vLLM v1's scheduler does. `Scheduler` is the loop that waits, has
+the engine execute plans in its one worker thread and hands captions on: live
+ones to the hub, one-off ones to the request that asked. All engine work goes
+through plans, so HTTP requests and cache frees never bypass `max_batch` or
+jump ahead of live windows. Overload policy: each stream keeps at most
 `max_pending_per_stream` windows waiting; a newer window pushes out the
 oldest (newest wins), so latency stays bounded instead of growing, and every
 drop is counted.
@@ -20,12 +24,12 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from streamer.types import Caption, Window
 
-__all__ = ["SchedulerConfig", "BatchPlanner", "Scheduler"]
+__all__ = ["SchedulerConfig", "BatchPlanner", "Plan", "Request", "Scheduler"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,7 @@ class SchedulerConfig:
     max_wait: float = 0.05  # seconds to wait for a fuller batch once one window is ready
     max_pending_per_stream: int = 2  # newest wins beyond this
     pipeline: bool | None = None  # prepare batch k+1 while k decodes; None: on when the engine is on CUDA
+    request_max_wait: float = 2.0  # a one-off request waiting longer than this goes before live windows
 
 
 class BatchPlanner:
@@ -45,6 +50,12 @@ class BatchPlanner:
         self.config = config
         self._pending: OrderedDict[str, deque[Window]] = OrderedDict()
         self.dropped: dict[str, int] = {}
+        self._requests: deque[Request] = deque()  # one-off work (HTTP APIs), oldest first
+        self._frees: list[str] = []  # streams whose cached features the engine should drop
+
+    def submit_request(self, request: Request) -> None:
+        """Queue one-off windows; they run after live windows, within max_batch."""
+        self._requests.append(request)
 
     def submit(self, window: Window) -> Window | None:
         """Queue a window; return the window it pushed out, if any."""
@@ -58,7 +69,42 @@ class BatchPlanner:
 
     @property
     def pending(self) -> int:
+        """Live windows waiting."""
         return sum(len(q) for q in self._pending.values())
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._pending or self._requests or self._frees)
+
+    def next_plan(self, now: float) -> Plan:
+        """What the engine does next: live windows first (round-robin), then one-off windows
+        to fill the batch, and the cache entries to free afterwards.
+
+        One-off windows run with their own token limit, so they join live windows
+        only when their limit is the default; a request that waited longer than
+        `request_max_wait` goes first, so steady live load cannot starve it."""
+        first = self._requests[0] if self._requests else None
+        overdue = first is not None and now - first.submitted > self.config.request_max_wait
+        windows = [] if overdue else self.next_batch()
+        max_new_tokens = None if windows else (first.max_new_tokens if first else None)
+        taken: list[tuple[Request, int]] = []
+        while self._requests and len(windows) < self.config.max_batch:
+            request = self._requests[0]
+            if request.max_new_tokens != max_new_tokens:
+                break
+            position = request.taken
+            windows.append(request.windows[position])
+            taken.append((request, position))
+            request.taken += 1
+            if request.taken == len(request.windows):
+                self._requests.popleft()
+                self._frees.extend(dict.fromkeys(w.stream_id for w in request.windows))  # its features are of no more use
+        frees, self._frees = self._frees, []
+        return Plan(windows, max_new_tokens, taken, frees)
+
+    def free(self, stream_id: str) -> None:
+        """Ask for a stream's cached features to be dropped with the next plan."""
+        self._frees.append(stream_id)
 
     def next_batch(self) -> list[Window]:
         """Up to max_batch windows, round-robin over streams (oldest window of
@@ -80,9 +126,36 @@ class BatchPlanner:
         return len(self._pending.pop(stream_id, ()))
 
     def clear(self) -> int:
+        """Drop every live window waiting; one-off requests are left to finish."""
         count = self.pending
         self._pending.clear()
         return count
+
+
+@dataclass(eq=False)
+class Request:
+    """One-off windows (an HTTP caption request) and where their captions go."""
+
+    windows: list[Window]
+    max_new_tokens: int | None
+    submitted: float
+    future: asyncio.Future
+    results: dict[int, Caption] = field(default_factory=dict)
+    taken: int = 0  # windows handed to plans so far
+
+
+@dataclass
+class Plan:
+    """One engine step, decided by the planner and only executed by the runner (as in vLLM v1)."""
+
+    windows: list[Window]  # live first, then one-off ones
+    max_new_tokens: int | None  # None: the engine's default
+    requests: list[tuple[Request, int]]  # (request, position) for the one-off windows, in order after the live ones
+    free: list[str]  # streams whose cached features to drop once the windows are captioned
+
+    @property
+    def live(self) -> int:
+        return len(self.windows) - len(self.requests)
 
 
 CaptionFn = Callable[[Sequence[Window]], list[Caption]]
@@ -99,7 +172,9 @@ class Scheduler:
         *,
         on_batch: Callable[[int, float], None] | None = None,
         on_drop: Callable[[Window], None] | None = None,
+        on_failure: Callable[[int, BaseException], None] | None = None,
         pipeline: tuple[PrepareFn, FinishFn] | None = None,
+        forget_fn: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config or SchedulerConfig()
         self.planner = BatchPlanner(self.config)
@@ -107,9 +182,10 @@ class Scheduler:
         self._on_captions = on_captions
         self._on_batch = on_batch
         self._on_drop = on_drop
+        self._on_failure = on_failure
+        self._forget_fn = forget_fn  # engine.forget_stream: frees run on the engine thread, inside plans
         self._pipeline = pipeline
-        # One worker: the engine is not thread-safe, and HTTP one-off requests
-        # share it through run_exclusive().
+        # One worker: the engine is not thread-safe; every engine call is a step of a plan.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -126,26 +202,42 @@ class Scheduler:
         self._wake.set()
 
     def forget(self, stream_id: str) -> None:
+        """A stream is gone: drop its waiting windows; its cached features are freed by the next plan."""
         self.planner.forget(stream_id)
+        self.planner.free(stream_id)
+        self._wake.set()
 
-    def start(self) -> None:
+    def start(self, spawn: Callable[[str, Callable[[], Any]], asyncio.Task] | None = None) -> None:
+        """Start the loop; `spawn` (a Supervisor's) restarts it if it dies."""
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="scheduler")
+            self._task = spawn("scheduler", self._run) if spawn else asyncio.create_task(self._run(), name="scheduler")
+
+    async def caption(self, windows: Sequence[Window], max_new_tokens: int | None = None) -> list[Caption]:
+        """Caption one-off windows (HTTP APIs) through the planner: after live windows, within
+        max_batch, their cached features freed once captioned. Stream ids must be unique to the call."""
+        if not windows:
+            return []
+        loop = asyncio.get_running_loop()
+        request = Request(list(windows), max_new_tokens, loop.time(), loop.create_future())
+        self.planner.submit_request(request)
+        self._wake.set()
+        return await request.future
 
     async def run_exclusive(self, fn, *args):
-        """Run `fn(*args)` on the engine thread, between batches."""
+        """Run `fn(*args)` on the engine thread, between batches. For benchmarks and diagnostics
+        that read engine state; the daemon's engine work all goes through plans."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args)
 
-    async def _next_batch(self, wait_for_more: bool) -> list[Window]:
-        """The next batch; [] once closing with nothing left, or (not waiting) when idle."""
+    async def _next_plan(self, wait_for_more: bool) -> Plan | None:
+        """The next plan; None once closing with nothing left, or (not waiting) when idle."""
         loop = asyncio.get_running_loop()
-        while not self.planner.pending:
+        while not self.planner.has_work:
             if self._closing or not wait_for_more:
-                return []
+                return None
             self._wake.clear()
             await self._wake.wait()
-        if wait_for_more and self.planner.pending < self.config.max_batch and not self._closing:
+        if wait_for_more and 0 < self.planner.pending < self.config.max_batch and not self._closing:
             # a fuller batch is cheaper per window; wait a little for one
             deadline = loop.time() + self.config.max_wait
             while self.planner.pending < self.config.max_batch and loop.time() < deadline:
@@ -154,51 +246,77 @@ class Scheduler:
                     await asyncio.wait_for(self._wake.wait(), deadline - loop.time())
                 except asyncio.TimeoutError:
                     break
-        return self.planner.next_batch()
+        return self.planner.next_plan(loop.time())
 
-    async def _on_engine(self, fn, arg, batch: list[Window]):
+    def _execute(self, plan: Plan, step: Callable[..., Any] | None = None, arg: Any = None) -> Any:
+        """Engine thread: one step of a plan (caption, or finish a prepared batch), then its frees."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, arg)
-        except Exception:
-            log.exception("engine failed on a batch", extra={"windows": len(batch)})
+            if not plan.windows:
+                return []
+            step = step or self._caption_fn
+            arg = plan.windows if arg is None else arg
+            return step(arg) if plan.max_new_tokens is None else step(arg, plan.max_new_tokens)
+        finally:
+            for stream_id in plan.free:
+                if self._forget_fn is not None:
+                    self._forget_fn(stream_id)
+
+    async def _on_engine(self, fn, *args, plan: Plan):
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except Exception as exc:
+            log.exception("engine failed on a batch", extra={"windows": len(plan.windows)})
+            if self._on_failure:
+                self._on_failure(len(plan.windows), exc)
+            for request, _ in plan.requests:
+                if not request.future.done():
+                    request.future.set_exception(RuntimeError(f"the engine failed on this batch: {exc}"))
             return None
 
-    def _done(self, batch: list[Window], started: float, captions: list[Caption] | None) -> None:
-        if captions is None:
+    def _done(self, plan: Plan, started: float, captions: list[Caption] | None) -> None:
+        if captions is None or not plan.windows:
             return
         if self._on_batch:
-            self._on_batch(len(batch), time.perf_counter() - started)
-        self._on_captions(captions)
+            self._on_batch(len(plan.windows), time.perf_counter() - started)
+        if plan.live:
+            self._on_captions(captions[: plan.live])
+        for (request, position), caption in zip(plan.requests, captions[plan.live :]):
+            request.results[position] = caption
+            if len(request.results) == len(request.windows) and not request.future.done():
+                request.future.set_result([request.results[i] for i in range(len(request.windows))])
 
     async def _run(self) -> None:
         if self._pipeline is not None:
             return await self._run_pipelined(*self._pipeline)
-        while batch := await self._next_batch(wait_for_more=True):
+        while (plan := await self._next_plan(wait_for_more=True)) is not None:
             started = time.perf_counter()
-            self._done(batch, started, await self._on_engine(self._caption_fn, batch, batch))
+            self._done(plan, started, await self._on_engine(self._execute, plan, plan=plan))
 
     async def _run_pipelined(self, prepare: PrepareFn, finish: FinishFn) -> None:
-        in_flight = None  # (batch, prepared, started): prepared, not yet finished
+        in_flight = None  # (plan, prepared, started): prepared, not yet finished
         while True:
             # with a batch in flight, take what is waiting now rather than wait
-            batch = await self._next_batch(wait_for_more=in_flight is None)
-            if not batch and in_flight is None:
+            plan = await self._next_plan(wait_for_more=in_flight is None)
+            if plan is None and in_flight is None:
                 return  # closing and drained
             queued = None
-            if batch:
+            if plan is not None and not plan.windows:
+                await self._on_engine(self._execute, plan, plan=plan)  # frees only
+            elif plan is not None:
                 started = time.perf_counter()
-                prepared = await self._on_engine(prepare, batch, batch)
-                queued = None if prepared is None else (batch, prepared, started)
+                prepared = await self._on_engine(prepare, plan.windows, plan=plan)
+                queued = None if prepared is None else (plan, prepared, started)
             if in_flight is not None:
-                done_batch, prepared_before, started_before = in_flight
-                self._done(done_batch, started_before, await self._on_engine(finish, prepared_before, done_batch))
+                done_plan, prepared_before, started_before = in_flight
+                captions = await self._on_engine(self._execute, done_plan, finish, prepared_before, plan=done_plan)
+                self._done(done_plan, started_before, captions)
             in_flight = queued
 
-    async def close(self, drain: bool = True) -> None:
-        """Stop: with drain, windows already waiting are captioned first."""
+    async def close(self, drain: bool = True) -> int:
+        """Stop: with drain, windows already waiting are captioned first.
+        Returns how many waiting windows were dropped (0 with drain)."""
         self._closing = True
-        if not drain:
-            self.planner.clear()
+        dropped = 0 if drain else self.planner.clear()
         self._wake.set()
         if self._task is not None:
             try:
@@ -207,3 +325,4 @@ class Scheduler:
                 pass
             self._task = None
         self._executor.shutdown(wait=True)
+        return dropped

@@ -95,8 +95,14 @@ class CaptionWriter:
     after each write that produced output, so live subtitle files stay current.
     """
 
-    def __init__(self, fmt: str, out: TextIO, *, min_duration: float = 1.0) -> None:
+    def __init__(
+        self, fmt: str, out: TextIO, *, min_duration: float = 1.0, header: bool = True, first_cue_number: int = 1
+    ) -> None:
+        """`header=False` and `first_cue_number` continue a file that already holds cues
+        (live subtitle files appended across segments and restarts)."""
         _check_format(fmt)
+        if first_cue_number < 1:
+            raise ValueError(f"first_cue_number must be at least 1, got {first_cue_number!r}")
         if not (math.isfinite(min_duration) and min_duration >= 0):
             raise ValueError(f"min_duration must be a non-negative number of seconds, got {min_duration!r}")
         self.fmt = fmt
@@ -107,11 +113,19 @@ class CaptionWriter:
         self._pending: _Cue | None = None
         self._stream_id: str | None = None
         self._cues_written = 0
+        self._header = header
+        self._first_cue_number = first_cue_number
+        self.last_end: float | None = None  # end time of the last cue written (vtt, srt, text)
 
     @property
     def cues_written(self) -> int:
         """Cues (or jsonl lines) written to `out` so far."""
         return self._cues_written
+
+    @property
+    def last_cue_number(self) -> int:
+        """srt: the number of the last cue written (first_cue_number - 1 before any)."""
+        return self._first_cue_number - 1 + self._cues_written
 
     def write(self, caption: Caption) -> None:
         if self._closed:
@@ -164,7 +178,7 @@ class CaptionWriter:
         if self._started:
             return False
         self._started = True
-        if self.fmt == "vtt":
+        if self.fmt == "vtt" and self._header:
             self._out.write("WEBVTT\n\n")
             return True
         return False
@@ -180,8 +194,9 @@ class CaptionWriter:
         start_ts = format_timestamp(cue.start, fmt)
         end_ts = format_timestamp(end, fmt)
         self._cues_written += 1
+        self.last_end = end
         if fmt == "srt":
-            self._out.write(f"{self._cues_written}\n{start_ts} --> {end_ts}\n{cue.text}\n\n")
+            self._out.write(f"{self.last_cue_number}\n{start_ts} --> {end_ts}\n{cue.text}\n\n")
         elif fmt == "vtt":
             self._out.write(f"{start_ts} --> {end_ts}\n{cue.text}\n\n")
         else:  # text

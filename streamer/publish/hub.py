@@ -1,10 +1,11 @@
 """Caption fan-out: one publisher, many subscribers, each with a bounded queue.
 
-No network code: a WebSocket route subscribes, forwards `await sub.get()` to
-its socket, and closes the socket when the subscription closes (see
-`Subscription.wait_closed()`).
+No network code: a WebSocket route subscribes, forwards `(await sub.get()).encoded`
+to its socket, and closes the socket when the subscription closes (see
+`Subscription.wait_closed()`). Sinks read the typed payload (`Caption` or
+`StateChange`) of each `HubMessage`; nothing parses JSON back.
 
-- Publishing is synchronous and never waits: each message is encoded once
+- Publishing is synchronous and never waits: each message is encoded at most once, on first use
   (protocol.py) and offered to every matching subscriber. Call it on the event
   loop (from the engine thread, via `loop.call_soon_threadsafe`).
 - Drop policy: a subscriber whose queue is full is closed with reason
@@ -29,12 +30,12 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import Any
 
-from streamer.publish.protocol import encode_caption, encode_state
-from streamer.types import Caption
+from streamer.publish.protocol import caption_message, encode, state_message
+from streamer.types import Caption, StateChange
 
-__all__ = ["CaptionHub", "Subscription", "SubscriptionClosed"]
+__all__ = ["CaptionHub", "HubMessage", "Subscription", "SubscriptionClosed"]
 
 REASON_CLOSED = "closed"
 REASON_SLOW = "slow consumer"
@@ -49,14 +50,50 @@ class SubscriptionClosed(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class _Message:
-    stream_id: str
-    message: str  # encoded once, shared by every subscriber
-    time: float  # emit_time for captions, state time for states: the replay order
-    seq: int  # publish order, breaks ties in replay
-    text: str | None = None  # caption text; None for state messages
-    stable: bool = False
+class HubMessage:
+    """One published message: the typed payload every sink consumes, and its wire form
+    (`data`, `encoded`), each built once on first use and shared by every subscriber."""
+
+    __slots__ = ("payload", "stable", "seq", "_data", "_encoded")
+
+    def __init__(self, payload: Caption | StateChange, seq: int, stable: bool = False) -> None:
+        self.payload = payload
+        self.stable = stable
+        self.seq = seq  # publish order, breaks ties in replay
+        self._data: dict[str, Any] | None = None
+        self._encoded: str | None = None
+
+    @property
+    def stream_id(self) -> str:
+        return self.payload.stream_id
+
+    @property
+    def text(self) -> str | None:
+        """Caption text; None for state messages."""
+        return self.payload.text if isinstance(self.payload, Caption) else None
+
+    @property
+    def time(self) -> float:
+        """emit_time for captions, the change's time for states: the replay order."""
+        return self.payload.emit_time if isinstance(self.payload, Caption) else self.payload.time
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The protocol message as a dict (docs/protocol.md). Do not modify it: it is shared."""
+        if self._data is None:
+            p = self.payload
+            self._data = caption_message(p, self.stable) if isinstance(p, Caption) else state_message(p)
+        return self._data
+
+    @property
+    def encoded(self) -> str:
+        """The protocol message as the text of a WebSocket frame."""
+        if self._encoded is None:
+            self._encoded = encode(self.data)
+        return self._encoded
+
+    def __repr__(self) -> str:
+        return f"<HubMessage #{self.seq} {self.payload!r}>"
 
 
 class Subscription:
@@ -73,7 +110,7 @@ class Subscription:
         self._hub = hub
         self._streams = _stream_set(streams)
         self._maxsize = hub.queue_size
-        self._queue: deque[str] = deque()
+        self._queue: deque[HubMessage] = deque()
         self._ready = asyncio.Event()  # set while the queue is non-empty or closed
         self._closed_event = asyncio.Event()
         self._reason: str | None = None
@@ -124,7 +161,7 @@ class Subscription:
             history = self._hub._history(new - old)
         self._offer_replay(history)
 
-    async def get(self) -> str:
+    async def get(self) -> HubMessage:
         """The next message; raises SubscriptionClosed once closed (pending messages are dropped),
         or, after `finish()`, once the pending messages have been read."""
         while True:
@@ -173,7 +210,7 @@ class Subscription:
     def __aiter__(self) -> Subscription:
         return self
 
-    async def __anext__(self) -> str:
+    async def __anext__(self) -> HubMessage:
         try:
             return await self.get()
         except SubscriptionClosed:
@@ -188,13 +225,13 @@ class Subscription:
     def _matches(self, stream_id: str) -> bool:
         return self._streams is None or stream_id in self._streams
 
-    def _wants(self, m: _Message) -> bool:
+    def _wants(self, m: HubMessage) -> bool:
         if m.text is None:
             return True
         # Skip a repeat only if this subscriber was already sent that text.
         return not (self.only_changes and m.stable and self._sent_text.get(m.stream_id) == m.text)
 
-    def _offer(self, m: _Message) -> None:
+    def _offer(self, m: HubMessage) -> None:
         if self._reason is not None or self._finishing is not None or not self._matches(m.stream_id) or not self._wants(m):
             return
         if len(self._queue) >= self._maxsize:
@@ -202,18 +239,18 @@ class Subscription:
             return
         self._push(m)
 
-    def _push(self, m: _Message) -> None:
-        self._queue.append(m.message)
+    def _push(self, m: HubMessage) -> None:
+        self._queue.append(m)
         if m.text is not None:
             self._sent_text[m.stream_id] = m.text
         self._ready.set()
 
-    def _offer_replay(self, history: list[_Message]) -> None:
+    def _offer_replay(self, history: list[HubMessage]) -> None:
         # Filter in order, as live delivery would have, then keep the newest
         # that fit in half the free room. _sent_text ends up recording only
         # what was really queued.
         sent = dict(self._sent_text)
-        wanted: list[_Message] = []
+        wanted: list[HubMessage] = []
         for m in history:
             if m.text is None or not (self.only_changes and m.stable and sent.get(m.stream_id) == m.text):
                 wanted.append(m)
@@ -238,8 +275,8 @@ class CaptionHub:
         self.history = history
         self.queue_size = queue_size
         self._subs: set[Subscription] = set()
-        self._captions: dict[str, deque[_Message]] = {}
-        self._states: dict[str, _Message] = {}
+        self._captions: dict[str, deque[HubMessage]] = {}
+        self._states: dict[str, HubMessage] = {}
         self._last_text: dict[str, str] = {}
         self._seq = itertools.count()
         self._closed = False
@@ -279,7 +316,7 @@ class CaptionHub:
         sid = caption.stream_id
         stable = self._last_text.get(sid) == caption.text
         self._last_text[sid] = caption.text
-        m = _Message(sid, encode_caption(caption, stable), caption.emit_time, next(self._seq), caption.text, stable)
+        m = HubMessage(caption, next(self._seq), stable)
         if self.history:
             hist = self._captions.get(sid)
             if hist is None:
@@ -295,7 +332,7 @@ class CaptionHub:
         if self._closed:
             return
         now = time.time() if at is None else at
-        m = _Message(stream_id, encode_state(stream_id, state, detail, now), now, next(self._seq))
+        m = HubMessage(StateChange(stream_id, state, detail, now), next(self._seq))
         self._states[stream_id] = m
         self._fan_out(m)
 
@@ -326,15 +363,15 @@ class CaptionHub:
         self.close()
 
     # -- internals -----------------------------------------------------------
-    def _fan_out(self, m: _Message) -> None:
+    def _fan_out(self, m: HubMessage) -> None:
         self.messages_published += 1
         # A copy: a full queue closes its subscriber, which removes it from the set.
         for sub in tuple(self._subs):
             sub._offer(m)
 
-    def _history(self, streams: frozenset[str] | None) -> list[_Message]:
+    def _history(self, streams: frozenset[str] | None) -> list[HubMessage]:
         ids = self._captions.keys() | self._states.keys() if streams is None else streams
-        runs: list[list[_Message]] = []
+        runs: list[list[HubMessage]] = []
         for sid in ids:
             run = list(self._captions.get(sid, ()))
             state = self._states.get(sid)
@@ -358,5 +395,5 @@ def _stream_set(streams: Iterable[str] | None) -> frozenset[str] | None:
     return None if streams is None else frozenset(streams)
 
 
-def _replay_key(m: _Message) -> tuple[float, int]:
+def _replay_key(m: HubMessage) -> tuple[float, int]:
     return (m.time, m.seq)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from streamer.types import Caption
+from streamer.types import Caption, StateChange
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -28,6 +28,9 @@ __all__ = [
     "ClientMessage",
     "parse_client_message",
     "apply_subscription",
+    "caption_message",
+    "state_message",
+    "encode",
     "encode_caption",
     "encode_state",
     "encode_hello",
@@ -99,8 +102,15 @@ captions per stream and each stream's latest `state`, merged by time), then
 live messages.
 
 ### `state`
-A stream changed state (for example `starting`, `running`, `stalled`,
-`reconnecting`, `ended`, `failed`).
+A stream changed state. `state` is one of:
+
+- `connecting`: first attempt to open the source, nothing received yet;
+- `live`: frames are flowing;
+- `stalled`: connected, but no frame for the stream's `stall_timeout`;
+- `reconnecting`: the connection was lost (or never made); waiting to retry;
+- `failed`: gave up (an error that retrying cannot fix);
+- `stopped`: stopped by its owner (`detail` "removed" after a DELETE), or a
+  file played to its end.
 
 ```json
 {"v": 1, "type": "state", "stream_id": "cam1", "state": "stalled", "detail": "no frames for 5 s", "time": 1764050001.0}
@@ -264,26 +274,39 @@ def _dumps(obj: dict[str, Any]) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
-def encode_caption(caption: Caption, stable: bool) -> str:
+def caption_message(caption: Caption, stable: bool) -> dict[str, Any]:
+    """The `caption` message as a JSON-ready dict (non-finite numbers as None)."""
     msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": "caption"}
     msg.update(caption.to_dict())
     for key in ("start", "end", "confidence", "capture_time", "emit_time", "latency"):
         msg[key] = _finite_or_none(msg[key])
     msg["stable"] = bool(stable)
-    return _dumps(msg)
+    return msg
+
+
+def state_message(change: StateChange) -> dict[str, Any]:
+    """The `state` message as a JSON-ready dict."""
+    return {
+        "v": PROTOCOL_VERSION,
+        "type": "state",
+        "stream_id": change.stream_id,
+        "state": change.state,
+        "detail": change.detail,
+        "time": _finite_or_none(change.time),
+    }
+
+
+def encode(message: dict[str, Any]) -> str:
+    """One server message as the text of a WebSocket frame."""
+    return _dumps(message)
+
+
+def encode_caption(caption: Caption, stable: bool) -> str:
+    return _dumps(caption_message(caption, stable))
 
 
 def encode_state(stream_id: str, state: str, detail: str | None, time: float) -> str:
-    return _dumps(
-        {
-            "v": PROTOCOL_VERSION,
-            "type": "state",
-            "stream_id": stream_id,
-            "state": state,
-            "detail": detail,
-            "time": _finite_or_none(time),
-        }
-    )
+    return _dumps(state_message(StateChange(stream_id, state, detail, time)))
 
 
 def encode_hello(streams: Iterable[str], history: int, server: str = SERVER_NAME) -> str:

@@ -17,19 +17,22 @@ backoff = 0.5           # seconds before the first retry, doubling
 timeout = 5.0           # seconds per attempt
 ```
 
-A sink is anything with `async start(hub)` (subscribe, start its own tasks;
-it must not block) and `async close()` (flush, idempotent). `serve()` starts
+A sink is anything with `async start(hub, spawn=None)` (subscribe, start its
+own tasks, under a Supervisor's `spawn` when given; it must not block) and
+`async close(force=False)` (flush, idempotent). `serve()` starts
 the sinks right after the daemon and closes them after the daemon has
 drained, so the last captions reach the files and the webhooks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
+from streamer.publish.consumer import Spawn
 from streamer.publish.hub import CaptionHub
 from streamer.publish.subtitles import OUTPUT_FORMATS, SubtitleOutputs
 from streamer.publish.webhooks import WebhookSink
@@ -44,9 +47,9 @@ _WEBHOOK_KEYS = {"url", "match", "streams", "only_changes", "queue_size", "retri
 
 @runtime_checkable
 class Sink(Protocol):
-    async def start(self, hub: CaptionHub) -> None: ...
+    async def start(self, hub: CaptionHub, spawn: Spawn | None = None) -> None: ...
 
-    async def close(self) -> None: ...
+    async def close(self, force: bool = False) -> None: ...
 
 
 def outputs_from_config(data: Mapping[str, Any]) -> list[Sink]:
@@ -69,11 +72,22 @@ def outputs_from_config(data: Mapping[str, Any]) -> list[Sink]:
     return sinks
 
 
-async def close_sinks(sinks: Iterable[Sink]) -> None:
-    """Close every sink, in order; one that fails is logged and does not stop the others."""
+async def close_sinks(sinks: Iterable[Sink], force: asyncio.Event | None = None) -> None:
+    """Close every sink, in order; one that fails is logged and does not stop the others.
+
+    Once `force` is set (a second signal), sinks skip their waits: webhook
+    deliveries still queued are dropped and counted; subtitle files are still
+    written and flushed (local and quick), so no held cue is lost."""
     for sink in sinks:
         try:
-            await sink.close()
+            closing = asyncio.ensure_future(sink.close(force=bool(force and force.is_set())))
+            if force is not None and not force.is_set():
+                forced = asyncio.ensure_future(force.wait())
+                await asyncio.wait({closing, forced}, return_when=asyncio.FIRST_COMPLETED)
+                forced.cancel()
+                if not closing.done() and hasattr(sink, "abort"):
+                    sink.abort()  # a second signal while this sink was still waiting
+            await closing
         except Exception:
             log.exception("sink failed to close", extra={"sink": type(sink).__name__})
 

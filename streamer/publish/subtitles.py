@@ -5,8 +5,8 @@ every caption of every stream it follows, no history replay. It does no file
 I/O on the event loop:
 
 - a consumer task drains its hub subscription eagerly (each `get()` of a
-  non-empty queue returns without yielding), turns each caption message back
-  into a `Caption` and hands it to `submit()`, which never blocks;
+  non-empty queue returns without yielding) and hands each `Caption` to
+  `submit()`, which never blocks;
 - one writer thread owns every file: small writes, each followed by
   `flush()`, so a player tailing the file sees a cue as soon as it is known.
 
@@ -15,7 +15,7 @@ the one place captions fan out, with a bounded queue per consumer; a sink
 needs nothing from the daemon but `hub`, so it can be started and closed
 around a running daemon and tested against a bare `CaptionHub`. The hub
 closes a subscriber that lets its queue fill; this one never does, since
-draining costs a JSON parse and a queue put per caption. (If it ever
+draining costs a queue put per caption. (If it ever
 happens, for example when the loop was blocked elsewhere, it subscribes again
 and logs how it happened.) Anything can also call `submit(caption)` directly.
 
@@ -80,12 +80,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from streamer.publish.consumer import HubConsumer, Spawn
 from streamer.publish.formats import CaptionWriter
 from streamer.publish.hub import (
-    REASON_SLOW,
     CaptionHub,
-    Subscription,
-    SubscriptionClosed,
+    HubMessage,
 )
 from streamer.types import Caption
 
@@ -121,7 +120,7 @@ def caption_from_message(message: dict[str, Any]) -> Caption | None:
     )
 
 
-class SubtitleOutputs:
+class SubtitleOutputs(HubConsumer):
     """Per-stream live subtitle files in `directory`; see the module docstring.
 
     `formats`: any of "vtt", "srt", "jsonl". `streams`: stream ids to write
@@ -149,6 +148,7 @@ class SubtitleOutputs:
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size!r}")
         CaptionWriter("vtt", io.StringIO(), min_duration=min_duration)  # validates min_duration
+        self.consumer_name = "subtitles"
         self.directory = Path(directory)
         self.formats = fmts
         self.streams = None if streams is None else frozenset(streams)
@@ -160,24 +160,20 @@ class SubtitleOutputs:
         self.errors = 0  # file errors (each logged once per stream until it writes again)
         self._queue: queue.Queue[Caption | None] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._hub: CaptionHub | None = None
-        self._sub: Subscription | None = None
-        self._task: asyncio.Task | None = None
+        self._init_consumer()
         self._closed = False
         self._files: dict[str, _StreamFiles] = {}  # writer thread only
 
     # -- public ------------------------------------------------------------
-    async def start(self, hub: CaptionHub) -> None:
-        """Subscribe to `hub` and start the writer thread (once)."""
+    async def start(self, hub: CaptionHub, spawn: Spawn | None = None) -> None:
+        """Subscribe to `hub` and start the writer thread (once); `spawn` supervises the consume loop."""
         if self._closed:
             raise RuntimeError("SubtitleOutputs is closed")
         if self._thread is not None:
             return
         self._thread = threading.Thread(target=self._run, name="subtitle-files", daemon=True)
         self._thread.start()
-        self._hub = hub
-        self._sub = self._subscribe()
-        self._task = asyncio.create_task(self._consume(), name="subtitle-outputs")
+        self._start_consuming(hub, spawn)
         log.info("subtitle outputs started", extra={"dir": str(self.directory), "formats": list(self.formats)})
 
     def submit(self, caption: Caption) -> None:
@@ -193,25 +189,16 @@ class SubtitleOutputs:
             return
         self._queue.put_nowait(caption)
 
-    async def close(self, timeout: float = 10.0) -> None:
+    async def close(self, timeout: float = 10.0, force: bool = False) -> None:
         """Write what is queued, flush every held cue, close the files (idempotent).
 
         Waits at most `timeout` seconds for the writer thread (a hung disk is
-        logged and left to the daemon thread)."""
+        logged and left to the daemon thread). `force` changes nothing: the files
+        are local, so even a hurried shutdown writes every held cue."""
         if self._closed:
             return
-        sub, task = self._sub, self._task
-        if sub is not None:
-            while sub.pending and not sub.closed:  # returns at once: nothing is lost
-                self._on_message(await sub.get())
-            sub.close()
+        await self._stop_consuming()
         self._closed = True
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
         if self._thread is not None:
             self._queue.put_nowait(None)
             done = asyncio.get_running_loop().run_in_executor(None, self._thread.join)
@@ -221,31 +208,10 @@ class SubtitleOutputs:
                 log.error("subtitle writer did not finish; files may miss their last cue", extra={"timeout": timeout})
 
     # -- loop side -----------------------------------------------------------
-    def _subscribe(self) -> Subscription:
-        assert self._hub is not None
-        return self._hub.subscribe(self.streams, only_changes=False, replay=False)
-
-    async def _consume(self) -> None:
-        assert self._sub is not None
-        while True:
-            try:
-                raw = await self._sub.get()
-            except SubscriptionClosed as closed:
-                if closed.reason == REASON_SLOW and not self._closed:
-                    log.warning("subtitle outputs fell behind the hub and were dropped; subscribing again")
-                    self._sub = self._subscribe()
-                    continue
-                return
-            self._on_message(raw)
-
-    def _on_message(self, raw: str) -> None:
-        try:
-            caption = caption_from_message(json.loads(raw))
-        except (ValueError, KeyError, TypeError):
-            log.exception("unreadable hub message")
-            return
-        if caption is not None:
-            self.submit(caption)
+    def _on_message(self, message: HubMessage) -> None:
+        caption = message.payload
+        if isinstance(caption, Caption) and math.isfinite(caption.start) and math.isfinite(caption.end):
+            self.submit(caption)  # a caption without finite media times has no place on a timeline
 
     # -- writer thread ---------------------------------------------------------
     def _run(self) -> None:
@@ -330,13 +296,13 @@ class _StreamFiles:
         if self.offset:
             log.info("subtitle timeline continues", extra={"stream": self.stream_id, "offset": round(self.offset, 3)})
         for f in self.files.values():
-            f.writer = None if f.fmt == "jsonl" else CaptionWriter(f.fmt, f.staging, min_duration=self.owner.min_duration)
+            f.writer = self._new_writer(f)
 
     def _end_segment(self) -> None:
         for f in self.files.values():
             writer, f.writer = f.writer, None
             if writer is not None and f.handle is not None:
-                self._guard(f, self._drain, f, writer.close)
+                self._guard(f, self._drain, f, writer, writer.close)
         self.last = None
 
     # -- one file ------------------------------------------------------------------
@@ -361,7 +327,7 @@ class _StreamFiles:
         f.retry_at = 0.0
         f.skip_before = f.floor if now else 0.0
         if now:  # reopened inside a segment: a fresh cue writer, after what the file holds
-            f.writer = None if f.fmt == "jsonl" else CaptionWriter(f.fmt, f.staging, min_duration=self.owner.min_duration)
+            f.writer = self._new_writer(f)
         return True
 
     def _write_one(self, f: _File, caption: Caption) -> None:
@@ -376,11 +342,14 @@ class _StreamFiles:
             self._wrote(f)
             self._advance(f, caption.end)
             return
-        assert f.writer is not None
-        self._drain(f, lambda: f.writer.write(caption))
+        writer = f.writer
+        assert writer is not None
+        self._drain(f, writer, lambda: writer.write(caption))
 
-    def _drain(self, f: _File, step) -> None:
-        """Run a CaptionWriter step, then move what it wrote to the file."""
+    def _drain(self, f: _File, writer: CaptionWriter, step) -> None:
+        """Run a CaptionWriter step, then move what it wrote to the file. The writer was made
+        for this file (no second header, cue numbers after the file's), so the chunk is
+        appended as it is and the writer says where its last cue ends."""
         try:
             step()
         finally:
@@ -389,28 +358,19 @@ class _StreamFiles:
             f.staging.truncate()
         if not chunk:
             return
-        if f.fmt == "vtt" and f.has_content and chunk.startswith("WEBVTT\n\n"):
-            chunk = chunk[len("WEBVTT\n\n"):]  # appending: the file has its header
-        elif f.fmt == "srt":
-            chunk = self._renumber(f, chunk)
-        if chunk:
-            f.handle.write(chunk)
-            f.handle.flush()
-            self._wrote(f)
-            f.has_content = True
-            end, _ = _tail_position(chunk, f.fmt)
-            self._advance(f, end)
+        f.handle.write(chunk)
+        f.handle.flush()
+        self._wrote(f)
+        f.has_content = True
+        f.number = writer.last_cue_number
+        if writer.last_end is not None:
+            self._advance(f, writer.last_end)
 
-    @staticmethod
-    def _renumber(f: _File, chunk: str) -> str:
-        # CaptionWriter numbers from 1 and writes whole cues, each "N\ntiming\ntext\n\n"
-        # (cue text never holds a newline): number them after the file's last cue.
-        blocks = [b for b in chunk.split("\n\n") if b]
-        out = []
-        for block in blocks:
-            f.number += 1
-            out.append(f"{f.number}\n{block.split(chr(10), 1)[1]}\n\n")
-        return "".join(out)
+    def _new_writer(self, f: _File) -> CaptionWriter | None:
+        if f.fmt == "jsonl":
+            return None
+        return CaptionWriter(f.fmt, f.staging, min_duration=self.owner.min_duration,
+                             header=not f.has_content, first_cue_number=f.number + 1)
 
     def _advance(self, f: _File, end: float) -> None:
         f.floor = max(f.floor, end)

@@ -31,7 +31,6 @@ drops (and counts) what is left, so shutdown is bounded.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import uuid
@@ -41,20 +40,20 @@ from collections.abc import Iterable
 import aiohttp
 from yarl import URL
 
+from streamer.publish.consumer import HubConsumer, Spawn
 from streamer.publish.hub import (
-    REASON_SLOW,
     CaptionHub,
-    Subscription,
-    SubscriptionClosed,
+    HubMessage,
 )
 from streamer.publish.protocol import SERVER_NAME
+from streamer.types import Caption
 
 __all__ = ["WebhookSink"]
 
 log = logging.getLogger(__name__)
 
 
-class WebhookSink:
+class WebhookSink(HubConsumer):
     """POSTs each (matching) caption to `url`; see the module docstring for the policies."""
 
     def __init__(
@@ -105,9 +104,8 @@ class WebhookSink:
         self.retried = 0  # attempts after the first
         self._queue: deque[tuple[str, str]] = deque()  # (delivery key, message)
         self._wake = asyncio.Event()
-        self._hub: CaptionHub | None = None
-        self._sub: Subscription | None = None
-        self._consumer: asyncio.Task | None = None
+        self._init_consumer()
+        self.consumer_name = "webhook"
         self._sender: asyncio.Task | None = None
         self._session: aiohttp.ClientSession | None = None
         self._closing = False
@@ -126,76 +124,57 @@ class WebhookSink:
         return {"delivered": self.delivered, "failed": self.failed, "dropped": self.dropped,
                 "retried": self.retried, "pending": self.pending}
 
-    async def start(self, hub: CaptionHub) -> None:
-        """Subscribe to `hub` and start sending (once)."""
+    async def start(self, hub: CaptionHub, spawn: Spawn | None = None) -> None:
+        """Subscribe to `hub` and start sending (once); `spawn` supervises the consume loop."""
         if self._closed:
             raise RuntimeError("WebhookSink is closed")
         if self._sender is not None:
             return
-        self._hub = hub
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.timeout),
             headers={"User-Agent": SERVER_NAME},
         )
-        self._sub = self._subscribe()
-        self._consumer = asyncio.create_task(self._consume(), name="webhook-consume")
-        self._sender = asyncio.create_task(self._send_loop(), name="webhook-send")
+        self._start_consuming(hub, spawn)
+        self._sender = asyncio.create_task(self._send_loop(), name="webhook-send")  # catches per delivery
         log.info("webhook started", extra={"url": _redact(self.url), "match": self.match})
 
-    async def close(self) -> None:
-        """Stop taking captions, give the queue `timeout` seconds to go out, then stop (idempotent)."""
+    async def close(self, force: bool = False) -> None:
+        """Stop taking captions, give the queue `timeout` seconds to go out (none with `force`),
+        then stop (idempotent). What could not be sent is dropped, counted and logged."""
         if self._closed:
             return
         self._closed = True
-        sub = self._sub
-        if sub is not None:
-            while sub.pending and not sub.closed:  # returns at once: nothing is lost
-                self._on_message(await sub.get())
-            sub.close()
-        await _cancel(self._consumer)
+        await self._stop_consuming()
         self._closing = True
         self._wake.set()
         if self._sender is not None:
-            try:
-                await asyncio.wait_for(self._sender, self.timeout)
-            except asyncio.TimeoutError:
-                log.warning("webhook: shutdown before every caption was sent",
-                            extra={"url": _redact(self.url), "left": len(self._queue) + self._inflight})
+            # asyncio.wait, not wait_for: abort() may cancel the sender meanwhile
+            await asyncio.wait({self._sender}, timeout=0 if force else self.timeout)
+            left = len(self._queue) + self._inflight
+            if not self._sender.done() or self._sender.cancelled():
+                self._sender.cancel()
+                await asyncio.gather(self._sender, return_exceptions=True)
                 self.dropped += self._inflight
+                if left:
+                    log.warning("webhook: shutdown before every caption was sent; dropped",
+                                extra={"url": _redact(self.url), "dropped": left})
         if self._queue:
             self.dropped += len(self._queue)
             self._queue.clear()
         if self._session is not None:
             await self._session.close()
 
+    def abort(self) -> None:
+        """Stop sending now (a second signal during close): what is left is dropped, counted and logged."""
+        if self._sender is not None:
+            self._sender.cancel()
+
     # -- consumer ------------------------------------------------------------------
-    def _subscribe(self) -> Subscription:
-        assert self._hub is not None
-        return self._hub.subscribe(self.streams, only_changes=self.only_changes, replay=False)
-
-    async def _consume(self) -> None:
-        assert self._sub is not None
-        while True:
-            try:
-                raw = await self._sub.get()
-            except SubscriptionClosed as closed:
-                if closed.reason == REASON_SLOW and not self._closed:
-                    log.warning("webhook fell behind the hub and was dropped; subscribing again",
-                                extra={"url": _redact(self.url)})
-                    self._sub = self._subscribe()
-                    continue
-                return
-            self._on_message(raw)
-
-    def _on_message(self, raw: str) -> None:
-        try:
-            message = json.loads(raw)
-        except ValueError:
-            log.exception("unreadable hub message")
+    def _on_message(self, message: HubMessage) -> None:
+        caption = message.payload
+        if not isinstance(caption, Caption):
             return
-        if message.get("type") != "caption":
-            return
-        if self.pattern is not None and not self.pattern.search(str(message.get("text", ""))):
+        if self.pattern is not None and not self.pattern.search(caption.text):
             return
         if len(self._queue) >= self.queue_size:
             self._queue.popleft()
@@ -204,7 +183,7 @@ class WebhookSink:
                 log.warning("webhook queue full: oldest captions dropped",
                             extra={"url": _redact(self.url), "dropped": self.dropped})
         self._seq += 1
-        self._queue.append((f"{self._run_id}-{self._seq}", raw))
+        self._queue.append((f"{self._run_id}-{self._seq}", message.encoded))
         self._wake.set()
 
     # -- sender ---------------------------------------------------------------------
@@ -255,15 +234,6 @@ class WebhookSink:
             self._down = True
             log.warning("webhook delivery failed", extra={"url": _redact(self.url), "error": error, "failed": self.failed})
 
-
-async def _cancel(task: asyncio.Task | None) -> None:
-    if task is None:
-        return
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
 
 
 def _number(value: object) -> bool:

@@ -1,0 +1,256 @@
+"""One schema for every setting a user or a remote caller gives: streamer.toml, CLI flags,
+`POST /streams`, WHIP query parameters and the JSON caption APIs (pydantic v2).
+
+Every model forbids unknown keys and bounds every number, so a bad value is
+refused where it enters (exit 2 at startup, 400 over HTTP) with one line that
+names the key, the value and what is allowed, instead of failing later inside
+a running task. Durations take seconds as a number or a string with a unit
+(`1.5`, `"2s"`, `"500ms"`, `"10m"`).
+
+This module is light (no torch, no aiohttp): the CLI parses with it before
+anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+
+__all__ = [
+    "ConfigError",
+    "Duration",
+    "STREAM_ID",
+    "StreamConfig",
+    "ModelSection",
+    "ServerSection",
+    "LimitsSection",
+    "FileConfig",
+    "CaptionVideoRequest",
+    "CaptionVideosRequest",
+    "CaptionFramesRequest",
+    "parse_duration",
+    "validate",
+    "describe_error",
+]
+
+STREAM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also safe in URLs and file names
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|min|h)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+class ConfigError(ValueError):
+    """A setting was refused; str() is one line naming the key, the value and what is allowed."""
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string with an optional unit (ms, s, m/min, h)."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string such as \"2s\", \"500ms\", \"10m\"")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError(f"not a duration: {value!r} (try \"3s\", \"500ms\", \"1.5\", \"10m\")")
+        seconds = float(match.group(1)) * _UNIT[match.group(2) or "s"]
+    else:
+        raise ValueError("a duration is a number of seconds or a string such as \"2s\", \"500ms\", \"10m\"")
+    if not math.isfinite(seconds):
+        raise ValueError("a duration must be finite")
+    return seconds
+
+
+def _bounded(low: float, high: float, *, low_open: bool = False):
+    def check(seconds: float) -> float:
+        if (seconds <= low if low_open else seconds < low) or seconds > high:
+            raise ValueError(f"must be {'over' if low_open else 'at least'} {low:g} s and at most {high:g} s")
+        return seconds
+
+    return AfterValidator(check)
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _duration(low: float, high: float, *, low_open: bool = False):
+    return Annotated[float, BeforeValidator(parse_duration), _bounded(low, high, low_open=low_open)]
+
+
+def _stream_id(value: str) -> str:
+    if not STREAM_ID.match(value):
+        raise ValueError("a stream id is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return value
+
+
+StreamId = Annotated[StrictStr, AfterValidator(_stream_id)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class StreamConfig(_Strict):
+    """What a user says about one stream ([[streams]], --stream, POST /streams, WHIP query)."""
+
+    id: StreamId
+    url: Annotated[StrictStr, Field(max_length=4096)] = ""  # empty for WHIP streams, which are pushed to us
+    window: _duration(0.1, 600) = 3.0
+    hop: _duration(0.1, 3600) = 1.0
+    frames: Annotated[StrictInt, Field(ge=1, le=32)] | None = None  # default: what the model takes
+    realtime: StrictBool = True  # files: play at real-time pace
+    loop: StrictBool = False  # files: start again at the end
+    rtsp_transport: Literal["tcp", "udp", "udp_multicast", "http", "https"] = "tcp"
+    stall_timeout: _duration(0.5, 3600) = 5.0
+    hwaccel: Annotated[StrictStr, Field(max_length=32)] | None = None  # "cuda" (NVDEC) where FFmpeg has it
+
+    @model_validator(mode="after")
+    def _check_hwaccel(self) -> StreamConfig:
+        if self.hwaccel is not None:
+            from streamer.media.decode import check_hwaccel
+
+            check_hwaccel(self.hwaccel)  # ValueError naming the valid types
+        return self
+
+    @classmethod
+    def from_dict(cls, data: Any) -> StreamConfig:
+        """Validate a JSON object or TOML table; raises ConfigError (a ValueError)."""
+        if not isinstance(data, dict):
+            raise ConfigError("a stream must be a JSON object")
+        return validate(cls, data, "stream")
+
+
+class ModelSection(_Strict):
+    """[model]: what `EngineConfig` gets."""
+
+    model: Annotated[StrictStr, Field(min_length=1, max_length=512)] | None = Field(default=None, alias="id")
+    device: Annotated[StrictStr, Field(pattern=r"^(auto|cpu|cuda(:\d{1,2})?|mps)$")] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_new_tokens: Annotated[StrictInt, Field(ge=1, le=256)] = 20
+    threads: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
+    cache_frames: Annotated[StrictInt, Field(ge=0, le=100_000)] = 512
+    vision_batch: Annotated[StrictInt, Field(ge=1, le=1024)] = 32
+    greedy: Literal["auto", "compact", "masked"] = "auto"
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ServerSection(_Strict):
+    """[server]: where and how the HTTP side listens."""
+
+    host: Annotated[StrictStr, Field(min_length=1, max_length=255)] = "127.0.0.1"
+    port: Annotated[StrictInt, Field(ge=0, le=65535)] = 8765
+    max_body_bytes: Annotated[StrictInt, Field(ge=1024, le=1024**3)] = 32 * 1024 * 1024
+    max_clips: Annotated[StrictInt, Field(ge=1, le=256)] = 16
+    max_frames: Annotated[StrictInt, Field(ge=1, le=1024)] = 64
+    heartbeat: _duration(1, 3600) = 20.0
+    close_timeout: _duration(0, 60) = 2.0
+    client_send_buffer: Annotated[StrictInt, Field(ge=4096, le=64 * 1024 * 1024)] = 256 * 1024
+
+
+class LimitsSection(_Strict):
+    """[limits]: batching, queues and the failure budgets."""
+
+    max_batch: Annotated[StrictInt, Field(ge=1, le=256)] = 8
+    max_wait: _duration(0, 5) = 0.05
+    max_pending_per_stream: Annotated[StrictInt, Field(ge=1, le=64)] = 2
+    pipeline: StrictBool | None = None
+    ring_capacity: Annotated[StrictInt, Field(ge=2, le=4096)] = 64
+    history: Annotated[StrictInt, Field(ge=0, le=1000)] = 20
+    client_queue: Annotated[StrictInt, Field(ge=1, le=100_000)] = 256
+    max_failed_batches: Annotated[StrictInt, Field(ge=1, le=1000)] = 3  # in a row: the daemon reports not ready
+    restart_budget: Annotated[StrictInt, Field(ge=0, le=1000)] = 5  # task restarts per restart_window
+    restart_window: _duration(1, 86400) = 60.0
+    max_body_bytes: Annotated[StrictInt, Field(ge=1024, le=1024**3)] | None = None  # older name: [server] max_body_bytes
+
+
+class FileConfig(_Strict):
+    """streamer.toml as a whole."""
+
+    model: ModelSection = ModelSection()
+    server: ServerSection = ServerSection()
+    limits: LimitsSection = LimitsSection()
+    streams: list[StreamConfig] = []
+    # [outputs] and [[webhooks]] are checked by their sinks (publish/sinks.py), which know their own rules
+    outputs: Any = None
+    webhooks: Any = None
+
+
+# -- JSON caption APIs --------------------------------------------------------
+_TokenLimit = Annotated[StrictInt, Field(ge=1, le=256)]
+
+
+class _CaptionRequest(_Strict):
+    # `max_length` is the seed's name, kept as an alias; `max_new_tokens` is the name everywhere else.
+    max_new_tokens: _TokenLimit | None = Field(default=None, validation_alias="max_length")
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_token_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_length" in data and "max_new_tokens" in data:
+            raise ValueError("give max_new_tokens or its older name max_length, not both")
+        if isinstance(data, dict) and "max_new_tokens" in data:
+            data = {**data, "max_length": data["max_new_tokens"]}
+            del data["max_new_tokens"]
+        return data
+
+
+_Base64 = Annotated[StrictStr, Field(min_length=1)]
+
+
+class CaptionVideoRequest(_CaptionRequest):
+    video: _Base64
+
+
+class CaptionVideosRequest(_CaptionRequest):
+    videos: Annotated[list[_Base64], Field(min_length=1)]
+
+
+class CaptionFramesRequest(_CaptionRequest):
+    frames: Annotated[list[_Base64], Field(min_length=1)]
+
+
+# -- errors ----------------------------------------------------------------------
+def describe_error(exc: ValidationError, where: str = "") -> str:
+    """One line for the first error, such as `limits.max_batch = '8': Input should be a valid integer`.
+
+    `where` names the thing validated ("stream"), for messages about it as a whole."""
+    err = exc.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+    msg = err["msg"].removeprefix("Value error, ")
+    key = loc
+    if err["type"] == "missing":
+        return f"{where + ' ' if where else ''}{key}: required"
+    if err["type"] == "extra_forbidden":
+        return f"unknown {where + ' ' if where else ''}field {loc!r}"
+    if not loc:  # a check across fields: the message names what it is about
+        return f"{where}: {msg}" if where else msg
+    value = err.get("input")
+    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{key} = {shown}: {msg}{more}"
+
+
+def validate(model: type[BaseModel], data: Any, where: str = ""):
+    """`model.model_validate(data)`, raising ConfigError with one line instead of ValidationError."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_error(exc, where)) from None
+    except ValueError as exc:  # raised outside a field (e.g. hwaccel check)
+        raise ConfigError(f"{where}: {exc}".lstrip(": ")) from None

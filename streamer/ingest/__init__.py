@@ -1,5 +1,7 @@
-"""Live ingest: sources (RTSP, files as live, devices, lavfi, network URLs) and WHIP."""
+"""Live ingest: sources (RTSP, files as live, devices, lavfi, network URLs) and WHIP,
+both behind one `Source` interface."""
 
+from streamer.ingest.base import Source
 from streamer.ingest.source import (
     FrameSource,
     SourceKind,
@@ -15,6 +17,7 @@ from streamer.ingest.whip import WhipError, WhipSession
 __all__ = [
     "Backoff",
     "FrameSource",
+    "Source",
     "SourceKind",
     "SourceSpec",
     "SourceSpecError",

@@ -32,11 +32,11 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import av
 import av.container
 import av.error
-import numpy as np
 
 from streamer.errors import VideoError
+from streamer.ingest.base import OnState, StateReporter
 from streamer.ingest.state import Backoff, SourceState
-from streamer.media.decode import check_hwaccel, open_input, scaled_size
+from streamer.media.decode import check_hwaccel, open_input, to_rgb
 from streamer.types import Frame
 
 __all__ = [
@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 
 SourceKind = Literal["rtsp", "file", "webcam", "lavfi", "url"]
 OnFrame = Callable[[Frame], None]
-OnState = Callable[[str, SourceState, "str | None"], None]
 
 # Network schemes handed to FFmpeg as they are ("url" sources).
 NETWORK_SCHEMES = frozenset(
@@ -326,7 +325,7 @@ class _Ended:
     fatal: bool = False  # retrying cannot help
 
 
-class FrameSource:
+class FrameSource(StateReporter):
     """Runs one source: decode thread, stall watchdog, reconnects.
 
     `on_frame` and `on_state` are called on the event loop that ran `start()`;
@@ -368,15 +367,6 @@ class FrameSource:
     @property
     def stream_id(self) -> str:
         return self.spec.stream_id
-
-    @property
-    def state(self) -> SourceState:
-        return self._state
-
-    @property
-    def detail(self) -> str | None:
-        """Why the source is in its state (error text, retry schedule); never holds credentials."""
-        return self._detail
 
     @property
     def stats(self) -> SourceStats:
@@ -432,6 +422,10 @@ class FrameSource:
                 self._emit(SourceState.STOPPED, "stopped")
             self._stopped.set()
 
+    async def close(self) -> None:
+        """The `Source` interface's name for `stop()`."""
+        await self.stop()
+
     async def __aenter__(self) -> FrameSource:
         await self.start()
         return self
@@ -444,32 +438,8 @@ class FrameSource:
 
     # -- event loop side ----------------------------------------------------------
 
-    def _set_state(self, state: SourceState, detail: str | None) -> None:
-        if self._closing:
-            return  # stop() owns the last word
-        if state is self._state and detail == self._detail:
-            return
-        self._emit(state, detail)
-
-    def _emit(self, state: SourceState, detail: str | None) -> None:
-        self._state, self._detail = state, detail
-        level = {
-            SourceState.FAILED: logging.ERROR,
-            SourceState.STALLED: logging.WARNING,
-            SourceState.LIVE: logging.INFO,
-            SourceState.RECONNECTING: logging.INFO,
-        }.get(state, logging.DEBUG)
-        log.log(
-            level,
-            "source %s",
-            state.value,
-            extra={"stream": self.stream_id, "state": state.value, "detail": detail, "url": self.spec.redacted_url},
-        )
-        if self._on_state is not None:
-            try:
-                self._on_state(self.stream_id, state, detail)
-            except Exception:
-                log.exception("on_state callback failed", extra={"stream": self.stream_id})
+    def _log_fields(self) -> dict[str, Any]:
+        return {"url": self.spec.redacted_url}
 
     def _deliver(self, frame: Frame) -> None:
         self._delivered += 1
@@ -586,11 +556,10 @@ class FrameSource:
                 pts = self._timeline.place(av_frame.time)
                 if pts is None:
                     continue
-                width, height = scaled_size(av_frame.width, av_frame.height, spec.short_side)
-                image = av_frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="BILINEAR")
+                image = to_rgb(av_frame, spec.short_side)
                 if spec.paced and self._pace(pts):
                     return None
-                frame = Frame(self.stream_id, self._seq, pts, np.ascontiguousarray(image), time.time())
+                frame = Frame(self.stream_id, self._seq, pts, image, time.time())
                 self._seq += 1
                 frames += 1
                 self._progress = time.monotonic()

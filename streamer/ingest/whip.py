@@ -18,16 +18,15 @@ import logging
 import secrets
 import time
 
-import av
-import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc import sdp as aiortc_sdp
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from streamer.errors import VideoError
-from streamer.ingest.source import OnFrame, OnState, SourceStats
+from streamer.ingest.base import OnState, StateReporter
+from streamer.ingest.source import OnFrame, SourceStats
 from streamer.ingest.state import SourceState
-from streamer.media.decode import scaled_size
+from streamer.media.decode import to_rgb
 from streamer.types import Frame
 
 __all__ = ["WhipError", "WhipSession", "check_offer"]
@@ -55,7 +54,7 @@ def check_offer(offer_sdp: str) -> None:
         raise WhipError("offer does not send video (its video sections are recvonly or inactive)")
 
 
-class WhipSession:
+class WhipSession(StateReporter):
     """One WHIP publisher: `accept()` the offer, frames go to `on_frame` on the loop.
 
     `configuration` defaults to no ICE servers: the server answers with its host
@@ -90,14 +89,6 @@ class WhipSession:
         self._frames = 0
         self._dropped = 0
         self._last_wall: float | None = None
-
-    @property
-    def state(self) -> SourceState:
-        return self._state
-
-    @property
-    def detail(self) -> str | None:
-        return self._detail
 
     @property
     def stats(self) -> SourceStats:
@@ -180,7 +171,7 @@ class WhipSession:
                 continue
             self._last_pts = pts
             try:
-                image = await loop.run_in_executor(self._executor, self._to_rgb, av_frame)
+                image = await loop.run_in_executor(self._executor, to_rgb, av_frame, self.short_side)
             except RuntimeError:  # executor shut down: closing
                 break
             frame = Frame(self.stream_id, self._seq, pts, image, time.time())
@@ -202,27 +193,6 @@ class WhipSession:
             while True:
                 await track.recv()
 
-    def _to_rgb(self, av_frame: av.VideoFrame) -> np.ndarray:
-        width, height = scaled_size(av_frame.width, av_frame.height, self.short_side)
-        image = av_frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="BILINEAR")
-        return np.ascontiguousarray(image)
-
-    def _set_state(self, state: SourceState, detail: str | None) -> None:
-        if self._closing or (state is self._state and detail == self._detail):
-            return
-        self._emit(state, detail)
-
-    def _emit(self, state: SourceState, detail: str | None) -> None:
-        self._state, self._detail = state, detail
-        log.log(
-            logging.WARNING if state in (SourceState.FAILED, SourceState.STALLED) else logging.INFO,
-            "whip %s",
-            state.value,
-            extra={"stream": self.stream_id, "session": self.id, "state": state.value, "detail": detail},
-        )
-        if self._on_state is not None:
-            try:
-                self._on_state(self.stream_id, state, detail)
-            except Exception:
-                log.exception("on_state callback failed", extra={"stream": self.stream_id})
+    def _log_fields(self) -> dict[str, object]:
+        return {"session": self.id}
 

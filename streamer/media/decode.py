@@ -135,11 +135,7 @@ def iter_frames(
             pts += pts_offset
             if last_pts is not None and pts <= last_pts:
                 continue
-            width, height = scaled_size(av_frame.width, av_frame.height, short_side)
-            image = av_frame.to_ndarray(
-                format="rgb24", width=width, height=height, interpolation="BILINEAR"
-            )
-            yield Frame(stream_id, seq, pts, np.ascontiguousarray(image), time.time())
+            yield Frame(stream_id, seq, pts, to_rgb(av_frame, short_side), time.time())
             seq += 1
             last_pts = pts
     except av.error.FFmpegError as exc:
@@ -194,3 +190,11 @@ def describe(container: av.container.InputContainer) -> dict[str, Any]:
         "height": stream.codec_context.height,
         "rate": float(stream.average_rate) if stream.average_rate else None,
     }
+
+
+def to_rgb(av_frame: av.VideoFrame, short_side: int | None) -> np.ndarray:
+    """An H x W x 3 uint8 RGB array, scaled (bilinear) so its short side is `short_side`
+    (the model's input size: less to copy and preprocess), contiguous for torch."""
+    width, height = scaled_size(av_frame.width, av_frame.height, short_side)
+    image = av_frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="BILINEAR")
+    return np.ascontiguousarray(image)

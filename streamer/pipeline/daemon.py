@@ -1,7 +1,7 @@
 """The live pipeline, wired: sources -> rings -> samplers -> scheduler -> engine -> hub.
 
-One `StreamRuntime` per stream owns its source, ring buffer, sampler and the
-task between them; the `Daemon` owns the streams, the shared scheduler (one
+One `StreamRuntime` per stream (runtime.py) owns its source, ring buffer,
+sampler and the task between them; the `Daemon` owns the streams, the shared scheduler (one
 engine for all streams), the caption hub and the metrics. Adding, removing
 or losing a stream never touches another stream's objects.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -18,16 +17,14 @@ from streamer.config import STREAM_ID, StreamConfig
 from streamer.ingest import FrameSource, SourceSpec, SourceState
 from streamer.ops.metrics import DaemonMetrics
 from streamer.ops.supervisor import Supervisor
-from streamer.pipeline.ring import FrameRing
-from streamer.pipeline.sampler import SamplerConfig, WindowSampler
+from streamer.pipeline.runtime import StreamRuntime
 from streamer.pipeline.scheduler import Scheduler, SchedulerConfig
 from streamer.publish.hub import CaptionHub
-from streamer.types import Caption, Frame, Window
+from streamer.types import Caption, Window
 
-__all__ = ["STREAM_ID", "StreamConfig", "DaemonConfig", "Daemon", "StreamExists", "StreamNotFound"]
+__all__ = ["STREAM_ID", "StreamConfig", "StreamRuntime", "DaemonConfig", "Daemon", "StreamExists", "StreamNotFound"]
 
 log = logging.getLogger(__name__)
-
 
 
 class StreamExists(ValueError):
@@ -64,87 +61,6 @@ class CaptionEngine(Protocol):
     def finish(self, prepared, max_new_tokens: int | None = None) -> list[Caption]: ...
 
     def forget_stream(self, stream_id: str) -> None: ...
-
-
-class StreamRuntime:
-    """One stream's ingest side: source -> ring -> sampler -> scheduler."""
-
-    def __init__(self, config: StreamConfig, daemon: Daemon) -> None:
-        self.config = config
-        self._daemon = daemon
-        frames = config.frames or daemon.engine.num_frames
-        self.sampler = WindowSampler(SamplerConfig(config.window, frames, config.hop), config.id)
-        self.ring = FrameRing(daemon.config.ring_capacity)
-        self.source: Any = None  # FrameSource, or a WHIP session
-        self.state = SourceState.CONNECTING.value
-        self.detail: str | None = None
-        self.windows = 0
-        self.captions = 0
-        self.last_caption: Caption | None = None
-        self.created = time.time()
-        self._task: asyncio.Task | None = None
-
-    def start_pipeline(self) -> None:
-        self._task = self._daemon.supervisor.spawn(f"pump:{self.config.id}", self._pump)
-
-    def on_frame(self, frame: Frame) -> None:
-        self._daemon.metrics.frames.labels(stream=self.config.id).inc()
-        dropped_before = self.ring.dropped
-        self.ring.push(frame)
-        if self.ring.dropped != dropped_before:
-            self._daemon.metrics.ring_dropped.labels(stream=self.config.id).inc()
-
-    def on_state(self, stream_id: str, state: SourceState, detail: str | None) -> None:
-        self.state, self.detail = state.value, detail
-        self._daemon.hub.publish_state(self.config.id, state.value, detail)
-        self._daemon.metrics.set_state(self.config.id, state.value)
-
-    async def _pump(self) -> None:
-        while True:
-            for frame in await self.ring.take():
-                for window in self.sampler.feed(frame):
-                    self.windows += 1
-                    self._daemon.scheduler.submit(window)
-
-    async def stop(self) -> None:
-        if self.source is not None:
-            close = getattr(self.source, "stop", None) or self.source.close
-            await close()
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-
-    def describe(self) -> dict[str, Any]:
-        last = self.last_caption
-        return {
-            **self.config.model_dump(),
-            "url": _redacted(self.config.url),
-            "kind": "whip" if not self.config.url else _kind(self.source),
-            "state": self.state,
-            "detail": self.detail,
-            "frames": self.ring.pushed,
-            "frames_dropped": self.ring.dropped,
-            "windows": self.windows,
-            "captions": self.captions,
-            "last_caption": last.text if last else None,
-            "last_caption_end": last.end if last else None,
-        }
-
-
-def _kind(source: Any) -> str | None:
-    spec = getattr(source, "spec", None)
-    kind = getattr(spec, "kind", None)
-    return getattr(kind, "value", kind)
-
-
-def _redacted(url: str) -> str:
-    from streamer.ingest.source import redact_url
-
-    return redact_url(url) if url else ""
 
 
 class Daemon:
@@ -244,7 +160,7 @@ class Daemon:
         async with self._lock:
             if config.id in self.streams:
                 raise StreamExists(f"stream {config.id!r} already exists")
-            rt = StreamRuntime(config, self)
+            rt = self._runtime(config)
             spec = SourceSpec(
                 stream_id=config.id,
                 url=config.url,
@@ -270,7 +186,7 @@ class Daemon:
         async with self._lock:
             if config.id in self.streams:
                 raise StreamExists(f"stream {config.id!r} already exists")
-            rt = StreamRuntime(config, self)
+            rt = self._runtime(config)
             session = WhipSession(config.id, rt.on_frame, on_state=rt.on_state, short_side=self.engine.frame_short_side)
             answer = await session.accept(offer_sdp)  # raises on a bad offer: nothing registered
             rt.source = session
@@ -292,6 +208,13 @@ class Daemon:
         self.hub.forget_stream(stream_id)
         self.metrics.forget_stream(stream_id)
         log.info("stream removed", extra={"stream": stream_id})
+
+    def _runtime(self, config: StreamConfig) -> StreamRuntime:
+        return StreamRuntime(
+            config, frames=self.engine.num_frames, ring_capacity=self.config.ring_capacity,
+            submit=self.scheduler.submit, publish_state=self.hub.publish_state, metrics=self.metrics,
+            spawn=self.supervisor.spawn,
+        )
 
     def get(self, stream_id: str) -> StreamRuntime:
         try:

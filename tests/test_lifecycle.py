@@ -67,6 +67,8 @@ async def test_port_answers_while_the_model_loads(tiny_model, monkeypatch):
         assert await _get(http, f"{base}/readyz") == (503, {"status": "starting", "reason": "loading model"})
         async with http.post(f"{base}/streams", json={"id": "a", "url": "x.mp4"}) as resp:
             assert resp.status == 503 and (await resp.json())["error"]["code"] == "starting"
+        async with http.get(f"{base}/metrics") as resp:  # scrapable during the load: process metrics at least
+            assert resp.status == 200 and _sample(await resp.text(), "process_resident_memory_bytes") > 0
         gate.set()
         await asyncio.wait_for(ready, 60)
         status, body = await _get(http, f"{base}/readyz")

@@ -119,6 +119,8 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
 
     from streamer.engine import Engine
     from streamer.http.app import Service, build_app
+    from streamer.ingest import SourceState
+    from streamer.ops.metrics import DaemonMetrics
     from streamer.pipeline.daemon import Daemon
     from streamer.publish.sinks import close_sinks, outputs_from_config
 
@@ -135,7 +137,8 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
             force.set()
         stop.set()
 
-    service = Service()
+    metrics = DaemonMetrics(s.value for s in SourceState)
+    service = Service(metrics=metrics)
     daemon: Daemon | None = None
     sinks: list = []
     runner = web.AppRunner(build_app(service, config.server), handle_signals=False, access_log=None)
@@ -155,7 +158,7 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
         engine = await _until_stopped(loop.run_in_executor(None, Engine.load, config.engine), stop)
         if engine is None:
             return  # stopped while the model loaded
-        daemon = Daemon(engine, config.daemon)
+        daemon = Daemon(engine, config.daemon, metrics=metrics)
         await daemon.start()
         sinks = outputs_from_config(dict(config.sinks))
         for sink in sinks:

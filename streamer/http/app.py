@@ -30,7 +30,6 @@ from streamer.http.common import (
     SOCKETS_KEY,
     ServerConfig,
     Service,
-    daemon_of,
     error_response,
 )
 from streamer.http.pages import add_web_routes
@@ -106,6 +105,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = daemon_of(request).metrics.render()
+    service = request.app[SERVICE_KEY]
+    registry = service.daemon.metrics if service.daemon is not None else service.metrics
+    if registry is None:
+        return error_response(503, "starting", f"not ready yet: {service.phase}")
+    body = registry.render()  # while the model loads: process metrics and zeroed daemon ones
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 

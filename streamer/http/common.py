@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from streamer.ops.metrics import DaemonMetrics
 from streamer.pipeline.daemon import Daemon
 
 __all__ = ["ServerConfig", "SERVICE_KEY", "Service", "daemon_of", "CONFIG_KEY", "SOCKETS_KEY", "error_response", "json_body"]
@@ -20,9 +21,11 @@ class Service:
     The port is bound before the model loads (a download can take minutes), so
     /healthz answers and /readyz says "loading model" instead of refusing connections."""
 
-    def __init__(self, daemon: Daemon | None = None, phase: str = "loading model") -> None:
+    def __init__(self, daemon: Daemon | None = None, phase: str = "loading model",
+                 metrics: DaemonMetrics | None = None) -> None:
         self.daemon = daemon
         self.phase = "ready" if daemon is not None else phase
+        self.metrics = metrics if metrics is not None else (daemon.metrics if daemon is not None else None)
 
 
 SERVICE_KEY = web.AppKey("service", Service)

@@ -64,11 +64,15 @@ class CaptionEngine(Protocol):
 
 
 class Daemon:
-    def __init__(self, engine: CaptionEngine, config: DaemonConfig | None = None) -> None:
+    def __init__(
+        self, engine: CaptionEngine, config: DaemonConfig | None = None, *, metrics: DaemonMetrics | None = None
+    ) -> None:
+        """`metrics`: made before the model loads when the port is bound first (serve), so that
+        /metrics answers during the load; a new one otherwise."""
         self.engine = engine
         self.config = config or DaemonConfig()
         self.hub = CaptionHub(history=self.config.history, queue_size=self.config.client_queue)
-        self.metrics = DaemonMetrics(s.value for s in SourceState)
+        self.metrics = metrics or DaemonMetrics(s.value for s in SourceState)
         self.metrics.watch(
             lambda: self.engine.stats,
             lambda: {sid: rt.source.stats for sid, rt in list(self.streams.items()) if rt.source is not None},

@@ -38,6 +38,8 @@ __all__ = [
     "ModelSection",
     "ServerSection",
     "LimitsSection",
+    "OutputsSection",
+    "WebhookSection",
     "FileConfig",
     "CaptionVideoRequest",
     "CaptionVideosRequest",
@@ -176,6 +178,56 @@ class LimitsSection(_Strict):
     max_body_bytes: Annotated[StrictInt, Field(ge=1024, le=1024**3)] | None = None  # older name: [server] max_body_bytes
 
 
+OUTPUT_FORMATS = ("vtt", "srt", "jsonl")
+
+
+def _stream_list(value: Any) -> Any:
+    if value is None or value == "*":
+        return None
+    if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
+        raise ValueError("streams must be a list of stream ids (or \"*\" for every stream)")
+    return value
+
+
+StreamFilter = Annotated[list[StrictStr] | None, BeforeValidator(_stream_list)]
+
+
+def _formats(value: Any) -> Any:
+    if not isinstance(value, list) or not value or not all(isinstance(f, str) for f in value):
+        raise ValueError(f"formats must be a non-empty list of strings, some of {', '.join(OUTPUT_FORMATS)}")
+    unknown = [f for f in value if f not in OUTPUT_FORMATS]
+    if unknown:
+        raise ValueError(f"unknown format(s) {', '.join(map(repr, unknown))}; valid: {', '.join(OUTPUT_FORMATS)}")
+    return value
+
+
+def _non_blank(value: Any) -> Any:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+class OutputsSection(_Strict):
+    """[outputs]: live subtitle files, one per stream and format."""
+
+    dir: Annotated[StrictStr, BeforeValidator(_non_blank), Field(max_length=4096)]
+    formats: Annotated[list[StrictStr], BeforeValidator(_formats)] = list(OUTPUT_FORMATS)
+    streams: StreamFilter = None
+
+
+class WebhookSection(_Strict):
+    """[[webhooks]]: POST matching captions to a URL (the URL and regex are checked by WebhookSink)."""
+
+    url: Annotated[StrictStr, Field(min_length=1, max_length=4096)]
+    match: Annotated[StrictStr, Field(min_length=1, max_length=1024)] | None = None
+    streams: StreamFilter = None
+    only_changes: StrictBool = False
+    queue_size: Annotated[StrictInt, Field(ge=1, le=100_000)] = 100
+    retries: Annotated[StrictInt, Field(ge=0, le=20)] = 3
+    backoff: _duration(0, 600) = 0.5
+    timeout: _duration(0, 600, low_open=True) = 5.0
+
+
 class FileConfig(_Strict):
     """streamer.toml as a whole."""
 
@@ -183,7 +235,7 @@ class FileConfig(_Strict):
     server: ServerSection = ServerSection()
     limits: LimitsSection = LimitsSection()
     streams: list[StreamConfig] = []
-    # [outputs] and [[webhooks]] are checked by their sinks (publish/sinks.py), which know their own rules
+    # checked table by table in publish/sinks.py (errors name "[outputs]" / "[[webhooks]] #N")
     outputs: Any = None
     webhooks: Any = None
 
@@ -224,33 +276,39 @@ class CaptionFramesRequest(_CaptionRequest):
 
 
 # -- errors ----------------------------------------------------------------------
-def describe_error(exc: ValidationError, where: str = "") -> str:
+def describe_error(exc: ValidationError, where: str = "", table: str = "") -> str:
     """One line for the first error, such as `limits.max_batch = '8': Input should be a valid integer`.
 
-    `where` names the thing validated ("stream"), for messages about it as a whole."""
+    `where` names the thing validated ("stream"), for messages about it as a
+    whole; `table` prefixes keys of a config table ("[outputs]")."""
     err = exc.errors(include_url=False)[0]
     loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
     msg = err["msg"].removeprefix("Value error, ")
-    key = loc
+    key = f"{table} {loc}" if table else loc
     if err["type"] == "missing":
         return f"{where + ' ' if where else ''}{key}: required"
     if err["type"] == "extra_forbidden":
+        if table:
+            return f"{table}: unknown key(s) {loc}"
         return f"unknown {where + ' ' if where else ''}field {loc!r}"
     if not loc:  # a check across fields: the message names what it is about
-        return f"{where}: {msg}" if where else msg
+        prefix = table or where
+        return f"{prefix}: {msg}" if prefix else msg
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     value = err.get("input")
-    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    if isinstance(value, (dict, list)):
+        return f"{key}: {msg}{more}"
+    shown = repr(value)
     if len(shown) > 80:
         shown = shown[:77] + "..."
-    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return f"{key} = {shown}: {msg}{more}"
 
 
-def validate(model: type[BaseModel], data: Any, where: str = ""):
+def validate(model: type[BaseModel], data: Any, where: str = "", table: str = ""):
     """`model.model_validate(data)`, raising ConfigError with one line instead of ValidationError."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(describe_error(exc, where)) from None
+        raise ConfigError(describe_error(exc, where, table)) from None
     except ValueError as exc:  # raised outside a field (e.g. hwaccel check)
-        raise ConfigError(f"{where}: {exc}".lstrip(": ")) from None
+        raise ConfigError(f"{table or where}: {exc}".lstrip(": ")) from None

@@ -143,3 +143,16 @@ async def test_post_streams_refuses_out_of_bounds_values_and_keeps_serving(tiny_
         created = await add_stream(http, d, id="good", url=str(clip), window="1s", hop="500ms", loop=True)
         assert (created["window"], created["hop"]) == (1.0, 0.5)
         assert json.dumps(created)  # the description is plain JSON
+
+
+def test_sink_tables_use_the_same_schema_and_duration_type():
+    from streamer.publish.sinks import outputs_from_config
+
+    (hook,) = outputs_from_config({"webhooks": [{"url": "http://127.0.0.1:9/h", "backoff": "250ms", "timeout": "2s"}]})
+    assert (hook.backoff, hook.timeout) == (0.25, 2.0)
+    for data, message in [({"outputs": {"dir": " "}}, "[outputs] dir = ' ': must be a non-empty string"),
+                          ({"webhooks": [{"url": "http://h/", "queue_size": 10**9}]}, "[[webhooks]] #1 queue_size = 1000000000"),
+                          ({"webhooks": [{"url": "http://h/", "only_changes": "yes"}]}, "[[webhooks]] #1 only_changes = 'yes'")]:
+        with pytest.raises(ValueError) as info:
+            outputs_from_config(data)
+        assert message in str(info.value) and "\n" not in str(info.value), str(info.value)

@@ -314,11 +314,12 @@ def test_sinks_from_config_tables_and_clear_errors(tmp_path):
         ({"outputs": {"dir": "x", "format": ["vtt"]}}, "unknown key(s) format"),
         ({"outputs": {"dir": "x", "streams": "lobby"}}, "streams must be a list"),
         ({"webhooks": {"url": "http://h/"}}, "write [[webhooks]]"),
-        ({"webhooks": [{"match": "x"}]}, "[[webhooks]] #1 needs a 'url'"),
+        ({"webhooks": [{"match": "x"}]}, "[[webhooks]] #1 url: required"),
         ({"webhooks": [{"url": "http://h/"}, {"url": "ftp://h/"}]}, "[[webhooks]] #2: webhook url must be http(s)"),
         ({"webhooks": [{"url": "http://h/", "match": "("}]}, "not a valid regular expression"),
-        ({"webhooks": [{"url": "http://h/", "retries": -1}]}, "retries must be an integer >= 0"),
-        ({"webhooks": [{"url": "http://h/", "timeout": "5"}]}, "timeout must be a number"),
+        ({"webhooks": [{"url": "http://h/", "retries": -1}]}, "retries = -1: Input should be greater than or equal to 0"),
+        ({"webhooks": [{"url": "http://h/", "timeout": "soon"}]}, "timeout = 'soon': not a duration"),
+        ({"webhooks": [{"url": "http://h/", "timeout": 0}]}, "timeout = 0: must be over 0 s"),
     ]:
         with pytest.raises(ValueError) as info:
             outputs_from_config(data)

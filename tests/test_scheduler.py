@@ -180,6 +180,16 @@ def test_a_one_off_request_with_its_own_token_limit_waits_for_a_batch_of_its_own
     assert [w.index for w in planner.next_plan(now=2.5).windows] == [3]
 
 
+def test_a_request_whose_caller_went_away_costs_no_more_engine_time():
+    planner = BatchPlanner(SchedulerConfig(max_batch=2))
+    request = _request([window(f"_c.{i}", 0) for i in range(4)])
+    planner.submit_request(request)
+    assert [w.stream_id for w in planner.next_plan(now=0.0).windows] == ["_c.0", "_c.1"]
+    request.future.cancel()
+    plan = planner.next_plan(now=0.0)
+    assert plan.windows == [] and plan.free == ["_c.0", "_c.1"] and not planner.has_work
+
+
 def test_forgetting_a_stream_frees_its_features_in_the_next_plan():
     planner = BatchPlanner(SchedulerConfig())
     planner.submit(window("gone", 0))

@@ -90,6 +90,10 @@ class BatchPlanner:
         taken: list[tuple[Request, int]] = []
         while self._requests and len(windows) < self.config.max_batch:
             request = self._requests[0]
+            if request.future.done():  # the caller went away (HTTP client gone): no engine time for it
+                self._requests.popleft()
+                self._frees.extend(dict.fromkeys(w.stream_id for w in request.windows[: request.taken]))
+                continue
             if request.max_new_tokens != max_new_tokens:
                 break
             position = request.taken

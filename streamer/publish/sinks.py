@@ -13,9 +13,12 @@ streams = ["lobby"]     # optional; default: every stream
 only_changes = false    # true: skip a caption whose text repeats the stream's previous one
 queue_size = 100        # captions waiting; when full, the oldest is dropped
 retries = 3             # on connection errors, timeouts and 5xx; never on 4xx
-backoff = 0.5           # seconds before the first retry, doubling
+backoff = 0.5           # seconds before the first retry, doubling (durations also take "500ms", "2s")
 timeout = 5.0           # seconds per attempt
 ```
+
+Both tables go through the one schema (streamer/config.py: OutputsSection,
+WebhookSection); errors name the table, e.g. `[[webhooks]] #2 retries = -1: ...`.
 
 A sink is anything with `async start(hub, spawn=None)` (subscribe, start its
 own tasks, under a Supervisor's `spawn` when given; it must not block) and
@@ -28,21 +31,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
+from streamer.config import OutputsSection, WebhookSection, validate
 from streamer.publish.consumer import Spawn
 from streamer.publish.hub import CaptionHub
-from streamer.publish.subtitles import OUTPUT_FORMATS, SubtitleOutputs
+from streamer.publish.subtitles import SubtitleOutputs
 from streamer.publish.webhooks import WebhookSink
 
 __all__ = ["Sink", "outputs_from_config", "close_sinks"]
 
 log = logging.getLogger(__name__)
 
-_OUTPUT_KEYS = {"dir", "formats", "streams"}
-_WEBHOOK_KEYS = {"url", "match", "streams", "only_changes", "queue_size", "retries", "backoff", "timeout"}
 
 
 @runtime_checkable
@@ -93,64 +94,19 @@ async def close_sinks(sinks: Iterable[Sink], force: asyncio.Event | None = None)
 
 
 def _outputs(table: Any) -> SubtitleOutputs:
-    where = "[outputs]"
-    _check_table(table, _OUTPUT_KEYS, where)
-    directory = table.get("dir")
-    if not isinstance(directory, str) or not directory.strip():
-        raise ValueError(f"{where} dir must be a non-empty string (the directory for the subtitle files)")
-    formats = table.get("formats", list(OUTPUT_FORMATS))
-    if not isinstance(formats, list) or not formats or not all(isinstance(f, str) for f in formats):
-        raise ValueError(f"{where} formats must be a non-empty list of strings, some of {', '.join(OUTPUT_FORMATS)}")
-    unknown = [f for f in formats if f not in OUTPUT_FORMATS]
-    if unknown:
-        raise ValueError(f"{where} formats: unknown format(s) {', '.join(map(repr, unknown))}; "
-                         f"valid: {', '.join(OUTPUT_FORMATS)}")
-    return SubtitleOutputs(directory, formats, _streams(table, where))
+    section = _section(OutputsSection, table, "[outputs]")
+    return SubtitleOutputs(section.dir, section.formats, section.streams)
 
 
 def _webhook(table: Any, where: str) -> WebhookSink:
-    _check_table(table, _WEBHOOK_KEYS, where)
-    if "url" not in table:
-        raise ValueError(f"{where} needs a 'url'")
-    kw: dict[str, Any] = {"streams": _streams(table, where)}
-    if "match" in table:
-        if not isinstance(table["match"], str) or not table["match"]:
-            raise ValueError(f"{where} match must be a non-empty string (a regular expression)")
-        kw["match"] = table["match"]
-    if "only_changes" in table:
-        if not isinstance(table["only_changes"], bool):
-            raise ValueError(f"{where} only_changes must be true or false")
-        kw["only_changes"] = table["only_changes"]
-    for key in ("queue_size", "retries"):
-        if key in table:
-            value = table[key]
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{where} {key} must be an integer, got {value!r}")
-            kw[key] = value
-    for key in ("backoff", "timeout"):
-        if key in table:
-            value = table[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{where} {key} must be a number of seconds, got {value!r}")
-            kw[key] = float(value)
+    section = _section(WebhookSection, table, where)
     try:
-        return WebhookSink(table["url"], **kw)
-    except (ValueError, TypeError) as exc:
+        return WebhookSink(**section.model_dump())
+    except (ValueError, TypeError) as exc:  # the URL and the regular expression
         raise ValueError(f"{where}: {exc}") from None
 
 
-def _check_table(table: Any, known: set[str], where: str) -> None:
+def _section(model, table: Any, where: str):
     if not isinstance(table, Mapping):
         raise ValueError(f"{where} must be a table")
-    unknown = set(table) - known
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-
-
-def _streams(table: Mapping[str, Any], where: str) -> list[str] | None:
-    streams = table.get("streams")
-    if streams is None or streams == "*":
-        return None
-    if not isinstance(streams, list) or not all(isinstance(s, str) and s for s in streams):
-        raise ValueError(f"{where} streams must be a list of stream ids (or \"*\" for every stream)")
-    return streams
+    return validate(model, dict(table), table=where)

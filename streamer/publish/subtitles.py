@@ -80,6 +80,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from streamer.config import OUTPUT_FORMATS
 from streamer.publish.consumer import HubConsumer, Spawn
 from streamer.publish.formats import CaptionWriter
 from streamer.publish.hub import (
@@ -92,7 +93,6 @@ __all__ = ["OUTPUT_FORMATS", "SubtitleOutputs", "caption_from_message"]
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FORMATS = ("vtt", "srt", "jsonl")
 _TAIL_BYTES = 64 * 1024
 _TS = r"(?:\d+:)?\d{2}:\d{2}[.,]\d{3}"
 _TIMING = re.compile(rf"(?m)^({_TS})[ \t]+-->[ \t]+({_TS})")

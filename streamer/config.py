@@ -172,6 +172,7 @@ class LimitsSection(_Strict):
     ring_capacity: Annotated[StrictInt, Field(ge=2, le=4096)] = 64
     history: Annotated[StrictInt, Field(ge=0, le=1000)] = 20
     client_queue: Annotated[StrictInt, Field(ge=1, le=100_000)] = 256
+    max_request_windows: Annotated[StrictInt, Field(ge=1, le=100_000)] = 256  # one-off windows waiting (HTTP APIs)
     max_failed_batches: Annotated[StrictInt, Field(ge=1, le=1000)] = 3  # in a row: the daemon reports not ready
     restart_budget: Annotated[StrictInt, Field(ge=0, le=1000)] = 5  # task restarts per restart_window
     restart_window: _duration(1, 86400) = 60.0

@@ -36,6 +36,17 @@ async def _get(http, url):
         return resp.status, await resp.json()
 
 
+def _png() -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 def _sample(text: str, name: str, **labels) -> float:
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -145,6 +156,9 @@ async def test_failing_engine_batches_are_counted_and_make_the_daemon_not_ready(
             assert status == 503 and "engine batches failed in a row" in body["reason"], body
             async with http.get(f"{d.http}/metrics") as resp:
                 assert _sample(await resp.text(), "streamer_batches_failed_total") >= 2
+            async with http.post(f"{d.http}/v1/caption/frames", json={"frames": [_png()]}) as resp:
+                body = await resp.json()  # a one-off request on a failing engine: a clear error, not a hang or a bare 500
+                assert resp.status == 500 and body["error"]["code"] == "engine_failed", body
             del engine.prepare  # the class's real method again
             await read_messages(ws, count_for("cam", 1), 30)
         assert (await _get(http, f"{d.http}/readyz"))[0] == 200

@@ -21,17 +21,15 @@ import srt
 import websockets
 import webvtt
 
-from streamer.cli.serve import ServeConfig, load_config, serve
-from streamer.engine import EngineConfig
+from streamer.cli.serve import load_config
 from streamer.errors import StreamerError
-from streamer.http.app import ServerConfig
-from streamer.pipeline.daemon import DaemonConfig
 from streamer.publish.formats import render
 from streamer.publish.hub import CaptionHub
 from streamer.publish.sinks import Sink, outputs_from_config
 from streamer.publish.subtitles import SubtitleOutputs, caption_from_message
 from streamer.publish.webhooks import WebhookSink
 from streamer.types import Caption
+from tests.support.daemon import Running, running_daemon
 from tests.support.media import solid_frames, write_video
 
 pytestmark = pytest.mark.timeout(90)
@@ -48,36 +46,12 @@ def colours(tmp_path_factory) -> Path:
     return write_video(tmp_path_factory.mktemp("outputs") / "colours.mp4", frames, fps=15)
 
 
-class Served:
-    def __init__(self, port: int, daemon) -> None:
-        self.port, self.daemon = port, daemon
-        self.http = f"http://127.0.0.1:{port}"
-        self.ws = f"ws://127.0.0.1:{port}/ws"
+Served = Running
 
 
-@contextlib.asynccontextmanager
-async def serving(model, sinks: tuple = ()):
+def serving(model, sinks: tuple = ()):
     """`serve()` in this loop, as `streamer serve` runs it, with the given raw sink tables."""
-    config = ServeConfig(
-        engine=EngineConfig(model=str(model), max_new_tokens=4),
-        server=ServerConfig(port=0),
-        daemon=DaemonConfig(),
-        sinks=sinks,
-    )
-    ready: asyncio.Future = asyncio.get_running_loop().create_future()
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve(config, on_ready=lambda port, d: ready.set_result(Served(port, d)), stop=stop))
-    done, _ = await asyncio.wait([ready, task], timeout=60, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()
-    served = ready.result()
-    served.stop = stop
-    served.task = task
-    try:
-        yield served
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
+    return running_daemon(model, sinks=sinks)
 
 
 async def add_stream(served: Served, **body) -> None:

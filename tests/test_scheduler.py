@@ -237,3 +237,17 @@ async def test_one_off_captions_go_through_the_planner_within_max_batch_beside_l
     assert last_live < first_one_off  # live windows first
     assert not any((w.stream_id, f.seq) in engine.cache for w in clips for f in w.frames)  # freed
     assert any(("cam", f.seq) in engine.cache for f in live[-1].frames)  # live features kept
+
+
+def test_one_off_work_waiting_is_bounded_with_a_clear_refusal():
+    import pytest
+
+    from streamer.pipeline.scheduler import SchedulerBusy
+
+    planner = BatchPlanner(SchedulerConfig(max_batch=2, max_request_windows=4))
+    planner.submit_request(_request([window(f"_a.{i}", 0) for i in range(3)]))
+    with pytest.raises(SchedulerBusy, match="3 one-off windows waiting"):
+        planner.submit_request(_request([window(f"_b.{i}", 0) for i in range(2)]))
+    planner.next_plan(now=0.0)  # two of the three are taken: room for two more
+    planner.submit_request(_request([window(f"_b.{i}", 0) for i in range(2)]))
+    assert sum(len(p.windows) for p in (planner.next_plan(0.0), planner.next_plan(0.0))) == 3

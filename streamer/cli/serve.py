@@ -86,7 +86,8 @@ def load_config(path: str | None, args: argparse.Namespace | None = None) -> Ser
     if limits.max_body_bytes is not None:
         server_values["max_body_bytes"] = limits.max_body_bytes
     scheduler = SchedulerConfig(max_batch=limits.max_batch, max_wait=limits.max_wait,
-                                max_pending_per_stream=limits.max_pending_per_stream, pipeline=limits.pipeline)
+                                max_pending_per_stream=limits.max_pending_per_stream, pipeline=limits.pipeline,
+                                max_request_windows=limits.max_request_windows)
     daemon = DaemonConfig(scheduler=scheduler, ring_capacity=limits.ring_capacity, history=limits.history,
                           client_queue=limits.client_queue, max_failed_batches=limits.max_failed_batches,
                           restart_budget=limits.restart_budget, restart_window=limits.restart_window)

@@ -18,6 +18,7 @@ from streamer.errors import VideoError
 from streamer.http.common import CONFIG_KEY, daemon_of, error_response, json_body
 from streamer.media.decode import iter_frames
 from streamer.pipeline.sampler import SamplerConfig, WindowSampler
+from streamer.pipeline.scheduler import EngineFailed, SchedulerBusy
 from streamer.types import Frame, Window
 
 _REQUEST_IDS = itertools.count()  # one-off requests get stream ids of their own (feature-cache keys)
@@ -97,6 +98,10 @@ async def caption_video(request: web.Request) -> web.Response:
         (result,) = await _caption_clips(request, [_b64(req.video, "video")], req.max_new_tokens)
     except ValueError as exc:
         return error_response(400, "bad_request", str(exc))
+    except SchedulerBusy as exc:
+        return error_response(503, "busy", str(exc))
+    except EngineFailed as exc:
+        return error_response(500, "engine_failed", str(exc))
     return web.json_response(result)
 
 
@@ -111,6 +116,10 @@ async def caption_videos(request: web.Request) -> web.Response:
         results = await _caption_clips(request, clips, req.max_new_tokens)
     except ValueError as exc:
         return error_response(400, "bad_request", str(exc))
+    except SchedulerBusy as exc:
+        return error_response(503, "busy", str(exc))
+    except EngineFailed as exc:
+        return error_response(500, "engine_failed", str(exc))
     return web.json_response({"results": results})
 
 
@@ -142,4 +151,8 @@ async def caption_frames(request: web.Request) -> web.Response:
         (caption,) = await daemon.caption_windows([Window(stream_id, 0, frames)], req.max_new_tokens)
     except ValueError as exc:
         return error_response(400, "bad_request", str(exc))
+    except SchedulerBusy as exc:
+        return error_response(503, "busy", str(exc))
+    except EngineFailed as exc:
+        return error_response(500, "engine_failed", str(exc))
     return web.json_response(_api_caption(caption))

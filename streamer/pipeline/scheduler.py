@@ -29,7 +29,7 @@ from typing import Any
 
 from streamer.types import Caption, Window
 
-__all__ = ["SchedulerConfig", "BatchPlanner", "Plan", "Request", "Scheduler"]
+__all__ = ["SchedulerConfig", "BatchPlanner", "Plan", "Request", "Scheduler", "SchedulerBusy", "EngineFailed"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,15 @@ class SchedulerConfig:
     max_pending_per_stream: int = 2  # newest wins beyond this
     pipeline: bool | None = None  # prepare batch k+1 while k decodes; None: on when the engine is on CUDA
     request_max_wait: float = 2.0  # a one-off request waiting longer than this goes before live windows
+    max_request_windows: int = 256  # one-off windows waiting, all requests together; past it a request is refused
+
+
+class SchedulerBusy(RuntimeError):
+    """A one-off request was refused: too much one-off work waiting, or the scheduler is closing."""
+
+
+class EngineFailed(RuntimeError):
+    """The engine raised on the batch that held a one-off request's windows (logged and counted)."""
 
 
 class BatchPlanner:
@@ -54,7 +63,12 @@ class BatchPlanner:
         self._frees: list[str] = []  # streams whose cached features the engine should drop
 
     def submit_request(self, request: Request) -> None:
-        """Queue one-off windows; they run after live windows, within max_batch."""
+        """Queue one-off windows; they run after live windows, within max_batch.
+        Raises SchedulerBusy when that would pass `max_request_windows` (their frames are in memory)."""
+        waiting = sum(len(r.windows) - r.taken for r in self._requests)
+        if waiting + len(request.windows) > self.config.max_request_windows:
+            raise SchedulerBusy(f"the engine has {waiting} one-off windows waiting (limit "
+                                f"{self.config.max_request_windows}); try again shortly")
         self._requests.append(request)
 
     def submit(self, window: Window) -> Window | None:
@@ -221,6 +235,8 @@ class Scheduler:
         max_batch, their cached features freed once captioned. Stream ids must be unique to the call."""
         if not windows:
             return []
+        if self._closing:
+            raise SchedulerBusy("the daemon is shutting down")
         loop = asyncio.get_running_loop()
         request = Request(list(windows), max_new_tokens, loop.time(), loop.create_future())
         self.planner.submit_request(request)
@@ -274,7 +290,7 @@ class Scheduler:
                 self._on_failure(len(plan.windows), exc)
             for request, _ in plan.requests:
                 if not request.future.done():
-                    request.future.set_exception(RuntimeError(f"the engine failed on this batch: {exc}"))
+                    request.future.set_exception(EngineFailed(f"the engine failed on this batch: {type(exc).__name__}: {exc}"))
             return None
 
     def _done(self, plan: Plan, started: float, captions: list[Caption] | None) -> None:

@@ -24,12 +24,15 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def running_daemon(
-    model, *, daemon_config: DaemonConfig | None = None, server_config: ServerConfig | None = None, max_new_tokens: int = 4
+    model, *, daemon_config: DaemonConfig | None = None, server_config: ServerConfig | None = None,
+    max_new_tokens: int = 4, sinks: tuple = (),
 ):
+    """`serve()` in this loop, as `streamer serve` runs it; `sinks`: raw ("outputs"/"webhooks", table) pairs."""
     config = ServeConfig(
         engine=EngineConfig(model=str(model), max_new_tokens=max_new_tokens),
         server=server_config or ServerConfig(port=0),
         daemon=daemon_config or DaemonConfig(),
+        sinks=sinks,
     )
     ready: asyncio.Future = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()
@@ -38,6 +41,7 @@ async def running_daemon(
     if task in done:
         task.result()  # raises what went wrong
     running = ready.result()
+    running.stop, running.task = stop, task
     try:
         yield running
     finally:

@@ -156,8 +156,8 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
         log.warning("listening; loading the model", extra={"url": f"http://{config.server.host}:{port}"})
         if on_listening:
             on_listening(port)
-        engine = await _until_stopped(loop.run_in_executor(None, Engine.load, config.engine), stop)
-        if engine is None:
+        loaded, engine = await _until_stopped(loop.run_in_executor(None, Engine.load, config.engine), stop)
+        if not loaded:
             return  # stopped while the model loaded
         daemon = Daemon(engine, config.daemon, metrics=metrics)
         await daemon.start()
@@ -173,18 +173,20 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
         log.warning("serving", extra={"url": f"http://{config.server.host}:{port}", "model": engine.model_name})
         if on_ready:
             on_ready(port, daemon)
-        fatal = asyncio.ensure_future(daemon.fatal.wait())
+        waiters = [asyncio.ensure_future(daemon.fatal.wait()), asyncio.ensure_future(stop.wait())]
         try:
-            await asyncio.wait([fatal, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            fatal.cancel()
+            for waiter in waiters:
+                waiter.cancel()
         if daemon.fatal.is_set():
             raise StreamerError(f"giving up: {daemon.supervisor.failed}")
     finally:
         log.warning("shutting down")
         service.phase = "draining"
         if daemon is not None:
-            if await _until_stopped(daemon.stop(), force) is None:
+            drained, _ = await _until_stopped(daemon.stop(), force)
+            if not drained:
                 dropped = await daemon.abort()
                 log.warning("shutdown cut short", extra={"windows_dropped": dropped})
         await close_sinks(sinks, force=force)  # after the drain: the last captions reach files and webhooks
@@ -195,8 +197,8 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
 
 
 async def _until_stopped(work, stop: asyncio.Event):
-    """`await work`, unless `stop` is set first: then `work` is cancelled and None returned.
-    (A model load in a thread cannot be cancelled; its result is dropped.)"""
+    """(True, result of `work`), or (False, None) when `stop` was set first: then `work` is
+    cancelled. (A model load in a thread cannot be cancelled; its result is dropped.)"""
     work = asyncio.ensure_future(work)
     stopped = asyncio.ensure_future(stop.wait())
     try:
@@ -204,10 +206,10 @@ async def _until_stopped(work, stop: asyncio.Event):
     finally:
         stopped.cancel()
     if work.done():
-        return work.result()
+        return True, work.result()
     work.cancel()
     await asyncio.gather(work, return_exceptions=True)
-    return None
+    return False, None
 
 
 def run_serve(args: argparse.Namespace) -> int:

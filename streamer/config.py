@@ -40,6 +40,8 @@ __all__ = [
     "LimitsSection",
     "OutputsSection",
     "WebhookSection",
+    "AuthSection",
+    "SourcesSection",
     "FileConfig",
     "CaptionVideoRequest",
     "CaptionVideosRequest",
@@ -49,7 +51,7 @@ __all__ = [
     "describe_error",
 ]
 
-STREAM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also safe in URLs and file names
+STREAM_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z, not $: "abc\n" must not pass; safe in URLs and file names
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|min|h)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 
@@ -160,6 +162,12 @@ class ServerSection(_Strict):
     heartbeat: _duration(1, 3600) = 20.0
     close_timeout: _duration(0, 60) = 2.0
     client_send_buffer: Annotated[StrictInt, Field(ge=4096, le=64 * 1024 * 1024)] = 256 * 1024
+    allowed_origins: list[Annotated[StrictStr, Field(max_length=512)]] = []  # CORS and WebSocket Origin
+    allowed_hosts: list[Annotated[StrictStr, Field(max_length=255)]] = []  # Host header; empty: any (loopback names when open)
+    header_timeout: _duration(0.5, 600) = 10.0  # a request's head must arrive within this
+    body_timeout: _duration(0.5, 3600) = 30.0  # and its body within this
+    tls_cert: Annotated[StrictStr, Field(max_length=4096)] | None = None
+    tls_key: Annotated[StrictStr, Field(max_length=4096)] | None = None
 
 
 class LimitsSection(_Strict):
@@ -177,6 +185,38 @@ class LimitsSection(_Strict):
     restart_budget: Annotated[StrictInt, Field(ge=0, le=1000)] = 5  # task restarts per restart_window
     restart_window: _duration(1, 86400) = 60.0
     max_body_bytes: Annotated[StrictInt, Field(ge=1024, le=1024**3)] | None = None  # older name: [server] max_body_bytes
+    max_streams: Annotated[StrictInt, Field(ge=1, le=10_000)] = 64
+    max_whip_sessions: Annotated[StrictInt, Field(ge=0, le=10_000)] = 16
+    whip_connect_timeout: _duration(1, 600) = 15.0  # a WHIP session not connected by then is removed
+    max_ws_clients: Annotated[StrictInt, Field(ge=1, le=100_000)] = 256
+    max_ws_clients_per_address: Annotated[StrictInt, Field(ge=1, le=100_000)] = 32
+    max_inflight_requests: Annotated[StrictInt, Field(ge=1, le=10_000)] = 8  # one-shot /v1/caption/* at once
+    max_image_pixels: Annotated[StrictInt, Field(ge=64 * 64, le=1 << 30)] = 3840 * 2160  # per image or video frame,
+    # checked before decoding and again at the size the model resizes it to
+
+
+class _TokenTable(_Strict):
+    role: Literal["viewer", "publisher", "operator", "admin"]
+    token: Annotated[StrictStr, Field(min_length=16, max_length=1024)] | None = None
+    sha256: Annotated[StrictStr, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
+    streams: list[StreamId] | None = None
+
+
+class AuthSection(_Strict):
+    """[auth]: tokens with roles (see docs/SECURITY.md)."""
+
+    tokens: list[_TokenTable] = []
+    metrics_public: StrictBool = False  # GET /metrics without a token
+    insecure_no_auth: StrictBool = False  # serve a non-loopback address with no tokens: for those who mean it
+
+
+class SourcesSection(_Strict):
+    """[sources]: what a source added over HTTP may open (config-file and CLI sources are trusted)."""
+
+    schemes: list[Literal["rtsp", "rtsps", "http", "https", "srt", "udp"]] = ["rtsp", "rtsps", "http", "https", "srt"]
+    media_dirs: list[Annotated[StrictStr, Field(min_length=1, max_length=4096)]] = []  # regular files under these
+    deny_networks: list[StrictStr] | None = None  # CIDRs; None: loopback, 0.0.0.0, link-local, metadata, multicast
+    allow_networks: list[StrictStr] = []  # CIDRs that win over deny_networks
 
 
 OUTPUT_FORMATS = ("vtt", "srt", "jsonl")
@@ -236,6 +276,8 @@ class FileConfig(_Strict):
     server: ServerSection = ServerSection()
     limits: LimitsSection = LimitsSection()
     streams: list[StreamConfig] = []
+    auth: AuthSection = AuthSection()
+    sources: SourcesSection = SourcesSection()
     # checked table by table in publish/sinks.py (errors name "[outputs]" / "[[webhooks]] #N")
     outputs: Any = None
     webhooks: Any = None

@@ -214,8 +214,8 @@ async def test_bad_requests_get_clear_errors_and_nothing_else_is_disturbed(tiny_
         async with websockets.connect(d.ws + "?streams=good&all=1") as ws:
             await add_stream(http, d, id="good", url=str(clip2), loop=True)
             cases = [
-                ("POST", "/streams", {"json": {"id": "x", "url": "foo://bar"}}, 400, "unsupported URL scheme"),
-                ("POST", "/streams", {"json": {"id": "x", "url": "/no/such/file.mp4"}}, 400, "no such file"),
+                ("POST", "/streams", {"json": {"id": "x", "url": "foo://bar"}}, 403, "'foo' URLs may not be added over HTTP"),
+                ("POST", "/streams", {"json": {"id": "x", "url": "/no/such/file.mp4"}}, 403, "not under a configured media directory"),
                 ("POST", "/streams", {"json": {"id": "good", "url": str(clip2)}}, 409, "already exists"),
                 ("POST", "/streams", {"json": {"id": "bad id!", "url": str(clip2)}}, 400, "stream id"),
                 ("POST", "/streams", {"json": {"id": "y", "url": str(clip2), "hop": -1}}, 400, "hop"),

@@ -66,7 +66,8 @@ def load_config(path: str | None, args: argparse.Namespace | None = None) -> Ser
                 model.pop("id" if key == "model" else key, None)
                 model[key] = getattr(args, key)
         server = dict(data.get("server", {}))
-        server.update({k: getattr(args, k) for k in ("host", "port") if getattr(args, k, None) is not None})
+        server.update({k: getattr(args, k) for k in ("host", "port", "tls_cert", "tls_key")
+                       if getattr(args, k, None) is not None})
         streams = list(streams)
         for item in getattr(args, "stream", None) or []:
             stream_id, sep, url = item.partition("=")
@@ -82,7 +83,10 @@ def load_config(path: str | None, args: argparse.Namespace | None = None) -> Ser
     except ConfigError as exc:
         raise StreamerError(f"config{' ' + path if path else ''}: {exc}") from None
     limits = parsed.limits
-    server_values = parsed.server.model_dump()
+    tokens = _tokens(parsed.auth, getattr(args, "token", None) or [])
+    server_values = {**parsed.server.model_dump(), **_security(parsed, tokens, args)}
+    for name in ("max_ws_clients", "max_ws_clients_per_address", "max_inflight_requests", "max_image_pixels"):
+        server_values[name] = getattr(limits, name)
     if limits.max_body_bytes is not None:
         server_values["max_body_bytes"] = limits.max_body_bytes
     scheduler = SchedulerConfig(max_batch=limits.max_batch, max_wait=limits.max_wait,
@@ -90,7 +94,9 @@ def load_config(path: str | None, args: argparse.Namespace | None = None) -> Ser
                                 max_request_windows=limits.max_request_windows)
     daemon = DaemonConfig(scheduler=scheduler, ring_capacity=limits.ring_capacity, history=limits.history,
                           client_queue=limits.client_queue, max_failed_batches=limits.max_failed_batches,
-                          restart_budget=limits.restart_budget, restart_window=limits.restart_window)
+                          restart_budget=limits.restart_budget, restart_window=limits.restart_window,
+                          max_streams=limits.max_streams, max_whip_sessions=limits.max_whip_sessions,
+                          whip_connect_timeout=limits.whip_connect_timeout)
     engine = EngineConfig(**parsed.model.model_dump())
     sinks = tuple((k, data[k]) for k in ("outputs", "webhooks") if k in data)
     try:
@@ -100,6 +106,60 @@ def load_config(path: str | None, args: argparse.Namespace | None = None) -> Ser
     except ValueError as exc:
         raise StreamerError(f"config {exc}") from None
     return ServeConfig(engine, ServerConfig(**server_values), daemon, tuple(parsed.streams), sinks)
+
+
+def _tokens(auth, flags: list[str]) -> tuple:
+    """[auth] tokens, then --token flags, then STREAMER_TOKENS."""
+    from streamer.security.auth import AuthError, TokenEntry, parse_token_spec, tokens_from_env
+
+    entries = []
+    try:
+        for i, table in enumerate(auth.tokens):
+            entries.append(TokenEntry.make(table.role, token=table.token, sha256=table.sha256, streams=table.streams))
+    except AuthError as exc:
+        raise StreamerError(f"config: [auth] tokens #{i + 1}: {exc}") from None
+    for flag in flags:
+        try:
+            entries.append(parse_token_spec(flag))
+        except AuthError as exc:  # the flag is a secret: never echo it
+            raise StreamerError(f"--token: {exc}") from None
+    try:
+        entries.extend(tokens_from_env())
+    except AuthError as exc:
+        raise StreamerError(f"STREAMER_TOKENS: {exc}") from None
+    return tuple(entries)
+
+
+def _security(parsed, tokens: tuple, args) -> dict[str, Any]:
+    """The ServerConfig fields about who may reach what; refuses an exposed daemon with no tokens."""
+    import ipaddress
+
+    from streamer.security.network import DEFAULT_DENY, NetworkPolicy
+    from streamer.security.policy import SourcePolicy
+
+    insecure = parsed.auth.insecure_no_auth or bool(getattr(args, "insecure_no_auth", False))
+    host = parsed.server.host
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    if not tokens and not loopback and not insecure:
+        raise StreamerError(
+            f"refusing to serve {host} with no tokens: anyone who reaches the port could add sources and read "
+            "captions. Add --token admin=SECRET (or [auth] tokens / STREAMER_TOKENS), bind 127.0.0.1, or pass "
+            "--insecure-no-auth if you really mean it")
+    if (parsed.server.tls_cert is None) != (parsed.server.tls_key is None):
+        raise StreamerError("config: give both tls_cert and tls_key (or neither)")
+    sources = parsed.sources
+    try:
+        network = NetworkPolicy(deny=tuple(sources.deny_networks) if sources.deny_networks is not None else DEFAULT_DENY,
+                                allow=tuple(sources.allow_networks))
+    except ValueError as exc:
+        raise StreamerError(f"config: [sources] {exc}") from None
+    policy = SourcePolicy(schemes=frozenset(sources.schemes), media_dirs=tuple(sources.media_dirs), network=network)
+    return {"tokens": tokens, "metrics_public": parsed.auth.metrics_public, "insecure_no_auth": insecure,
+            "allowed_origins": tuple(parsed.server.allowed_origins), "allowed_hosts": tuple(parsed.server.allowed_hosts),
+            "sources": policy}
 
 
 async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | None = None,
@@ -120,6 +180,7 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
 
     from streamer.engine import Engine
     from streamer.http.app import Service, build_app
+    from streamer.http.guard import GuardedSite
     from streamer.ingest import SourceState
     from streamer.ops.metrics import DaemonMetrics
     from streamer.pipeline.daemon import Daemon
@@ -142,11 +203,16 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
     service = Service(metrics=metrics)
     daemon: Daemon | None = None
     sinks: list = []
-    runner = web.AppRunner(build_app(service, config.server), handle_signals=False, access_log=None)
+    app = build_app(service, config.server)
+    # an idle kept-alive connection is closed after this (aiohttp's default is 75 s)
+    keepalive = max(config.server.header_timeout, 15.0)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=keepalive)
     await runner.setup()
+    proxy = None
     try:
         try:
-            await web.TCPSite(runner, config.server.host, config.server.port).start()
+            await GuardedSite(runner, app, config.server.host, config.server.port, header_timeout=config.server.header_timeout,
+                              ssl_context=_tls(config.server)).start()
         except OSError as exc:
             raise StreamerError(f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror or exc}") from None
         port = runner.addresses[0][1] if runner.addresses else config.server.port
@@ -156,6 +222,9 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
         log.warning("listening; loading the model", extra={"url": f"http://{config.server.host}:{port}"})
         if on_listening:
             on_listening(port)
+        if not config.server.tokens:
+            log.warning("no tokens configured: open to every local client (loopback only)")
+        proxy = await _start_egress(config.server)
         loaded, engine = await _until_stopped(loop.run_in_executor(None, Engine.load, config.engine), stop)
         if not loaded:
             return  # stopped while the model loaded
@@ -191,9 +260,38 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
                 log.warning("shutdown cut short", extra={"windows_dropped": dropped})
         await close_sinks(sinks, force=force)  # after the drain: the last captions reach files and webhooks
         await runner.cleanup()
+        if proxy is not None:
+            await proxy.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
+
+
+def _tls(server):
+    if server.tls_cert is None:
+        return None
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(server.tls_cert, server.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise StreamerError(f"cannot load the TLS certificate/key: {exc}") from None
+    return context
+
+
+async def _start_egress(server):
+    """The proxy every http(s) source added over HTTP goes through (it checks each destination)."""
+    policy = server.sources
+    if policy is None or policy.network is None or not ({"http", "https"} & policy.schemes):
+        return None
+    from streamer.security.egress import EgressProxy
+
+    proxy = EgressProxy(policy.network)
+    proxy.on_refused = lambda reason: log.warning("egress refused", extra={"reason": reason})
+    await proxy.start()
+    policy.attach_proxy(proxy.url)
+    return proxy
 
 
 async def _until_stopped(work, stop: asyncio.Event):
@@ -226,4 +324,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--host")
     srv.add_argument("--port", type=int)
     srv.add_argument("--stream", action="append", metavar="ID=URL", help="a stream to start with (repeatable)")
+    srv.add_argument("--token", action="append", metavar="ROLE[:ID,ID]=TOKEN",
+                     help="an API token: admin, operator, viewer or publisher, optionally limited to streams (repeatable)")
+    srv.add_argument("--insecure-no-auth", action="store_true", help="serve a non-loopback address with no tokens")
+    srv.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS/WSS")
+    srv.add_argument("--tls-key", help="PEM private key for --tls-cert")
     srv.set_defaults(run=run_serve)

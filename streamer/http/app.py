@@ -6,12 +6,12 @@ Routes:
   GET  /streams/{id}            one stream        DELETE /streams/{id}           remove it
   POST /whip/{id}               WHIP: SDP offer in, 201 + SDP answer + Location
   DELETE /whip/{id}             end a WHIP session
-  GET  /healthz  /readyz  /metrics
+  GET  /healthz  /readyz  /metrics  /auth (admin: who holds which role)
   POST /v1/caption/video        {"video": base64, "max_length": N}       one caption for a clip
   POST /v1/caption/videos       {"videos": [base64...], "max_length": N} one per clip, batched
   POST /v1/caption/frames       {"frames": [base64 image...], "max_length": N}
 
-Every error is JSON `{"error": {"code": ..., "message": ...}}` with a 4xx/5xx
+Who may call which route: guard.py and docs/SECURITY.md. Every error is JSON `{"error": {"code": ..., "message": ...}}` with a 4xx/5xx
 status; a bad request never disturbs other streams or clients.
 
 aiohttp rather than the websockets server: websockets' server speaks only
@@ -32,6 +32,7 @@ from streamer.http.common import (
     Service,
     error_response,
 )
+from streamer.http.guard import SECURITY_KEY, Security, guard_middleware, public, requires
 from streamer.http.pages import add_web_routes
 from streamer.ops.metrics import CONTENT_TYPE
 from streamer.pipeline.daemon import Daemon
@@ -55,10 +56,12 @@ async def errors_middleware(request: web.Request, handler):
 def build_app(service: Daemon | Service, config: ServerConfig | None = None) -> web.Application:
     """The app for a running daemon, or for a `Service` whose daemon comes once the model is loaded."""
     config = config or ServerConfig()
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[errors_middleware])
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[errors_middleware, guard_middleware])
+    app[SECURITY_KEY] = Security(config)
     app[SERVICE_KEY] = service if isinstance(service, Service) else Service(service)
     app[CONFIG_KEY] = config
     app[SOCKETS_KEY] = set()
+    app[oneshot.INFLIGHT_KEY] = [0]
     app.add_routes(
         [
             web.get("/ws", ws.ws_handler),
@@ -71,6 +74,7 @@ def build_app(service: Daemon | Service, config: ServerConfig | None = None) -> 
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),
             web.get("/metrics", metrics),
+            web.get("/auth", auth_info),
             web.post("/v1/caption/video", oneshot.caption_video),
             web.post("/v1/caption/videos", oneshot.caption_videos),
             web.post("/v1/caption/frames", oneshot.caption_frames),
@@ -81,6 +85,7 @@ def build_app(service: Daemon | Service, config: ServerConfig | None = None) -> 
     return app
 
 
+@public
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: 200 while the process can still recover (also while the model loads);
     503 once a supervised task spent its restart budget."""
@@ -91,6 +96,7 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "failed", "reason": reason}, status=503)
 
 
+@public
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: 200 only while captions can flow; otherwise 503 with the reason."""
     service = request.app[SERVICE_KEY]
@@ -104,6 +110,7 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": status, "reason": reason}, status=503)
 
 
+@requires("metrics")  # viewer, or public with [auth] metrics_public = true
 async def metrics(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     registry = service.daemon.metrics if service.daemon is not None else service.metrics
@@ -112,3 +119,14 @@ async def metrics(request: web.Request) -> web.Response:
     body = registry.render()  # while the model loads: process metrics and zeroed daemon ones
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
+
+
+@requires("admin")
+async def auth_info(request: web.Request) -> web.Response:
+    """The configured tokens as roles and stream ids (never the tokens or their digests)."""
+    security = request.app[SECURITY_KEY]
+    entries = [{"role": e.role, "streams": sorted(e.streams) if e.streams is not None else "*"}
+               for e in security.auth.entries]
+    return web.json_response({"open": security.auth.open, "tokens": entries,
+                              "allowed_origins": sorted(security.allowed_origins),
+                              "allowed_hosts": sorted(security.allowed_hosts) or "*"})

@@ -46,6 +46,21 @@ class ServerConfig:
     # before its messages back up into its bounded queue: bounds memory per
     # client and makes a stalled client show up as slow within seconds.
     client_send_buffer: int = 256 * 1024
+    # -- security (docs/SECURITY.md) --
+    tokens: tuple = ()  # TokenEntry, ...; none: open, and then only on loopback
+    metrics_public: bool = False
+    insecure_no_auth: bool = False
+    allowed_origins: tuple[str, ...] = ()  # CORS and WebSocket Origin, beyond the daemon's own
+    allowed_hosts: tuple[str, ...] = ()  # Host header; empty: any with tokens, loopback names without
+    sources: Any = None  # SourcePolicy for URLs from HTTP; None: the default policy
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_ws_clients: int = 256
+    max_ws_clients_per_address: int = 32
+    max_inflight_requests: int = 8
+    max_image_pixels: int = 3840 * 2160
 
 
 
@@ -55,8 +70,18 @@ def error_response(status: int, code: str, message: str) -> web.Response:
 
 
 async def json_body(request: web.Request) -> Any:
+    """The JSON body of a state-changing request. Only `application/json`: a foreign page can send
+    forms and text/plain without a CORS preflight, so those are refused (415)."""
+    from streamer.http.guard import read_body
+
+    if request.content_type != "application/json":
+        raise web.HTTPUnsupportedMediaType(
+            text=json.dumps({"error": {"code": "unsupported_media_type", "message": "send Content-Type: application/json"}}),
+            content_type="application/json",
+        )
+    raw = await read_body(request)
     try:
-        return await request.json()
+        return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise web.HTTPBadRequest(
             text=json.dumps({"error": {"code": "bad_json", "message": f"body is not valid JSON: {exc}"}}),

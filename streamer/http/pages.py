@@ -24,6 +24,7 @@ from pathlib import Path
 from aiohttp import web
 
 from streamer.http.common import daemon_of
+from streamer.http.guard import public, requires
 from streamer.pipeline.daemon import STREAM_ID, StreamNotFound, StreamRuntime
 from streamer.types import Frame
 
@@ -74,10 +75,12 @@ def _page(name: str) -> web.FileResponse:
     )
 
 
+@public
 async def console_page(request: web.Request) -> web.StreamResponse:
     return _page("console.html")
 
 
+@public
 async def overlay_page(request: web.Request) -> web.StreamResponse:
     stream_id = request.match_info["stream"]
     if not STREAM_ID.match(stream_id):
@@ -98,6 +101,7 @@ def encode_jpeg(frame: Frame, quality: int = THUMBNAIL_QUALITY) -> bytes:
     return buf.getvalue()
 
 
+@requires("viewer", stream="id")
 async def thumbnail(request: web.Request) -> web.Response:
     stream_id = request.match_info["id"]
     try:

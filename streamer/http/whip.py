@@ -7,21 +7,32 @@ from typing import Any
 from aiohttp import web
 
 from streamer.http.common import daemon_of, error_response
-from streamer.http.streams import remove_stream
-from streamer.pipeline.daemon import StreamConfig, StreamExists
+from streamer.http.guard import read_body, refuse, requires
+from streamer.pipeline.daemon import AtCapacity, StreamConfig, StreamExists, StreamNotFound
+
+MAX_OFFER_BYTES = 64 * 1024  # an SDP offer is a few KiB
 
 
+@requires("publisher", stream="id")
 async def whip_offer(request: web.Request) -> web.Response:
     daemon = daemon_of(request)
     stream_id = request.match_info["id"]
     if request.content_type != "application/sdp":
         return error_response(415, "unsupported_media_type", "WHIP offers must be Content-Type: application/sdp")
-    offer = await request.text()
+    raw = await read_body(request)
+    if len(raw) > MAX_OFFER_BYTES:
+        return refuse(request, 413, "too_large", f"an SDP offer is at most {MAX_OFFER_BYTES} bytes")
+    try:
+        offer = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return error_response(400, "bad_offer", "the offer is not UTF-8 text")
     try:
         config = StreamConfig.from_dict({"id": stream_id, **_stream_params(request.query)})
         _, answer = await daemon.add_whip_stream(config, offer)
     except StreamExists as exc:
         return error_response(409, "exists", str(exc))
+    except AtCapacity as exc:
+        return refuse(request, 429, exc.reason, str(exc))
     except ValueError as exc:
         return error_response(400, "bad_offer", str(exc))
     return web.Response(
@@ -41,6 +52,17 @@ def _stream_params(query) -> dict[str, Any]:
     return params
 
 
+@requires("publisher", stream="id")
 async def whip_delete(request: web.Request) -> web.Response:
-    return await remove_stream(request)
+    """End a WHIP session; pulled streams are not the publisher's to remove (404)."""
+    stream_id = request.match_info["id"]
+    daemon = daemon_of(request)
+    rt = daemon.streams.get(stream_id)
+    if rt is None or rt.config.url:
+        return error_response(404, "not_found", f"no WHIP session for stream {stream_id!r}")
+    try:
+        await daemon.remove_stream(stream_id)
+    except StreamNotFound:
+        return error_response(404, "not_found", f"no WHIP session for stream {stream_id!r}")
+    return web.Response(status=204)
 

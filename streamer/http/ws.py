@@ -10,6 +10,7 @@ import socket
 from aiohttp import WSMsgType, web
 
 from streamer.http.common import CONFIG_KEY, SOCKETS_KEY, daemon_of
+from streamer.http.guard import principal_of, refuse, requires
 from streamer.pipeline.daemon import Daemon
 from streamer.publish import protocol
 from streamer.publish.hub import SubscriptionClosed
@@ -17,9 +18,25 @@ from streamer.publish.hub import SubscriptionClosed
 log = logging.getLogger("streamer.http")
 
 
+def _limit(streams: frozenset[str] | None, allowed: frozenset[str] | None) -> frozenset[str] | None:
+    """A viewer limited to some streams follows at most those ("every stream" means all of its own)."""
+    if allowed is None:
+        return streams
+    return allowed if streams is None else streams & allowed
+
+
+@requires("viewer")
 async def ws_handler(request: web.Request) -> web.StreamResponse:
     daemon = daemon_of(request)
     config = request.app[CONFIG_KEY]
+    sockets = request.app[SOCKETS_KEY]
+    if len(sockets) >= config.max_ws_clients:
+        return refuse(request, 429, "max_ws_clients", f"at the limit of {config.max_ws_clients} WebSocket clients")
+    peer = request.remote
+    if sum(1 for s in sockets if getattr(s, "peer", None) == peer) >= config.max_ws_clients_per_address:
+        return refuse(request, 429, "max_ws_clients_per_address",
+                      f"at the limit of {config.max_ws_clients_per_address} WebSocket clients from one address")
+    allowed = principal_of(request).streams
     ws = web.WebSocketResponse(
         heartbeat=config.heartbeat,
         max_msg_size=protocol.MAX_MESSAGE_BYTES,
@@ -27,11 +44,13 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     )
     await ws.prepare(request)
     _bound_send_buffer(request, config.client_send_buffer)
-    request.app[SOCKETS_KEY].add(ws)
-    streams: frozenset[str] | None = _initial_streams(request.query.get("streams"))
+    ws.peer = peer
+    sockets.add(ws)
+    streams: frozenset[str] | None = _limit(_initial_streams(request.query.get("streams")), allowed)
     only_changes = request.query.get("all", "0") not in ("1", "true")
     sub = daemon.hub.subscribe(streams, only_changes=only_changes)
-    await ws.send_str(protocol.encode_hello(sorted(daemon.streams), daemon.hub.history))
+    visible = sorted(s for s in daemon.streams if allowed is None or s in allowed)
+    await ws.send_str(protocol.encode_hello(visible, daemon.hub.history))
     sender = asyncio.create_task(_forward(sub, ws, config.close_timeout, daemon, request), name="ws-forward")
     try:
         async for msg in ws:
@@ -43,7 +62,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
                 if isinstance(message, protocol.Ping):
                     await ws.send_str(protocol.encode_pong())
                 else:
-                    streams = protocol.apply_subscription(streams, message)
+                    streams = _limit(protocol.apply_subscription(streams, message), allowed)
                     sub.update(streams)
             except protocol.ProtocolError as exc:
                 await ws.send_str(protocol.encode_error(exc.code, exc.message))

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import av
 import av.container
@@ -37,6 +37,7 @@ from streamer.errors import VideoError
 from streamer.ingest.base import OnState, StateReporter
 from streamer.ingest.state import Backoff, SourceState
 from streamer.media.decode import check_hwaccel, open_input, to_rgb
+from streamer.security.redact import redact_text, redact_url
 from streamer.types import Frame
 
 __all__ = [
@@ -59,10 +60,6 @@ NETWORK_SCHEMES = frozenset(
     {"http", "https", "hls", "udp", "rtp", "srt", "tcp", "tls", "rtmp", "rtmps", "rtmpt", "mmsh", "mmst", "ftp"}
 )
 RTSP_TRANSPORTS = frozenset({"tcp", "udp", "udp_multicast", "http", "https"})
-# Query parameters whose values are secrets (signed URLs, stream keys).
-_SECRET_PARAMS = frozenset(
-    {"password", "passwd", "pass", "pwd", "token", "access_token", "auth", "key", "secret", "sig", "signature", "streamid"}
-)
 _WEBCAM = re.compile(r"/dev/video\d+")
 
 # A blocked network read gives up after this long, so that stop() is prompt.
@@ -80,28 +77,6 @@ DISCONTINUITY = 1.0
 
 class SourceSpecError(VideoError, ValueError):
     """A source description that can never work (bad URL, unknown scheme, bad option)."""
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password (and secret query values) replaced by ***."""
-    if "://" not in url:
-        return url
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user, sep, _password = userinfo.partition(":")
-        # A bare userinfo is often a token (https://TOKEN@host), so hide it too.
-        netloc = f"{user}:***@{hostport}" if sep else f"***@{hostport}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(k.lower() in _SECRET_PARAMS for k, _ in pairs):
-            query = urlencode([(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def detect_kind(url: str) -> tuple[SourceKind, str, str | None]:
@@ -180,6 +155,9 @@ class SourceSpec:
     short_side: int | None = None  # downscale so the shorter side is at most this
     hwaccel: str | None = None  # FFmpeg hardware decoder device ("cuda": NVDEC); software where unavailable
     ffmpeg_options: Mapping[str, str] = field(default_factory=dict, hash=False)  # override FFmpeg input options
+    # Called in the decode thread before every connect (sources added over HTTP): raises
+    # ValueError when the destination is no longer allowed (a name now resolving to loopback).
+    check_destination: Callable[[], None] | None = field(default=None, compare=False)
     kind: SourceKind = field(init=False)
     target: str = field(init=False)  # what av.open gets
     input_format: str | None = field(init=False)
@@ -517,6 +495,11 @@ class FrameSource(StateReporter):
         """One connection: open, read until it ends. None when asked to stop."""
         spec = self.spec
         self._abandon.clear()
+        if spec.check_destination is not None:
+            try:
+                spec.check_destination()
+            except ValueError as exc:
+                return _Ended(f"refused: {exc}", fatal=True)
         try:
             container = open_input(
                 spec.target, format=spec.input_format, options=spec.av_options(), timeout=spec.av_timeout(),
@@ -641,16 +624,9 @@ class FrameSource(StateReporter):
         return not self._stop_event.is_set()
 
     def _clean(self, text: str) -> str:
-        """Error text safe to log: the URL redacted, and the `url: ` prefix open_input adds dropped."""
+        """Error text safe to log: every secret of the URL redacted, and the `url: ` prefix open_input adds dropped."""
         spec = self.spec
         for prefix in (spec.target + ": ", spec.url + ": "):
             if text.startswith(prefix):
                 text = text[len(prefix) :]
-        text = text.replace(spec.url, spec.redacted_url).replace(spec.target, redact_url(spec.target))
-        try:
-            password = urlsplit(spec.url).password if "://" in spec.url else None
-        except ValueError:
-            password = None
-        if password and len(password) >= 3:
-            text = text.replace(password, "***").replace(unquote(password), "***")
-        return text
+        return redact_text(redact_text(text, spec.url), spec.target)

@@ -63,6 +63,8 @@ class DaemonMetrics:
         self.streams = Gauge("streamer_streams", "Streams configured", registry=r)
         self.clients_dropped = Counter("streamer_ws_clients_dropped", "WebSocket clients closed for reading too slowly",
                                        registry=r)
+        self.refused = Counter("streamer_requests_refused", "HTTP requests refused, by reason (auth, limits, policy)",
+                               ["reason"], registry=r)
         self._per_stream = (self.frames, self.ring_dropped, self.captioned, self.windows_dropped, self.latency)
 
     def set_state(self, stream_id: str, state: str) -> None:

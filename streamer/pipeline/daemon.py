@@ -9,6 +9,7 @@ or losing a stream never touches another stream's objects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -20,9 +21,10 @@ from streamer.ops.supervisor import Supervisor
 from streamer.pipeline.runtime import StreamRuntime
 from streamer.pipeline.scheduler import Scheduler, SchedulerConfig
 from streamer.publish.hub import CaptionHub
+from streamer.security.policy import CheckedSource
 from streamer.types import Caption, Window
 
-__all__ = ["STREAM_ID", "StreamConfig", "StreamRuntime", "DaemonConfig", "Daemon", "StreamExists", "StreamNotFound"]
+__all__ = ["STREAM_ID", "StreamConfig", "StreamRuntime", "DaemonConfig", "Daemon", "StreamExists", "StreamNotFound", "AtCapacity"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,14 @@ class StreamNotFound(KeyError):
     pass
 
 
+class AtCapacity(ValueError):
+    """A count limit was reached (max_streams, max_whip_sessions): HTTP 429."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -44,6 +54,9 @@ class DaemonConfig:
     max_failed_batches: int = 3  # engine batches failing in a row before the daemon says it is not ready
     restart_budget: int = 5  # restarts of a died task allowed per restart_window; past it the daemon is unhealthy
     restart_window: float = 60.0
+    max_streams: int = 64
+    max_whip_sessions: int = 16
+    whip_connect_timeout: float = 15.0  # a WHIP session that has not connected by then is removed
 
 
 class CaptionEngine(Protocol):
@@ -157,17 +170,21 @@ class Daemon:
         self.last_batch_error = f"{type(exc).__name__}: {exc}"
 
     # -- streams ----------------------------------------------------------------
-    async def add_stream(self, config: StreamConfig) -> StreamRuntime:
-        """Start pulling a stream. Raises StreamExists, or ValueError for a bad URL."""
+    async def add_stream(self, config: StreamConfig, checked: CheckedSource | None = None) -> StreamRuntime:
+        """Start pulling a stream. Raises StreamExists, AtCapacity, or ValueError for a bad URL.
+
+        `checked`: what the source policy allowed for a URL from HTTP (what to open, the FFmpeg
+        protocol whitelist, the destination check); None for the operator's own sources."""
         if not config.url:
             raise ValueError("a pulled stream needs a 'url' (WHIP streams are created by POST /whip/{id})")
         async with self._lock:
-            if config.id in self.streams:
-                raise StreamExists(f"stream {config.id!r} already exists")
+            self._check_new(config.id)
             rt = self._runtime(config)
             spec = SourceSpec(
                 stream_id=config.id,
-                url=config.url,
+                url=checked.url if checked is not None else config.url,
+                ffmpeg_options=checked.ffmpeg_options if checked is not None else {},
+                check_destination=checked.check_destination if checked is not None else None,
                 realtime=config.realtime,
                 loop=config.loop,
                 rtsp_transport=config.rtsp_transport,
@@ -188,8 +205,10 @@ class Daemon:
         from streamer.ingest.whip import WhipSession
 
         async with self._lock:
-            if config.id in self.streams:
-                raise StreamExists(f"stream {config.id!r} already exists")
+            self._check_new(config.id)
+            whip = sum(1 for rt in self.streams.values() if not rt.config.url)
+            if whip >= self.config.max_whip_sessions:
+                raise AtCapacity("max_whip_sessions", f"at the limit of {self.config.max_whip_sessions} WHIP sessions")
             rt = self._runtime(config)
             session = WhipSession(config.id, rt.on_frame, on_state=rt.on_state, short_side=self.engine.frame_short_side)
             answer = await session.accept(offer_sdp)  # raises on a bad offer: nothing registered
@@ -198,9 +217,26 @@ class Daemon:
             self.metrics.streams.set(len(self.streams))
         rt.start_pipeline()
         log.info("whip stream added", extra={"stream": config.id})
+        self.supervisor.spawn(f"whip-connect:{config.id}:{session.id}", lambda: self._expire_unconnected(rt))
         return rt, answer
 
-    async def remove_stream(self, stream_id: str) -> None:
+    def _check_new(self, stream_id: str) -> None:
+        if stream_id in self.streams:
+            raise StreamExists(f"stream {stream_id!r} already exists")
+        if len(self.streams) >= self.config.max_streams:
+            raise AtCapacity("max_streams", f"at the limit of {self.config.max_streams} streams")
+
+    async def _expire_unconnected(self, rt: StreamRuntime) -> None:
+        """A WHIP offer whose peer never connects holds a slot: free it after whip_connect_timeout."""
+        await asyncio.sleep(self.config.whip_connect_timeout)
+        if self.streams.get(rt.config.id) is rt and rt.source is not None and rt.source.stats.frames == 0:
+            log.warning("whip session never connected: removed",
+                        extra={"stream": rt.config.id, "after_s": self.config.whip_connect_timeout})
+            self.metrics.refused.labels(reason="whip_never_connected").inc()
+            with contextlib.suppress(StreamNotFound):
+                await self.remove_stream(rt.config.id, detail="never connected")
+
+    async def remove_stream(self, stream_id: str, detail: str = "removed") -> None:
         async with self._lock:
             rt = self.streams.pop(stream_id, None)
             if rt is None:
@@ -208,7 +244,7 @@ class Daemon:
             self.metrics.streams.set(len(self.streams))
         await rt.stop()
         self.scheduler.forget(stream_id)  # waiting windows dropped; cached features freed on the engine thread
-        self.hub.publish_state(stream_id, SourceState.STOPPED.value, "removed")
+        self.hub.publish_state(stream_id, SourceState.STOPPED.value, detail)
         self.hub.forget_stream(stream_id)
         self.metrics.forget_stream(stream_id)
         log.info("stream removed", extra={"stream": stream_id})

@@ -10,10 +10,10 @@ from typing import Any
 from streamer.config import StreamConfig
 from streamer.ingest import SourceState
 from streamer.ingest.base import Source
-from streamer.ingest.source import redact_url
 from streamer.ops.metrics import DaemonMetrics
 from streamer.pipeline.ring import FrameRing
 from streamer.pipeline.sampler import SamplerConfig, WindowSampler
+from streamer.security.redact import redact_url
 from streamer.types import Caption, Frame, Window
 
 __all__ = ["StreamRuntime"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import tempfile
 import time
 
 import aiohttp
@@ -13,6 +15,15 @@ from streamer.cli.serve import ServeConfig, serve
 from streamer.engine import EngineConfig
 from streamer.http.common import ServerConfig
 from streamer.pipeline.daemon import DaemonConfig
+
+
+def trusting_policy():
+    """TEST ONLY: sources over HTTP may be files under the temp dir and servers on loopback, where
+    the tests' RTSP servers and clips live. The default policy (tests/test_security.py) refuses both."""
+    from streamer.security.network import NetworkPolicy
+    from streamer.security.policy import SourcePolicy
+
+    return SourcePolicy(media_dirs=(tempfile.gettempdir(),), network=NetworkPolicy(allow=("127.0.0.0/8",)))
 
 
 class Running:
@@ -28,9 +39,12 @@ async def running_daemon(
     max_new_tokens: int = 4, sinks: tuple = (),
 ):
     """`serve()` in this loop, as `streamer serve` runs it; `sinks`: raw ("outputs"/"webhooks", table) pairs."""
+    server = server_config or ServerConfig(port=0)
+    if server.sources is None:
+        server = dataclasses.replace(server, sources=trusting_policy())
     config = ServeConfig(
         engine=EngineConfig(model=str(model), max_new_tokens=max_new_tokens),
-        server=server_config or ServerConfig(port=0),
+        server=server,
         daemon=daemon_config or DaemonConfig(),
         sinks=sinks,
     )

@@ -33,6 +33,18 @@
     return new URL(path, location.href).toString();
   }
 
+  // A token from the page's address: "#token=..." (never sent to the server) or "?token=".
+  // fetch() sends it as a header (its full rights); the WebSocket can only carry it in the
+  // query, where the daemon grants viewer rights at most.
+  const TOKEN = new URLSearchParams(location.hash.slice(1)).get("token")
+    || new URLSearchParams(location.search).get("token") || "";
+
+  function apiFetch(path, options = {}) {
+    const headers = Object.assign({}, options.headers || {});
+    if (TOKEN) headers.Authorization = `Bearer ${TOKEN}`;
+    return fetch(api(path), Object.assign({}, options, { headers }));
+  }
+
   // -- errors -------------------------------------------------------------------
   function showError(message) {
     errorEl.textContent = message;
@@ -85,7 +97,7 @@
       remove.disabled = true;
       remove.textContent = "Removing...";
       try {
-        const resp = await fetch(api(`streams/${encodeURIComponent(id)}`), { method: "DELETE" });
+        const resp = await apiFetch(`streams/${encodeURIComponent(id)}`, { method: "DELETE" });
         if (resp.ok || resp.status === 404) {
           clearError();
           dropStream(id);
@@ -224,7 +236,7 @@
     retryTimer = null;
     const url = new URL("ws", location.href);
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
-    url.search = "?all=1";
+    url.search = TOKEN ? `?all=1&token=${encodeURIComponent(TOKEN)}` : "?all=1";
     let socket;
     try { socket = new WebSocket(url.toString()); } catch (e) { scheduleReconnect(); return; }
     ws = socket;
@@ -271,7 +283,7 @@
     if (refreshing) return;
     refreshing = true;
     try {
-      const resp = await fetch(api("streams"), { cache: "no-store" });
+      const resp = await apiFetch("streams", { cache: "no-store" });
       if (!resp.ok) return;
       const listed = (await resp.json()).streams || [];
       const ids = new Set();
@@ -295,7 +307,7 @@
 
   async function refreshDrops() {
     try {
-      const resp = await fetch(api("metrics"), { cache: "no-store" });
+      const resp = await apiFetch("metrics", { cache: "no-store" });
       if (!resp.ok) return;
       const text = await resp.text();
       const re = /^streamer_windows_dropped_total\{stream="([^"]*)"\} (\S+)$/gm;
@@ -311,7 +323,7 @@
     if (!s.card || s.thumbBusy || !(s.info && s.info.frames > 0)) return;
     s.thumbBusy = true;
     try {
-      const resp = await fetch(api(`streams/${encodeURIComponent(id)}/thumbnail.jpg`), { cache: "no-store" });
+      const resp = await apiFetch(`streams/${encodeURIComponent(id)}/thumbnail.jpg`, { cache: "no-store" });
       if (!resp.ok || !s.card) return;
       const url = URL.createObjectURL(await resp.blob());
       const img = s.card.querySelector(".thumb");
@@ -340,7 +352,7 @@
     if ($("add-loop").checked) body.loop = true;
     button.disabled = true;
     try {
-      const resp = await fetch(api("streams"), {
+      const resp = await apiFetch("streams", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify(body),

@@ -173,6 +173,8 @@
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
     // all=1: repeats of an unchanged caption keep it from fading while the stream is live
     url.search = `?streams=${encodeURIComponent(streamId)}&all=1`;
+    const token = new URLSearchParams(location.search).get("token");  // OBS cannot set headers: viewer rights only
+    if (token) url.search += `&token=${encodeURIComponent(token)}`;
     return url.toString();
   }
 

@@ -1,0 +1,1 @@
+"""Authentication, source policy, network checks and redaction."""

@@ -1,0 +1,136 @@
+"""What a source added over HTTP may open.
+
+Sources named in streamer.toml or on the command line are the operator's and
+trusted. A URL that arrives over HTTP is not: by default it may only be a
+network URL (rtsp, rtsps, http(s), srt; udp if allowed) to an address the
+network policy allows, or a regular file under a configured media directory.
+No `lavfi:` graphs (they read and write files), no devices, no listen modes.
+Each allowed URL is opened with an FFmpeg `protocol_whitelist` for its scheme,
+so a playlist or SDP cannot pull in `file:`, `concat:` or another protocol.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlsplit
+
+from streamer.security.redact import redact_url
+
+__all__ = ["SourceRefused", "SourcePolicy", "CheckedSource", "PROTOCOLS"]
+
+# FFmpeg protocols each scheme needs, and no more.
+PROTOCOLS = {
+    "rtsp": "rtsp,rtp,srtp,udp,tcp",
+    "rtsps": "rtsp,rtsps,rtp,srtp,udp,tcp,tls",
+    "http": "http,https,tls,tcp,httpproxy,crypto",
+    "https": "http,https,tls,tcp,httpproxy,crypto",
+    "srt": "srt",
+    "udp": "udp,rtp",
+    "file": "file",
+}
+# Query options that turn a client protocol into a server (FFmpeg reads them from the URL).
+_LISTEN_OPTIONS = {"listen", "mode", "listen_timeout"}
+
+
+class SourceRefused(ValueError):
+    """A URL the source policy does not allow over HTTP; str() says why in one line."""
+
+
+@dataclass(frozen=True)
+class CheckedSource:
+    """A URL the policy allowed: what to open and how."""
+
+    url: str
+    ffmpeg_options: dict[str, str]
+    # Run in the decode thread before every (re)connect: resolves the host again and checks
+    # every address, so a name that later resolves to loopback is refused then.
+    check_destination: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
+class SourcePolicy:
+    schemes: frozenset[str] = frozenset({"rtsp", "rtsps", "http", "https", "srt"})
+    media_dirs: tuple[str, ...] = ()
+    network: object | None = None  # NetworkPolicy; None: destinations are not checked (trusted tests only)
+    # The egress proxy's URL once serve() started it (set once, at startup); http(s) need it.
+    _proxy: list[str] = field(default_factory=list, compare=False, repr=False)
+
+    def attach_proxy(self, url: str) -> None:
+        self._proxy[:] = [url]
+
+    def check(self, url: str) -> CheckedSource:
+        if not isinstance(url, str) or not url.strip():
+            raise SourceRefused("a pulled stream needs a 'url'")
+        if any(ord(c) < 0x20 or c == "\x7f" for c in url):
+            raise SourceRefused("the url contains control characters")
+        if "://" not in url:
+            return self._file(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise SourceRefused(f"{redact_url(url)}: malformed URL ({exc})") from None
+        scheme = parts.scheme.lower()
+        if scheme == "file":
+            return self._file(parts.path)
+        if scheme not in self.schemes:
+            allowed = ", ".join(sorted(self.schemes)) or "none"
+            raise SourceRefused(f"{scheme!r} URLs may not be added over HTTP (allowed: {allowed}; "
+                                "the operator can name other sources in streamer.toml)")
+        if not parts.hostname:
+            raise SourceRefused(f"{redact_url(url)}: no host")
+        for key, _ in parse_qsl(parts.query, keep_blank_values=True):
+            if key.lower() in _LISTEN_OPTIONS:
+                raise SourceRefused(f"{redact_url(url)}: option {key!r} (server/listen modes) is not allowed over HTTP")
+        if scheme == "udp" and parts.hostname in ("", "0.0.0.0", "::"):
+            raise SourceRefused("udp sources must name the sender's address")
+        options = {"protocol_whitelist": PROTOCOLS[scheme]}
+        check = None
+        if self.network is not None:
+            host, default_port = parts.hostname, {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443}.get(scheme, 0)
+            network = self.network
+            try:
+                network.resolve(host, port or default_port)  # refused now, with a clear 4xx, not later in a thread
+            except ValueError as exc:
+                raise SourceRefused(str(exc)) from None
+
+            def check() -> None:
+                network.resolve(host, port or default_port)
+
+            if scheme in ("http", "https"):
+                proxy = self._proxy[0] if self._proxy else None
+                if proxy is None:
+                    raise SourceRefused("http(s) sources are not available: the egress proxy is not running")
+                from streamer.security.egress import ffmpeg_options
+
+                try:
+                    options = ffmpeg_options(proxy)
+                except RuntimeError as exc:  # no_proxy in the environment would let FFmpeg go around the proxy
+                    raise SourceRefused(f"http(s) sources are not available: {exc}") from None
+                check = None  # the proxy checks every connection FFmpeg makes, redirects included
+        return CheckedSource(url, options, check)
+
+    def _file(self, path: str) -> CheckedSource:
+        if path.startswith("lavfi:"):
+            raise SourceRefused("lavfi: graphs may not be added over HTTP (they can read and write files)")
+        if path.startswith(("/dev/", "avfoundation:", "dshow:")):
+            raise SourceRefused("devices may not be added over HTTP")
+        if not self.media_dirs:
+            raise SourceRefused("local files may not be added over HTTP (no [sources] media_dirs configured)")
+        real = os.path.realpath(path)  # follows symlinks and '..': what would really be opened
+        for root in self.media_dirs:
+            root_real = os.path.realpath(root)
+            if os.path.commonpath([real, root_real]) == root_real:
+                break
+        else:
+            raise SourceRefused(f"{os.path.basename(path) or path}: not under a configured media directory")
+        try:
+            info = os.stat(real)
+        except OSError:
+            raise SourceRefused(f"{os.path.basename(path)}: no such file in the media directories") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise SourceRefused(f"{os.path.basename(path)}: not a regular file")
+        return CheckedSource(real, {"protocol_whitelist": PROTOCOLS["file"]})

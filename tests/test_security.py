@@ -309,3 +309,12 @@ async def test_stream_id_with_a_newline_is_refused_before_anything_is_registered
         async with http.post(f"{d.http}/streams", json={"id": "abc\n", "url": str(clip2)}) as resp:
             assert resp.status == 400
         assert d.daemon.streams == {}
+
+
+def test_the_default_source_policy_fails_closed():
+    # build_app without serve(): still no loopback, and no http(s) without the egress proxy
+    from streamer.security.policy import SourceRefused
+
+    for url in ("rtsp://127.0.0.1/x", "rtsp://[::1]/x", "http://example.org/x.m3u8", "lavfi:testsrc"):
+        with pytest.raises(SourceRefused):
+            SourcePolicy().check(url)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
 
+from streamer.security.network import NetworkPolicy
 from streamer.security.redact import redact_url
 
 __all__ = ["SourceRefused", "SourcePolicy", "CheckedSource", "PROTOCOLS"]
@@ -54,7 +55,8 @@ class CheckedSource:
 class SourcePolicy:
     schemes: frozenset[str] = frozenset({"rtsp", "rtsps", "http", "https", "srt"})
     media_dirs: tuple[str, ...] = ()
-    network: object | None = None  # NetworkPolicy; None: destinations are not checked (trusted tests only)
+    # Fail closed: the default checks destinations; None (no checks) only where a caller says so.
+    network: NetworkPolicy | None = field(default_factory=NetworkPolicy)
     # The egress proxy's URL once serve() started it (set once, at startup); http(s) need it.
     _proxy: list[str] = field(default_factory=list, compare=False, repr=False)
 

@@ -1,7 +1,10 @@
 """Live sources: one decode thread per stream, frames handed to the event loop.
 
 A `FrameSource` opens its `SourceSpec` with PyAV in a dedicated thread, decodes
-frames, and posts each one to the loop with `call_soon_threadsafe`. It never
+frames, and posts each one to the loop with `call_soon_threadsafe`. Given a
+`SlotGate` it converts to RGB only the frames the sampler will choose (plus
+thumbnails) and posts those, and ticks where the sampler needs time to move on;
+without one it converts and posts every frame. It never
 waits for the consumer. When the connection breaks (open error, decode error,
 end of a live stream, or a stall seen by the watchdog on the loop) it
 reconnects with capped exponential backoff, keeping `Frame.seq` and
@@ -32,11 +35,13 @@ from urllib.parse import unquote, urlsplit
 import av
 import av.container
 import av.error
+import numpy as np
 
 from streamer.errors import VideoError
 from streamer.ingest.base import OnState, StateReporter
 from streamer.ingest.state import Backoff, SourceState
 from streamer.media.decode import check_hwaccel, open_input, to_rgb
+from streamer.pipeline.sampler import Act, SlotGate, is_tick, tick
 from streamer.security.redact import redact_text, redact_url
 from streamer.types import Frame
 
@@ -247,8 +252,9 @@ class SourceSpec:
 
 @dataclass(frozen=True, slots=True)
 class SourceStats:
-    frames: int = 0  # delivered to on_frame
+    frames: int = 0  # delivered to on_frame with an image
     dropped: int = 0  # decoded, but dropped because the loop fell behind
+    unconverted: int = 0  # decoded, never converted to RGB: no sampler slot (or thumbnail) needed it
     decode_errors: int = 0  # packets the decoder rejected (skipped)
     reconnects: int = 0  # connection attempts after the first
     last_frame_wall_time: float | None = None  # time.time() of the newest delivered frame
@@ -294,6 +300,24 @@ class _Timeline:
         return pts
 
 
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """A decoded frame the gate has not decided on yet (one at most)."""
+
+    av_frame: av.VideoFrame
+    pts: float
+    arrival: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Ready:
+    """A frame to hand on: its image, or None for a tick; arrival None: now."""
+
+    pts: float
+    image: np.ndarray | None
+    arrival: float | None = None
+
+
 @dataclass(slots=True)
 class _Ended:
     """Why one connection (or one pass over a file) ended."""
@@ -308,10 +332,17 @@ class FrameSource(StateReporter):
 
     `on_frame` and `on_state` are called on the event loop that ran `start()`;
     `on_frame` must not block (hand the frame to a buffer and return).
+
+    `gate`: the `SlotGate` of the sampler these frames feed (used by the decode
+    thread only); the source then converts only what it lets through and also
+    hands on ticks (`sampler.is_tick`). None: every frame is converted.
     """
 
-    def __init__(self, spec: SourceSpec, on_frame: OnFrame, on_state: OnState | None = None) -> None:
+    def __init__(
+        self, spec: SourceSpec, on_frame: OnFrame, on_state: OnState | None = None, *, gate: SlotGate | None = None
+    ) -> None:
         self.spec = spec
+        self.gate = gate
         self._on_frame = on_frame
         self._on_state = on_state
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -333,6 +364,8 @@ class FrameSource(StateReporter):
         self._dropped = 0
         self._decode_errors = 0
         self._reconnects = 0
+        self._unconverted = 0
+        self._held: _Held | None = None
         self._anchor: tuple[float, float] | None = None  # (monotonic, pts) for pacing
         # Written by the loop only.
         self._delivered = 0
@@ -353,6 +386,7 @@ class FrameSource(StateReporter):
             dropped=self._dropped,
             decode_errors=self._decode_errors,
             reconnects=self._reconnects,
+            unconverted=self._unconverted,
             last_frame_wall_time=self._last_wall,
         )
 
@@ -423,7 +457,8 @@ class FrameSource(StateReporter):
         self._delivered += 1
         if self._closing:
             return
-        self._frames += 1
+        if not is_tick(frame):
+            self._frames += 1
         self._last_wall = frame.arrival
         try:
             self._on_frame(frame)
@@ -511,6 +546,7 @@ class FrameSource(StateReporter):
             log.debug("opened", extra={"stream": self.stream_id, "url": spec.redacted_url})
             return self._read(container)
         finally:
+            self._release_held()
             self._connected = False
             container.close()
 
@@ -539,17 +575,23 @@ class FrameSource(StateReporter):
                 pts = self._timeline.place(av_frame.time)
                 if pts is None:
                     continue
-                image = to_rgb(av_frame, spec.short_side)
+                # Converted before pacing: for files as live the wait hides it.
+                if self.gate is None:
+                    ready, hold = [_Ready(pts, to_rgb(av_frame, spec.short_side))], False
+                else:
+                    ready, hold = self._gated(av_frame, pts)
                 if spec.paced and self._pace(pts):
                     return None
-                frame = Frame(self.stream_id, self._seq, pts, image, time.time())
-                self._seq += 1
+                arrival = time.time()
                 frames += 1
                 self._progress = time.monotonic()
                 if frames == 1:
                     self._post_state(SourceState.LIVE, None)
-                if not self._hand_over(frame):
-                    return None
+                if hold:
+                    self._held = _Held(av_frame, pts, arrival)
+                for item in ready:
+                    if not self._hand_over(self._frame(item, arrival)):
+                        return None
         except av.error.ExitError:
             reason = f"no data for {spec.stall_timeout:g} s"
         except av.error.FFmpegError as exc:
@@ -593,6 +635,45 @@ class FrameSource(StateReporter):
                     return
                 if not self.spec.resumable_reads:
                     raise
+
+    def _gated(self, av_frame: av.VideoFrame, pts: float) -> tuple[list[_Ready], bool]:
+        """What to hand on now (the held frame first), converting only what the gate asks
+        for, and whether to hold this frame until the next one."""
+        assert self.gate is not None
+        decision = self.gate.offer(pts)
+        if decision.frame is Act.DROP:  # time going backwards (the timeline drops it first)
+            self._unconverted += 1
+            return [], False
+        ready: list[_Ready] = []
+        held, self._held = self._held, None
+        if held is not None:
+            if decision.held is Act.CONVERT:
+                ready.append(_Ready(held.pts, to_rgb(held.av_frame, self.spec.short_side), held.arrival))
+            else:
+                self._unconverted += 1
+                if decision.held is Act.TICK:
+                    ready.append(_Ready(held.pts, None, held.arrival))
+        if decision.frame is Act.CONVERT:
+            ready.append(_Ready(pts, to_rgb(av_frame, self.spec.short_side)))
+        return ready, decision.frame is Act.HOLD
+
+    def _release_held(self) -> None:
+        """End of a connection: the held frame may still be chosen by a later one (pts go on),
+        and a decoder frame should not outlive its container: convert it now."""
+        held, self._held = self._held, None
+        if held is None or self.gate is None or not self.gate.release() or self._stop_event.is_set():
+            return
+        image = to_rgb(held.av_frame, self.spec.short_side)
+        self._hand_over(self._frame(_Ready(held.pts, image, held.arrival), held.arrival))
+
+    def _frame(self, item: _Ready, now: float) -> Frame:
+        arrival = item.arrival if item.arrival is not None else now
+        if item.image is None:
+            frame = tick(self.stream_id, self._seq, item.pts, arrival)
+        else:
+            frame = Frame(self.stream_id, self._seq, item.pts, item.image, arrival)
+        self._seq += 1
+        return frame
 
     def _pace(self, pts: float) -> bool:
         """Sleep until the frame's time comes (files "as live"). True if stop came first."""

@@ -44,7 +44,8 @@ class DaemonMetrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         self._states = tuple(states)
-        self.frames = Counter("streamer_frames", "Frames decoded", ["stream"], registry=r)
+        self.frames = Counter("streamer_frames", "Frames delivered converted to RGB (decoded: this + "
+                              "streamer_source_frames_unconverted)", ["stream"], registry=r)
         self.ring_dropped = Counter("streamer_frames_dropped", "Frames overwritten in the ring buffer", ["stream"], registry=r)
         self.captioned = Counter("streamer_windows_captioned", "Windows captioned", ["stream"], registry=r)
         self.windows_dropped = Counter("streamer_windows_dropped", "Windows dropped under overload (newest wins)",
@@ -111,6 +112,8 @@ class _StatsCollector(Collector):
             ("streamer_source_decode_errors", "Packets the decoder rejected (skipped)", "decode_errors"),
             ("streamer_source_frames_dropped_late", "Frames decoded but dropped because the loop fell behind", "dropped"),
             ("streamer_source_reconnects", "Connection attempts after the first", "reconnects"),
+            ("streamer_source_frames_unconverted", "Frames decoded but never converted to RGB (no sampler slot "
+             "or thumbnail needed them)", "unconverted"),
         ):
             family = CounterMetricFamily(name, help_, labels=["stream"])
             for stream_id, s in sorted(sources.items()):

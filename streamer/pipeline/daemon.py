@@ -19,6 +19,7 @@ from streamer.ingest import FrameSource, SourceSpec, SourceState
 from streamer.ops.metrics import DaemonMetrics
 from streamer.ops.supervisor import Supervisor
 from streamer.pipeline.runtime import StreamRuntime
+from streamer.pipeline.sampler import SlotGate
 from streamer.pipeline.scheduler import Scheduler, SchedulerConfig
 from streamer.publish.hub import CaptionHub
 from streamer.security.policy import CheckedSource
@@ -192,7 +193,8 @@ class Daemon:
                 short_side=self.engine.frame_short_side,
                 hwaccel=config.hwaccel,
             )  # raises SourceSpecError (a ValueError) for unknown schemes, missing files
-            rt.source = FrameSource(spec, rt.on_frame, rt.on_state)
+            # The gate mirrors this stream's sampler: only frames it will choose are converted.
+            rt.source = FrameSource(spec, rt.on_frame, rt.on_state, gate=SlotGate(rt.sampler.config))
             self.streams[config.id] = rt
             self.metrics.streams.set(len(self.streams))
         rt.start_pipeline()

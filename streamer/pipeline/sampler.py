@@ -14,18 +14,49 @@ frame rate, gaps and streams that do not start at 0 come out right.
 
 Memory is bounded: only frames chosen for slots that a future window still
 needs are kept, plus the latest frame.
+
+`SlotGate` answers, from pts alone, which decoded frames a sampler with the
+same config can choose, so that a live source converts (swscale) only those.
+A source that gates its frames hands the sampler a *tick* for some of the
+others: an image-less Frame that carries time forward (it closes slots) and is
+never put in a window.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
 
 from streamer.types import Frame, Window
 
-__all__ = ["SamplerConfig", "WindowSampler"]
+__all__ = ["SamplerConfig", "WindowSampler", "SlotGate", "GateDecision", "Act", "tick", "is_tick"]
 
 _EPS = 1e-9
+_NO_IMAGE = np.empty((0, 0, 3), np.uint8)
+_NO_IMAGE.flags.writeable = False
+
+
+def tick(stream_id: str, seq: int, pts: float, arrival: float = 0.0) -> Frame:
+    """A frame's timestamp without its image: lets a sampler close the slots it reaches."""
+    return Frame(stream_id, seq, pts, _NO_IMAGE, arrival)
+
+
+def is_tick(frame: Frame) -> bool:
+    return frame.image.size == 0
+
+
+# The grid and the nearest-frame rule, shared by WindowSampler and SlotGate so that
+# the gate's answers are the sampler's choices by construction.
+def _centre(t0: float, slot: int, step: float) -> float:
+    return t0 + (slot + 0.5) * step
+
+
+def _earlier_wins(centre: float, earlier: float, later: float) -> bool:
+    """Which of two neighbouring frames a slot takes: the nearer one, ties to the earlier."""
+    return centre - earlier <= later - centre
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +86,12 @@ class WindowSampler:
         self.stream_id = stream_id
         self._t0: float | None = None
         self._last: Frame | None = None
+        self._last_image: Frame | None = None  # newest frame that is not a tick
         self._slots: dict[int, Frame] = {}  # finalised slot -> chosen frame
         self._next_slot = 0  # first slot whose frame is not chosen yet
         self._next_window = 0
         self._emitted = 0
+        self.skipped = 0  # windows not emitted because a slot held only a tick
 
     # -- grid arithmetic -------------------------------------------------
     def _first_slot(self, window_index: int) -> int:
@@ -67,7 +100,7 @@ class WindowSampler:
 
     def _slot_centre(self, slot: int) -> float:
         assert self._t0 is not None
-        return self._t0 + (slot + 0.5) * self.config.step
+        return _centre(self._t0, slot, self.config.step)
 
     # -- state machine ---------------------------------------------------
     def feed(self, frame: Frame) -> list[Window]:
@@ -79,14 +112,20 @@ class WindowSampler:
             self._t0 = frame.pts
         prev = self._last
         self._last = frame
+        if not is_tick(frame):
+            self._last_image = frame
         # Every slot whose centre this frame reaches is decided now: its nearest
         # frame is either the previous frame or this one (ties go to the earlier).
         while self._slot_centre(self._next_slot) <= frame.pts + _EPS:
             centre = self._slot_centre(self._next_slot)
-            if prev is not None and centre - prev.pts <= frame.pts - centre:
-                chosen = prev
+            if prev is not None and _earlier_wins(centre, prev.pts, frame.pts):
+                chosen, other = prev, frame
             else:
-                chosen = frame
+                chosen, other = frame, prev
+            if is_tick(chosen) and other is not None and not is_tick(other):
+                # A gated source never lets a tick be nearest; after frames were lost
+                # under overload one can be: take the real neighbour.
+                chosen = other
             self._slots[self._next_slot] = chosen
             self._next_slot += 1
         return self._complete_windows()
@@ -95,11 +134,14 @@ class WindowSampler:
         """End of stream. Windows that still lack frames are dropped, except
         that a stream too short for even one window yields a single window made
         of what it has (its last frame fills the remaining slots)."""
-        if self._emitted or self._last is None:
+        last = self._last_image
+        if self._emitted or last is None:
             return []
         n = self.config.frames
         first = self._first_slot(self._next_window)
-        frames = [self._slots.get(j, self._last) for j in range(first, first + n)]
+        frames = [self._slots.get(j, last) for j in range(first, first + n)]
+        if any(is_tick(f) for f in frames):
+            return []
         self._emitted += 1
         return [Window(self.stream_id, self._next_window, tuple(frames))]
 
@@ -111,9 +153,12 @@ class WindowSampler:
             if first + n > self._next_slot:
                 break
             frames = tuple(self._slots[j] for j in range(first, first + n))
-            out.append(Window(self.stream_id, self._next_window, frames))
+            if any(is_tick(f) for f in frames):
+                self.skipped += 1  # frames were lost and a tick is all a slot has: no image to caption
+            else:
+                out.append(Window(self.stream_id, self._next_window, frames))
+                self._emitted += 1
             self._next_window += 1
-            self._emitted += 1
         # Forget slots that no future window can use.
         keep_from = self._first_slot(self._next_window)
         for j in [j for j in self._slots if j < keep_from]:
@@ -124,6 +169,115 @@ class WindowSampler:
     def retained_frames(self) -> int:
         """Distinct frames held (for tests and metrics: this stays bounded)."""
         held = {id(f) for f in self._slots.values()}
-        if self._last is not None:
-            held.add(id(self._last))
+        for frame in (self._last, self._last_image):
+            if frame is not None:
+                held.add(id(frame))
         return len(held)
+
+
+class Act(Enum):
+    """What a source does with one decoded frame (see SlotGate)."""
+
+    CONVERT = "convert"  # convert it and hand it on now
+    TICK = "tick"  # hand on its pts only (`tick()`): no slot takes it, but it closes slots
+    HOLD = "hold"  # keep it unconverted: the next offer decides
+    DROP = "drop"  # no slot can take it: free it
+
+
+@dataclass(frozen=True, slots=True)
+class GateDecision:
+    held: Act  # the frame held back by the previous offer, handed on first (DROP when none is held)
+    frame: Act  # the frame just offered: CONVERT, HOLD, or DROP (its time goes backwards)
+
+
+class SlotGate:
+    """Which decoded frames a `WindowSampler` with the same config will choose, from pts alone.
+
+    A source calls `offer(pts)` for every decoded frame, in decode order, and
+    does what the decision says (the held frame first). It converts a frame
+    only when a slot takes it, plus the first frame (it fixes the sampler's
+    grid) and one at least every `refresh` seconds of media time (thumbnails).
+    Pure, no clock: owned by one thread (a decode thread), nothing shared.
+
+    Why a frame is held: a slot takes the frame nearest its centre. A frame at
+    or after the centre is known as soon as it arrives; one before it only
+    once the next frame shows it is nearer, so the gate keeps it (unconverted,
+    one at most) until that next offer. The sampler closes a slot when any
+    frame at or past its centre reaches it; when that frame is not converted
+    the gate ticks it at the next offer, once its own fate is known (a tick is
+    never chosen). So every slot closes at the frame that closes it today or
+    the one after: at most one frame interval later, and the frames the
+    sampler sees, a subset holding every chosen frame, give it the very same
+    choices (the same `_earlier_wins`).
+
+    `release()` at the end of a connection: the held frame is converted now,
+    since a later frame (pts go on across reconnects) may still choose it and
+    a decoder frame should not outlive its container.
+    """
+
+    def __init__(self, config: SamplerConfig, refresh: float | None = 1.0) -> None:
+        if refresh is not None and not (refresh > 0 and math.isfinite(refresh)):
+            raise ValueError(f"refresh must be a positive number of seconds or None, got {refresh!r}")
+        self.config = config
+        self.refresh = refresh
+        self._t0: float | None = None
+        self._last: float | None = None  # pts of the last accepted offer
+        self._holding = False  # that frame is held unconverted
+        self._next_slot = 0  # first slot not decided yet
+        self._decided_at_last = 0  # _next_slot right after the last accepted offer
+        self._closed = 0  # slots the consumer's sampler can close with what it was handed
+        self._last_converted: float | None = None
+
+    @property
+    def holding(self) -> bool:
+        return self._holding
+
+    def offer(self, pts: float) -> GateDecision:
+        if self._last is not None and pts <= self._last:
+            # The sampler drops time going backwards; the held frame still waits for a later one.
+            return GateDecision(Act.HOLD if self._holding else Act.DROP, Act.DROP)
+        if self._t0 is None:
+            self._t0 = pts
+        prev = self._last
+        prev_chosen = this_chosen = False
+        step = self.config.step
+        while _centre(self._t0, self._next_slot, step) <= pts + _EPS:
+            centre = _centre(self._t0, self._next_slot, step)
+            if prev is not None and _earlier_wins(centre, prev, pts):
+                prev_chosen = True
+            else:
+                this_chosen = True
+            self._next_slot += 1
+
+        held = Act.DROP
+        if self._holding and prev_chosen:
+            held = Act.CONVERT
+            self._last_converted = prev
+        convert = this_chosen or self._refresh_due(pts)
+        if held is Act.CONVERT or (self._holding and not convert and self._closed < self._decided_at_last):
+            # Handing on the held frame lets the sampler close what it decided; when this
+            # frame is converted it closes those slots itself and a tick is not needed.
+            if held is Act.DROP:
+                held = Act.TICK
+            self._closed = self._decided_at_last
+        if convert:
+            self._last_converted = pts
+            self._closed = self._next_slot
+        self._holding = not convert
+        self._decided_at_last = self._next_slot
+        self._last = pts
+        return GateDecision(held, Act.CONVERT if convert else Act.HOLD)
+
+    def release(self) -> bool:
+        """End of a connection: True when the held frame must be converted and handed on now."""
+        if not self._holding:
+            return False
+        self._holding = False
+        self._last_converted = self._last
+        self._closed = self._decided_at_last
+        return True
+
+    def _refresh_due(self, pts: float) -> bool:
+        if self._last_converted is None:
+            return True  # the first frame: the sampler's grid starts at it
+        return self.refresh is not None and pts - self._last_converted >= self.refresh

@@ -110,7 +110,8 @@ async def test_webrtc_publisher_over_whip_gets_captions(tiny_model, loopback_ice
                 async with http.post(f"{d.http}/whip/obs?window=1&hop=0.5", data=publisher.localDescription.sdp,
                                      headers={"Content-Type": "application/sdp"}) as resp:
                     assert resp.status == 201
-                    assert resp.headers["Location"] == "/whip/obs"
+                    location = resp.headers["Location"]
+                    assert location.startswith("/whip/obs/") and len(location) > len("/whip/obs/") + 16
                     assert resp.content_type == "application/sdp"
                     answer = await resp.text()
                 await publisher.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
@@ -119,7 +120,7 @@ async def test_webrtc_publisher_over_whip_gets_captions(tiny_model, loopback_ice
             async with http.post(f"{d.http}/whip/obs", data=publisher.localDescription.sdp,
                                  headers={"Content-Type": "application/sdp"}) as resp:
                 assert resp.status == 409  # one publisher per stream id
-            async with http.delete(f"{d.http}/whip/obs") as resp:
+            async with http.delete(f"{d.http}{location}") as resp:
                 assert resp.status == 204
             async with http.get(f"{d.http}/streams/obs") as resp:
                 assert resp.status == 404

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import re
 import socket
 import ssl
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import av
 import pytest
+import websockets
 from aiohttp import web
 
 from streamer.security.egress import PROXY_PROTOCOLS, EgressProxy, ffmpeg_options
@@ -282,6 +284,36 @@ async def test_ffmpeg_options(monkeypatch):
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     with pytest.raises(RuntimeError, match="no_proxy"):
         ffmpeg_options("http://u:s@127.0.0.1:1")
+
+
+async def test_no_proxy_in_the_daemons_environment_opens_no_way_around_the_proxy(monkeypatch, tiny_model, camera, victim):
+    """With no_proxy=* FFmpeg would connect to every host directly, redirects included: the daemon
+    removes it when it starts the proxy, so an allowed camera that redirects to loopback still gets nowhere."""
+    import aiohttp
+
+    from streamer.http.common import ServerConfig
+    from streamer.security.policy import SourcePolicy
+    from tests.support.daemon import read_messages, running_daemon
+
+    monkeypatch.setenv("no_proxy", "*")
+
+    def state(messages, stream_id, states):
+        return [m for m in messages if m["type"] == "state" and m["stream_id"] == stream_id and m["state"] in states]
+
+    config = ServerConfig(port=0, sources=SourcePolicy(network=POLICY))
+    async with running_daemon(tiny_model, server_config=config) as d, aiohttp.ClientSession() as http:
+        assert "no_proxy" not in os.environ
+        async with websockets.connect(d.ws) as ws:
+            for stream_id, path in [("cam", "/clip.mp4"), ("evil", "/to-victim")]:
+                async with http.post(f"{d.http}/streams", json={"id": stream_id, "url": camera.base + path}) as resp:
+                    assert resp.status == 201, await resp.text()  # http(s) sources stay available
+            # cam: any state past "connecting" means FFmpeg reached it (its 1 s clip is used up while probing
+            # with fflags=nobuffer, so it may never go live)
+            messages = await read_messages(ws, lambda m: state(m, "cam", {"live", "reconnecting"})
+                                           and state(m, "evil", {"reconnecting", "failed"}), timeout=20)
+        assert "403" in state(messages, "evil", {"reconnecting", "failed"})[0]["detail"]  # the proxy's refusal
+    assert "GET /to-victim" in camera.seen and "GET /clip.mp4" in camera.seen
+    assert victim.seen == []
 
 
 # -- the proxy's own rules, with a raw client --

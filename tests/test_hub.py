@@ -313,6 +313,25 @@ async def test_forget_stream_drops_history_and_stability() -> None:
     assert [m["stable"] for m in await read_pending(everything)] == [False]
 
 
+async def test_end_stream_is_the_last_word_until_the_stream_is_forgotten() -> None:
+    hub = CaptionHub()
+    sub = hub.subscribe(replay=False)
+    hub.publish_state("cam", "live", None)
+    hub.end_stream("cam", "stopped", "removed")
+    # what its source says while it shuts down does not reach anyone
+    hub.publish_state("cam", "stopped", "stopped")
+    hub.publish_caption(cap("cam", 7))
+    hub.publish_caption(cap("other", 0))  # other streams are not affected
+    assert summary(await read_pending(sub)) == [
+        ("state", "cam", "live"), ("state", "cam", "stopped"), ("caption", "other", 0)
+    ]
+    assert [m["detail"] for m in await read_pending(hub.subscribe(["cam"]))] == ["removed"]
+    # once forgotten, a new stream with the id is heard again
+    hub.forget_stream("cam")
+    hub.publish_state("cam", "connecting", None)
+    assert summary(await read_pending(sub)) == [("state", "cam", "connecting")]
+
+
 def test_hub_rejects_bad_sizes() -> None:
     with pytest.raises(ValueError):
         CaptionHub(queue_size=0)

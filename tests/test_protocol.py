@@ -42,7 +42,7 @@ CAPTION = Caption(
 
 def test_public_api() -> None:
     assert set(protocol.__all__) == {
-        "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES", "SERVER_NAME", "SCHEMA", "ProtocolError",
+        "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES", "MAX_FRAME_BYTES", "SERVER_NAME", "SCHEMA", "ProtocolError",
         "Subscribe", "Unsubscribe", "Ping", "ClientMessage", "parse_client_message",
         "apply_subscription", "caption_message", "state_message", "encode",
         "encode_caption", "encode_state", "encode_hello", "encode_error", "encode_pong",

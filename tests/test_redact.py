@@ -283,3 +283,127 @@ def test_every_secret_key_is_hidden(key: str) -> None:
 def test_plain_keys_are_kept(key: str) -> None:
     url = f"srt://h:9000?{key}=16&x=1"
     assert redact_url(url) == url
+
+
+# -- end to end: a real daemon, a real RTSP server with credentials, real FFmpeg errors --
+
+PASSWORD = "Pw1x#Sl2y/Qu3z?Zz9xK"  # raw '#', '/', '?': an RFC 3986 parser ends the authority inside it
+API_KEY = "ApiKey7f3a9c1e5b"
+PASSPHRASE = "SrtPass9d8e7f6a5b"
+
+
+def _secret_forms() -> list[str]:
+    from urllib.parse import quote
+
+    # the secrets as given, percent-encoded, and each piece between the delimiters
+    # (what a parser that split the password would echo)
+    return [PASSWORD, quote(PASSWORD, safe=""), quote(PASSWORD), "Pw1x", "Sl2y", "Qu3z", "Zz9xK", API_KEY, PASSPHRASE]
+
+
+def _leaks(where: str, text: str) -> list[str]:
+    text = text.lower()  # a host name comes back lowercased
+    return [f"{where}: {form!r}" for form in _secret_forms() if form.lower() in text]
+
+
+async def test_no_secret_reaches_anything_a_user_sees(tiny_model, tmp_path, capfd):
+    import asyncio
+    import json
+    import logging
+    import socket
+    from urllib.parse import quote
+
+    import aiohttp
+    import websockets
+
+    from streamer.cli.serve import ServeConfig, serve
+    from streamer.config import StreamConfig
+    from streamer.engine import EngineConfig
+    from streamer.http.common import ServerConfig
+    from streamer.ops.logs import KeyValueFormatter
+    from streamer.pipeline.daemon import DaemonConfig
+    from tests.support.daemon import captions_of, read_messages, trusting_policy
+    from tests.support.rtsp import RtspServer, require_rtsp_server
+
+    require_rtsp_server()
+    with socket.socket() as s:  # a port nobody listens on: connection refused, and FFmpeg says so
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    out_dir = tmp_path / "subtitles"
+    log_lines: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.setFormatter(KeyValueFormatter())
+    handler.emit = lambda record: log_lines.append(handler.format(record))  # type: ignore[method-assign]
+    logger = logging.getLogger("streamer")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)  # -vv: every log line a user could turn on
+    seen: list[str] = []  # every HTTP body and WebSocket message
+    with RtspServer(user="cam", password=PASSWORD) as rtsp:
+        cam = f"rtsp://cam:{quote(PASSWORD, safe='')}@127.0.0.1:{rtsp.port}/stream"
+        raw = f"rtsp://cam:{PASSWORD}@127.0.0.1:{rtsp.port}/stream"
+        srt = f"srt://127.0.0.1:9?passphrase={PASSPHRASE}&streamid=x"
+        window = {"window": 1.0, "hop": 0.5}
+        trusted = [  # streamer.toml [[streams]]: no policy, straight to FFmpeg
+            {"id": "cam", "url": cam},
+            {"id": "cam-raw", "url": raw},  # FFmpeg: "Invalid argument: '<the URL>'"
+            {"id": "hls", "url": f"http://cam:{quote(PASSWORD, safe='')}@127.0.0.1:{dead}/live.m3u8?apikey={API_KEY}"},
+            {"id": "srt", "url": srt},  # this FFmpeg has no srt: "Protocol not found: '<the URL>'"
+            {"id": "bad", "url": f"nope://cam:{PASSWORD}@127.0.0.1/x?apikey={API_KEY}"},  # never starts
+        ]
+        config = ServeConfig(
+            engine=EngineConfig(model=str(tiny_model), max_new_tokens=4),
+            server=ServerConfig(port=0, sources=trusting_policy()),
+            daemon=DaemonConfig(),
+            streams=tuple(StreamConfig.from_dict({**s, **window}) for s in trusted),
+            sinks=(("outputs", {"dir": str(out_dir), "formats": ["vtt", "srt", "jsonl"]}),),
+        )
+        ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        stop = asyncio.Event()
+        task = asyncio.create_task(serve(config, on_ready=lambda port, d: ready.set_result(port), stop=stop))
+        try:
+            done, _ = await asyncio.wait([ready, task], timeout=60, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                task.result()
+            base = f"http://127.0.0.1:{ready.result()}"
+            async with aiohttp.ClientSession() as http, websockets.connect(f"{base.replace('http', 'ws')}/ws") as ws:
+                posted = [  # POST /streams: through the source policy
+                    ({"id": "post-cam", "url": f"{cam}?apikey={API_KEY}"}, 201),
+                    ({"id": "post-srt", "url": srt}, 201),
+                    ({"id": "post-raw", "url": raw}, 403),  # the policy cannot tell host from password
+                    ({"id": "post-bare", "url": f"rtsp://{PASSWORD}@127.0.0.1:{rtsp.port}/stream"}, 403),
+                ]
+                for body, status in posted:
+                    async with http.post(f"{base}/streams", json={**body, **window}) as resp:
+                        seen.append(await resp.text())
+                        assert resp.status == status, seen[-1]
+
+                def ended(ms, stream_id):
+                    return any(m["type"] == "state" and m["stream_id"] == stream_id and m["state"] in ("reconnecting", "failed")
+                               for m in ms)
+
+                broken = ["cam-raw", "hls", "srt", "post-srt", "post-cam"]
+                messages = await read_messages(
+                    ws, lambda ms: len(captions_of(ms, "cam")) >= 2 and all(ended(ms, s) or captions_of(ms, s) for s in broken),
+                    timeout=60)
+                seen.extend(json.dumps(m) for m in messages)
+                details = {m["stream_id"]: m["detail"] for m in messages if m["type"] == "state" and m["state"] != "live"}
+                # the errors are there to read, only masked
+                assert "Invalid argument" in details["cam-raw"] and "Protocol not found" in details["srt"]
+                for path in ["/streams", "/metrics", *(f"/streams/{s['id']}" for s in trusted[:4]),
+                             "/streams/post-cam", "/streams/post-srt"]:
+                    async with http.get(base + path) as resp:
+                        assert resp.status == 200, path
+                        seen.append(await resp.text())
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            logger.removeHandler(handler)
+            logger.setLevel(old_level)
+    stdout, stderr = capfd.readouterr()  # FFmpeg's own messages too, written by C code to fd 2
+    files = sorted(out_dir.iterdir())
+    assert any(f.name.startswith("cam") for f in files)
+    leaks = _leaks("HTTP/WebSocket", "\n".join(seen)) + _leaks("log", "\n".join(log_lines))
+    leaks += _leaks("stdout/stderr", stdout + stderr) + _leaks("file names", " ".join(f.name for f in files))
+    leaks += [leak for f in files for leak in _leaks(f.name, f.read_text(encoding="utf-8"))]
+    assert not leaks, leaks
+    assert any("stream not started" in line and "bad" in line for line in log_lines)  # and said why

@@ -66,6 +66,7 @@ ROUTE_ROLES = {
     ("GET", "/ws"): "viewer", ("GET", "/streams"): "viewer", ("GET", "/streams/{id}"): "viewer",
     ("GET", "/streams/{id}/thumbnail.jpg"): "viewer",
     ("POST", "/whip/{id}"): "publisher", ("DELETE", "/whip/{id}"): "publisher",
+    ("DELETE", "/whip/{id}/{session}"): "publisher",
     ("POST", "/streams"): "operator", ("DELETE", "/streams/{id}"): "operator",
     ("POST", "/v1/caption/video"): "operator", ("POST", "/v1/caption/videos"): "operator",
     ("POST", "/v1/caption/frames"): "operator", ("GET", "/auth"): "admin",
@@ -117,6 +118,7 @@ async def test_roles_table_over_a_real_daemon(tiny_model, clip2):
              {None: 401, "viewer": 403, "publisher_w": 403, "operator": 403}),
             ("POST", "/whip/w", {"data": "v=0 x", "headers": {"Content-Type": "application/sdp"}}, {"publisher_w": 400}),
             ("DELETE", "/whip/a", {}, {"publisher_w": 403, "admin": 404}),  # a pulled stream is no WHIP session
+            ("DELETE", "/whip/a/any-session", {}, {"publisher_w": 403, "admin": 404}),
             ("GET", "/streams/a", {"params": {"token": TOKENS["operator"]}}, {None: 200}),  # query token: viewer rights
             ("DELETE", "/streams/a", {"params": {"token": TOKENS["admin"]}}, {None: 403}),  # ... and no more
             ("GET", "/streams", {"headers": {"Authorization": "Bearer wrong-token-0123456789"}}, {None: 401}),
@@ -318,3 +320,67 @@ def test_the_default_source_policy_fails_closed():
     for url in ("rtsp://127.0.0.1/x", "rtsp://[::1]/x", "http://example.org/x.m3u8", "lavfi:testsrc"):
         with pytest.raises(SourceRefused):
             SourcePolicy().check(url)
+
+
+def _fds_on(path) -> int:
+    """How many of this process's file descriptors are open on `path`."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+        except OSError:
+            pass  # closed while listing
+    return count
+
+
+async def test_a_fifo_named_by_the_operator_cannot_pin_a_decode_thread(tiny_model, tmp_path, monkeypatch):
+    """A FIFO is a trusted source only from the config (HTTP refuses it): it gets an open timeout with a clear
+    reason, removing it while it waits for a writer leaves no thread behind, and with a writer it captions."""
+    import time
+
+    from streamer.config import StreamConfig
+    from streamer.media import decode
+    from tests.support.media import moving_square, write_video
+
+    clip = write_video(tmp_path / "clip.ts", moving_square(60, 96, 64), fps=30)
+    fifo = tmp_path / "cam.fifo"
+    os.mkfifo(fifo)
+
+    def state_of(stream_id, state):
+        return lambda ms: [m for m in ms if m["type"] == "state" and m["stream_id"] == stream_id and m["state"] == state]
+
+    def ingest_threads():
+        return [t.name for t in threading.enumerate() if t.name.startswith("ingest:")]
+
+    async with running_daemon(tiny_model) as d, websockets.connect(d.ws) as ws:
+        # as serve() adds [[streams]] from streamer.toml: no source policy
+        config = {"url": str(fifo), "window": 1, "hop": 0.5}
+        writer = await asyncio.create_subprocess_exec("sh", "-c", 'cat "$0" > "$1"', str(clip), str(fifo))
+        try:
+            await d.daemon.add_stream(StreamConfig.from_dict({"id": "fed", **config}))
+            await read_messages(ws, lambda ms: captions_of(ms, "fed"), timeout=30)  # a FIFO with a writer works
+            await d.daemon.remove_stream("fed")
+        finally:
+            if writer.returncode is None:
+                writer.kill()
+            await writer.wait()
+        baseline = threading.active_count()  # the engine's thread exists by now
+
+        await d.daemon.add_stream(StreamConfig.from_dict({"id": "waiting", **config}))
+        deadline = time.monotonic() + 10
+        while not _fds_on(fifo):  # the decode thread is now waiting for a writer
+            assert time.monotonic() < deadline, "the decode thread never started waiting on the FIFO"
+            await asyncio.sleep(0.02)
+        started = time.monotonic()
+        await d.daemon.remove_stream("waiting")
+        assert time.monotonic() - started < 1.5  # stop() did not give up on the thread
+        assert ingest_threads() == [] and _fds_on(fifo) == 0
+
+        monkeypatch.setattr(decode, "PIPE_OPEN_TIMEOUT", 1.0)
+        await d.daemon.add_stream(StreamConfig.from_dict({"id": "silent", **config}))
+        failed = state_of("silent", "failed")
+        detail = failed(await read_messages(ws, failed, timeout=10))[0]["detail"]
+        assert "no data within 1 s" in detail and "writing to it" in detail
+        await d.daemon.remove_stream("silent")
+        assert ingest_threads() == [] and _fds_on(fifo) == 0
+        assert threading.active_count() == baseline, [t.name for t in threading.enumerate()]

@@ -216,10 +216,11 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
         except OSError as exc:
             raise StreamerError(f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror or exc}") from None
         port = runner.addresses[0][1] if runner.addresses else config.server.port
+        url = f"{'https' if config.server.tls_cert else 'http'}://{config.server.host}:{port}"
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, on_signal)
-        log.warning("listening; loading the model", extra={"url": f"http://{config.server.host}:{port}"})
+        log.warning("listening; loading the model", extra={"url": url})
         if on_listening:
             on_listening(port)
         if not config.server.tokens:
@@ -239,7 +240,7 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
             except ValueError as exc:  # one bad stream in the config must not stop the others
                 log.error("stream not started", extra={"stream": stream.id, "error": str(exc)})
         service.daemon, service.phase = daemon, "ready"
-        log.warning("serving", extra={"url": f"http://{config.server.host}:{port}", "model": engine.model_name})
+        log.warning("serving", extra={"url": url, "model": engine.model_name})
         if on_ready:
             on_ready(port, daemon)
         waiters = [asyncio.ensure_future(daemon.fatal.wait()), asyncio.ensure_future(stop.wait())]
@@ -285,8 +286,13 @@ async def _start_egress(server):
     policy = server.sources
     if policy is None or policy.network is None or not ({"http", "https"} & policy.schemes):
         return None
-    from streamer.security.egress import EgressProxy
+    from streamer.security.egress import EgressProxy, clear_ffmpeg_bypass
 
+    bypass = clear_ffmpeg_bypass()
+    if bypass is not None:
+        # FFmpeg would connect straight to the hosts it names (`*`: all), around the proxy's checks.
+        log.warning("no_proxy removed from the environment: FFmpeg would bypass the egress proxy for those hosts",
+                    extra={"no_proxy": bypass[:200]})
     proxy = EgressProxy(policy.network)
     proxy.on_refused = lambda reason: log.warning("egress refused", extra={"reason": reason})
     await proxy.start()

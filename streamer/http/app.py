@@ -4,8 +4,8 @@ Routes:
   GET  /ws                      captions over WebSocket (docs/protocol.md); ?streams=a,b or ?streams=*
   GET  /streams                 list streams      POST /streams {id, url, ...}   add one
   GET  /streams/{id}            one stream        DELETE /streams/{id}           remove it
-  POST /whip/{id}               WHIP: SDP offer in, 201 + SDP answer + Location
-  DELETE /whip/{id}             end a WHIP session
+  POST /whip/{id}               WHIP: SDP offer in, 201 + SDP answer + Location /whip/{id}/{session}
+  DELETE /whip/{id}/{session}   end that WHIP session     DELETE /whip/{id}   end whichever it is
   GET  /healthz  /readyz  /metrics  /auth (admin: who holds which role)
   POST /v1/caption/video        {"video": base64, "max_length": N}       one caption for a clip
   POST /v1/caption/videos       {"videos": [base64...], "max_length": N} one per clip, batched
@@ -71,6 +71,7 @@ def build_app(service: Daemon | Service, config: ServerConfig | None = None) -> 
             web.delete("/streams/{id}", streams.remove_stream),
             web.post("/whip/{id}", whip.whip_offer),
             web.delete("/whip/{id}", whip.whip_delete),
+            web.delete("/whip/{id}/{session}", whip.whip_delete),
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),
             web.get("/metrics", metrics),

@@ -40,7 +40,7 @@ class ServerConfig:
     max_body_bytes: int = 32 * 1024 * 1024  # JSON APIs carry base64 video
     max_clips: int = 16  # per /v1/caption/videos request
     max_frames: int = 64  # per /v1/caption/frames request
-    heartbeat: float = 20.0  # WebSocket ping interval, seconds
+    heartbeat: float = 20.0  # ping a WebSocket client this long after its last pong; no pong in half of it: closed
     close_timeout: float = 2.0  # give a slow client this long to take the close frame
     # Bytes a client may have in flight (kernel send buffer + transport buffer)
     # before its messages back up into its bounded queue: bounds memory per

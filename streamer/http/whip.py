@@ -1,4 +1,6 @@
-"""Routes: POST /whip/{id} (an SDP offer in, 201 + answer + Location), DELETE /whip/{id}."""
+"""Routes: POST /whip/{id} (an SDP offer in, 201 + answer + Location /whip/{id}/{session}),
+DELETE /whip/{id}/{session} (end that session), DELETE /whip/{id} (whichever session it has, for
+publishers that ignore Location). Only WHIP streams: a pulled stream is 404 here."""
 
 from __future__ import annotations
 
@@ -28,22 +30,24 @@ async def whip_offer(request: web.Request) -> web.Response:
         return error_response(400, "bad_offer", "the offer is not UTF-8 text")
     try:
         config = StreamConfig.from_dict({"id": stream_id, **_stream_params(request.query)})
-        _, answer = await daemon.add_whip_stream(config, offer)
-    except StreamExists as exc:
+        rt, answer = await daemon.add_whip_stream(config, offer)
+    except StreamExists as exc:  # a live or connecting session, or a pulled stream of that id
         return error_response(409, "exists", str(exc))
     except AtCapacity as exc:
         return refuse(request, 429, exc.reason, str(exc))
     except ValueError as exc:
         return error_response(400, "bad_offer", str(exc))
+    # The session's own URL: a DELETE from a publisher that was replaced cannot end its successor.
     return web.Response(
-        status=201, text=answer, content_type="application/sdp", headers={"Location": f"/whip/{stream_id}"}
+        status=201, text=answer, content_type="application/sdp",
+        headers={"Location": f"/whip/{stream_id}/{rt.source.id}"},
     )
 
 
 def _stream_params(query) -> dict[str, Any]:
-    """window, hop, frames from the query string, as strings for the schema ("3s", "1.5", "6")."""
+    """window, hop, stall_timeout, frames from the query string, as strings for the schema ("3s", "1.5", "6")."""
     params: dict[str, Any] = {}
-    for name in ("window", "hop"):
+    for name in ("window", "hop", "stall_timeout"):
         if name in query:
             params[name] = query[name]
     if "frames" in query:
@@ -54,15 +58,13 @@ def _stream_params(query) -> dict[str, Any]:
 
 @requires("publisher", stream="id")
 async def whip_delete(request: web.Request) -> web.Response:
-    """End a WHIP session; pulled streams are not the publisher's to remove (404)."""
+    """End a WHIP session: `/whip/{id}/{session}` only while that session is the stream's;
+    `/whip/{id}` whichever it is. Pulled streams are not the publisher's to remove (404)."""
     stream_id = request.match_info["id"]
-    daemon = daemon_of(request)
-    rt = daemon.streams.get(stream_id)
-    if rt is None or rt.config.url:
-        return error_response(404, "not_found", f"no WHIP session for stream {stream_id!r}")
+    session_id = request.match_info.get("session")
     try:
-        await daemon.remove_stream(stream_id)
+        await daemon_of(request).remove_whip_session(stream_id, session_id)
     except StreamNotFound:
-        return error_response(404, "not_found", f"no WHIP session for stream {stream_id!r}")
+        what = f"session {session_id!r} of stream {stream_id!r}" if session_id else f"WHIP session for stream {stream_id!r}"
+        return error_response(404, "not_found", f"no {what} (ended, replaced, or not a WHIP stream)")
     return web.Response(status=204)
-

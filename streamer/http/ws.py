@@ -1,21 +1,64 @@
-"""Route: GET /ws, captions over WebSocket (docs/protocol.md): hub subscription -> socket."""
+"""Route: GET /ws, captions over WebSocket (docs/protocol.md): hub subscription -> socket.
+
+Each connection runs three tasks, and the handler closes the socket once, for
+the first of them that ends:
+
+- read: client frames (subscribe, unsubscribe, ping; WebSocket pings and pongs);
+- forward: hub -> socket; a subscription whose queue fills (`client_queue`
+  messages) is closed by the hub as a slow consumer;
+- watch: the heartbeat. `heartbeat` seconds after the client's last pong the
+  server pings; if no pong comes back within `heartbeat / 2`, the client has
+  stopped reading: 1008 `slow consumer` when messages to it are waiting (queued,
+  in the server's buffer, or unsent in the kernel because its TCP receive window
+  is full), 1011 `ping timeout` when nothing is (a dead or hung peer).
+
+Only a pong that echoes the server's own ping counts: TCP delivers in order,
+so it proves the client read everything sent before that ping. A client that
+sends (its own pings, subscriptions) but does not read is not kept alive by it.
+aiohttp's own heartbeat is off: it cuts a connection without a close frame, a
+log line or a metric, and any frame from the client resets it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import itertools
 import logging
 import socket
+import struct
+import sys
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from streamer.http.common import CONFIG_KEY, SOCKETS_KEY, daemon_of
+from streamer.http.common import CONFIG_KEY, SOCKETS_KEY, ServerConfig, daemon_of
 from streamer.http.guard import principal_of, refuse, requires
-from streamer.pipeline.daemon import Daemon
+from streamer.ops.metrics import DaemonMetrics
 from streamer.publish import protocol
-from streamer.publish.hub import SubscriptionClosed
+from streamer.publish.hub import REASON_SHUTDOWN, REASON_SLOW, Subscription, SubscriptionClosed
 
 log = logging.getLogger("streamer.http")
+
+
+@dataclass(frozen=True, slots=True)
+class _Close:
+    """Why the server closes a connection: the close frame, and the metric label when it is the client's fault."""
+
+    code: int
+    reason: str
+    metric: str | None  # streamer_ws_clients_dropped_total{reason=...}
+
+
+SLOW = _Close(1008, REASON_SLOW, "slow")
+PING_TIMEOUT = _Close(1011, "ping timeout", "ping_timeout")
+SHUTDOWN = _Close(1001, REASON_SHUTDOWN, None)
+_GONE = _Close(1000, "", None)  # the client closed or vanished: nothing to report
+
+# Linux: bytes in a socket's send queue not sent yet, i.e. held back by the peer's closed window.
+_SIOCOUTQNSD = 0x894B
 
 
 def _limit(streams: frozenset[str] | None, allowed: frozenset[str] | None) -> frozenset[str] | None:
@@ -38,43 +81,171 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
                       f"at the limit of {config.max_ws_clients_per_address} WebSocket clients from one address")
     allowed = principal_of(request).streams
     ws = web.WebSocketResponse(
-        heartbeat=config.heartbeat,
-        max_msg_size=protocol.MAX_MESSAGE_BYTES,
+        autoping=False,  # pongs are the heartbeat's evidence: _Client.read sees them (and answers pings)
+        timeout=config.close_timeout,  # for the client's close frame after ours
+        # Read a message up to MAX_FRAME_BYTES to the end, so one over MAX_MESSAGE_BYTES gets a
+        # `too_large` error frame; past that aiohttp closes with 1009 rather than buffer it.
+        max_msg_size=protocol.MAX_FRAME_BYTES,
         writer_limit=max(config.client_send_buffer // 4, 1024),  # how often send waits for the socket to drain
     )
     await ws.prepare(request)
     _bound_send_buffer(request, config.client_send_buffer)
     ws.peer = peer
     sockets.add(ws)
-    streams: frozenset[str] | None = _limit(_initial_streams(request.query.get("streams")), allowed)
+    streams = _limit(_initial_streams(request.query.get("streams")), allowed)
     only_changes = request.query.get("all", "0") not in ("1", "true")
     sub = daemon.hub.subscribe(streams, only_changes=only_changes)
-    visible = sorted(s for s in daemon.streams if allowed is None or s in allowed)
-    await ws.send_str(protocol.encode_hello(visible, daemon.hub.history))
-    sender = asyncio.create_task(_forward(sub, ws, config.close_timeout, daemon, request), name="ws-forward")
+    client = _Client(ws, sub, request, config, daemon.metrics, streams, allowed)
+    verdict = _GONE
     try:
-        async for msg in ws:
-            if msg.type != WSMsgType.TEXT:
-                await ws.send_str(protocol.encode_error("bad_message", "send text frames"))
-                continue
-            try:
-                message = protocol.parse_client_message(msg.data)
-                if isinstance(message, protocol.Ping):
-                    await ws.send_str(protocol.encode_pong())
-                else:
-                    streams = _limit(protocol.apply_subscription(streams, message), allowed)
-                    sub.update(streams)
-            except protocol.ProtocolError as exc:
-                await ws.send_str(protocol.encode_error(exc.code, exc.message))
+        visible = sorted(s for s in daemon.streams if allowed is None or s in allowed)
+        await ws.send_str(protocol.encode_hello(visible, daemon.hub.history))
+        verdict = await client.run()
+    except ConnectionError:
+        pass  # gone before its hello went out
     finally:
-        sub.close()
-        sender.cancel()
-        try:
-            await sender
-        except asyncio.CancelledError:
-            pass
-        request.app[SOCKETS_KEY].discard(ws)
+        sub.close(verdict.reason or "closed")  # a slow verdict is counted by the hub too
+        sockets.discard(ws)
+    await client.close(verdict)
     return ws
+
+
+class _Client:
+    """One connection: its subscription, its three tasks, and the one close at the end."""
+
+    def __init__(self, ws: web.WebSocketResponse, sub: Subscription, request: web.Request, config: ServerConfig,
+                 metrics: DaemonMetrics, streams: frozenset[str] | None, allowed: frozenset[str] | None) -> None:
+        self.ws, self.sub, self.request, self.config, self.metrics = ws, sub, request, config, metrics
+        self.streams, self.allowed = streams, allowed
+        self.loop = asyncio.get_running_loop()
+        self.last_pong = self.loop.time()  # the handshake counts as the first sign of life
+        self._pings = itertools.count(1)
+        self._expected = b""
+        self._ponged = asyncio.Event()
+        self._evidence: dict[str, Any] = {}  # what a verdict was based on, for its log line
+
+    async def run(self) -> _Close:
+        """Run until the client leaves or must be closed; return why (its close frame)."""
+        tasks = [
+            asyncio.create_task(self.read(), name="ws-read"),
+            asyncio.create_task(self.forward(), name="ws-forward"),
+            asyncio.create_task(self.watch(), name="ws-watch"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        verdicts = [t.result() for t in tasks if t in done and not t.cancelled() and t.exception() is None]
+        for task in done:
+            exc = None if task.cancelled() else task.exception()
+            if exc is not None and not isinstance(exc, ConnectionError):
+                raise exc
+        return next((v for v in verdicts if v is not _GONE), _GONE)
+
+    # -- the three tasks ---------------------------------------------------------
+    async def read(self) -> _Close:
+        async for msg in self.ws:
+            if msg.type is WSMsgType.PONG:
+                if msg.data == self._expected:
+                    self.last_pong = self.loop.time()
+                    self._ponged.set()
+            elif msg.type is WSMsgType.PING:
+                await self.ws.pong(msg.data)
+            elif msg.type is WSMsgType.ERROR:
+                # aiohttp already sent the close frame (1009 over MAX_FRAME_BYTES, 1002/1007 bad framing)
+                self.metrics.clients_dropped.labels(reason="protocol_error").inc()
+                log.warning("websocket client closed: bad frame", extra={
+                    "peer": self.request.remote, "code": getattr(msg.data, "code", None), "error": str(msg.data)})
+                return _GONE
+            else:
+                await self._on_message(msg.type, msg.data)
+        return _GONE
+
+    async def forward(self) -> _Close:
+        """Hub -> socket. A client too slow for its bounded queue is closed by the hub (1008)."""
+        try:
+            while True:
+                message = await self.sub.get()
+                await self.ws.send_str(message.encoded)
+        except SubscriptionClosed as closed:
+            if closed.reason == REASON_SLOW:
+                self._evidence = {"queued": self.sub.capacity, "rule": "queue full"}
+                return SLOW
+            return SHUTDOWN if closed.reason == REASON_SHUTDOWN else _GONE
+        except ConnectionError:
+            return _GONE
+
+    async def watch(self) -> _Close:
+        heartbeat = self.config.heartbeat
+        while True:
+            due = self.last_pong + heartbeat - self.loop.time()
+            if due > 0:
+                await asyncio.sleep(due)  # a timer: the next ping is due then (a pong moves it on)
+                continue
+            self._expected = next(self._pings).to_bytes(8, "big")
+            self._ponged.clear()
+            try:
+                async with asyncio.timeout(heartbeat / 2):
+                    await self.ws.ping(self._expected)  # may wait for the socket to drain: that counts too
+                    await self._ponged.wait()
+            except TimeoutError:
+                backlog = self.backlog()
+                self._evidence = {**backlog, "rule": "no pong", "since_pong_s": round(self.loop.time() - self.last_pong, 1)}
+                return SLOW if any(backlog.values()) else PING_TIMEOUT
+            except ConnectionError:
+                return _GONE
+
+    # -- helpers -----------------------------------------------------------------
+    async def _on_message(self, kind: WSMsgType, data: Any) -> None:
+        try:
+            if kind is not WSMsgType.TEXT:
+                if len(data) > protocol.MAX_MESSAGE_BYTES:
+                    raise protocol.ProtocolError("too_large", f"message is over the limit of {protocol.MAX_MESSAGE_BYTES} bytes")
+                raise protocol.ProtocolError("bad_message", "send text frames")
+            message = protocol.parse_client_message(data)
+            if isinstance(message, protocol.Ping):
+                await self.ws.send_str(protocol.encode_pong())
+            else:
+                self.streams = _limit(protocol.apply_subscription(self.streams, message), self.allowed)
+                self.sub.update(self.streams)
+        except protocol.ProtocolError as exc:
+            await self.ws.send_str(protocol.encode_error(exc.code, exc.message))
+
+    def backlog(self) -> dict[str, int]:
+        """What is waiting to reach the client: messages in its queue, bytes in the server's
+        buffer, bytes the kernel cannot send (its receive window is closed)."""
+        transport = self.request.transport
+        return {
+            "queued": self.sub.pending,
+            "buffered": transport.get_write_buffer_size() if transport is not None else 0,
+            "unsent": _unsent_bytes(transport.get_extra_info("socket") if transport is not None else None),
+        }
+
+    async def close(self, verdict: _Close) -> None:
+        if verdict.metric is not None:
+            self.metrics.clients_dropped.labels(reason=verdict.metric).inc()
+            log.warning("websocket client closed", extra={
+                "reason": verdict.reason, "code": verdict.code, "peer": self.request.remote, **self._evidence})
+        if self.ws.closed:
+            return
+        try:
+            await asyncio.wait_for(self.ws.close(code=verdict.code, message=verdict.reason.encode()),
+                                   self.config.close_timeout)
+        except (TimeoutError, ConnectionError):
+            # it cannot even take the close frame (or never answers it): cut the connection
+            if self.request.transport is not None:
+                self.request.transport.abort()
+
+
+def _unsent_bytes(sock: Any) -> int:
+    if sock is None or not sys.platform.startswith("linux"):
+        return 0  # elsewhere the queue and the server's buffer are the evidence
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        return 0
 
 
 def _bound_send_buffer(request: web.Request, limit: int) -> None:
@@ -94,31 +265,9 @@ def _initial_streams(value: str | None) -> frozenset[str] | None:
     return frozenset(s for s in (p.strip() for p in value.split(",")) if s)
 
 
-async def _forward(sub, ws: web.WebSocketResponse, close_timeout: float, daemon: Daemon, request: web.Request) -> None:
-    """Hub -> socket. A client too slow for its bounded queue is closed (1008)."""
-    try:
-        while True:
-            message = await sub.get()
-            await ws.send_str(message.encoded)
-    except SubscriptionClosed as closed:
-        code = 1001 if closed.reason == "server shutdown" else 1008
-        if code == 1008:
-            daemon.metrics.clients_dropped.inc()
-            log.warning("websocket client dropped", extra={"reason": closed.reason, "peer": request.remote})
-        try:
-            await asyncio.wait_for(ws.close(code=code, message=closed.reason.encode()), close_timeout)
-        except (asyncio.TimeoutError, ConnectionError):
-            # it cannot even take the close frame: cut the connection
-            if request.transport is not None:
-                request.transport.abort()
-    except ConnectionError:
-        sub.close()
-
-
 async def close_sockets(app: web.Application) -> None:
     for ws in list(app[SOCKETS_KEY]):
         try:
             await asyncio.wait_for(ws.close(code=1001, message=b"server shutdown"), 2.0)
-        except (asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError):
             pass
-

@@ -538,7 +538,7 @@ class FrameSource(StateReporter):
         try:
             container = open_input(
                 spec.target, format=spec.input_format, options=spec.av_options(), timeout=spec.av_timeout(),
-                hwaccel=spec.hwaccel,
+                hwaccel=spec.hwaccel, cancelled=self._stop_event.is_set,  # a FIFO's waits end at stop()
             )
         except VideoError as exc:
             return self._open_failed(exc)

@@ -1,23 +1,41 @@
 """WebRTC ingest (WHIP) with aiortc: one session per publishing peer.
 
-The HTTP side (POST /whip/{stream} -> 201 + answer + Location, DELETE to end)
-lives in the server; this module only turns an SDP offer into an answer and
-the received video track into Frames.
+The HTTP side (POST /whip/{stream} -> 201 + answer + Location, DELETE of that
+Location to end) lives in the server; this module only turns an SDP offer into
+an answer and the received video track into Frames.
 
-aiortc decodes RTP in its own thread; the RGB conversion and downscale run in
-a one-thread executor per session, so a 1080p publisher never stalls the loop
-that every other stream shares.
+DTLS role: when the offer leaves it open (`a=setup:actpass`) the session
+answers `a=setup:passive` and is the DTLS server. As a client aiortc offers
+only ECDHE-ECDSA suites, which a publisher with an RSA certificate
+(GStreamer's webrtcbin) cannot accept ("no shared cipher"); as a server it
+accepts both kinds of peer. An offer that says `passive` makes us the client:
+that works with ECDSA publishers (browsers), and fails against RSA ones with
+the reason in the state detail.
+
+Receive path: aiortc decodes RTP in its own thread into an unbounded queue.
+One task drains that queue as fast as frames come, keeping only the newest
+`keep` decoded frames (older ones give way, counted in `stats.dropped`);
+another converts to RGB, in a one-thread executor per session, only the
+frames it takes. A slow CPU therefore costs frames, not latency, and a
+1080p publisher never stalls the loop that every other stream shares.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
+import contextvars
 import logging
+import re
 import secrets
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import av
+import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc import sdp as aiortc_sdp
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
@@ -33,6 +51,8 @@ __all__ = ["WhipError", "WhipSession", "check_offer"]
 
 log = logging.getLogger(__name__)
 
+KEEP_FRAMES = 2  # decoded frames waiting for conversion; older ones give way (newest wins)
+
 
 class WhipError(VideoError, ValueError):
     """An offer this session cannot answer (malformed SDP, no video, no common codec)."""
@@ -40,6 +60,10 @@ class WhipError(VideoError, ValueError):
 
 def check_offer(offer_sdp: str) -> None:
     """Raise WhipError unless `offer_sdp` is an SDP offer that sends video."""
+    _parse_offer(offer_sdp)
+
+
+def _parse_offer(offer_sdp: str) -> aiortc_sdp.SessionDescription:
     if not isinstance(offer_sdp, str) or not offer_sdp.lstrip().startswith("v=0"):
         raise WhipError("not an SDP offer (expected application/sdp text starting with 'v=0')")
     try:
@@ -52,6 +76,66 @@ def check_offer(offer_sdp: str) -> None:
         raise WhipError(f"offer has no video section (it has {kinds})")
     if not any(m.direction in (None, "sendrecv", "sendonly") for m in video):
         raise WhipError("offer does not send video (its video sections are recvonly or inactive)")
+    return description
+
+
+_ACTIVE = re.compile(r"^a=setup:active(?=\r?$)", re.MULTILINE)
+
+
+def _as_dtls_server(answer_sdp: str, offer: aiortc_sdp.SessionDescription) -> str:
+    """The answer with `a=setup:passive` where the offer allowed either role (actpass).
+
+    aiortc answers `active` (DTLS client) to actpass; setLocalDescription takes
+    the role from the answer it is given, so rewriting the answer makes aiortc
+    act as the server it says it is."""
+    roles = {m.dtls.role for m in offer.media if m.dtls is not None}
+    if roles != {"auto"}:  # the offer chose a role (or mixes them): aiortc already answers its opposite
+        return answer_sdp
+    return _ACTIVE.sub("a=setup:passive", answer_sdp)
+
+
+# aiortc says why a DTLS handshake failed only in a debug line of its own logger
+# ("x DTLS handshake failed (error ...)"), logged in the connection task that
+# accept() starts. That task inherits accept()'s context, so a context variable
+# names the session the line belongs to.
+_DTLS_FAILURE: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar(
+    "whip_dtls_failure", default=None
+)
+
+
+class _DtlsFailureTap(logging.Filter):
+    """Hands aiortc's DTLS failure lines to their session; passes records on only at the level
+    the aiortc logger would have allowed without the tap."""
+
+    def __init__(self, logger: logging.Logger, level: int) -> None:
+        super().__init__()
+        self._logger = logger
+        self._level = level  # NOTSET: whatever the parents say
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "handshake failed" in str(record.msg):
+            sink = _DTLS_FAILURE.get()
+            if sink is not None:
+                sink(record.getMessage())
+        level = self._level or (self._logger.parent.getEffectiveLevel() if self._logger.parent else logging.WARNING)
+        return record.levelno >= level
+
+
+def _tap_dtls_failures() -> None:
+    logger = logging.getLogger("aiortc.rtcdtlstransport")
+    if any(isinstance(f, _DtlsFailureTap) for f in logger.filters):
+        return
+    logger.addFilter(_DtlsFailureTap(logger, logger.level))
+    logger.setLevel(logging.DEBUG)  # the debug lines must be made to be seen; the tap filters them
+
+
+@dataclass(frozen=True, slots=True)
+class _Received:
+    """A decoded frame waiting for conversion (only the reference: converting is the cost)."""
+
+    av_frame: av.VideoFrame
+    pts: float
+    arrival: float  # time.time() when the track handed it over
 
 
 class WhipSession(StateReporter):
@@ -60,6 +144,13 @@ class WhipSession(StateReporter):
     `configuration` defaults to no ICE servers: the server answers with its host
     candidates, and the publisher (who knows its NAT) brings STUN/TURN. Pass
     RTCConfiguration(iceServers=[...]) when the server itself sits behind NAT.
+
+    `stall_timeout`: seconds without a frame from a live publisher before the
+    state turns `stalled` (ICE notices a vanished peer only after ~30 s).
+    `keep`: decoded frames waiting for conversion (newest win). `first_seq`:
+    where `Frame.seq` starts (a session replacing another on the same stream
+    goes on from there). `convert`: av.VideoFrame -> RGB array, run in the
+    session's executor.
     """
 
     def __init__(
@@ -70,12 +161,18 @@ class WhipSession(StateReporter):
         *,
         short_side: int | None = None,
         configuration: RTCConfiguration | None = None,
+        stall_timeout: float = 5.0,
+        keep: int = KEEP_FRAMES,
+        first_seq: int = 0,
+        convert: Callable[[av.VideoFrame, int | None], np.ndarray] = to_rgb,
     ) -> None:
         self.stream_id = stream_id
-        self.id = secrets.token_urlsafe(12)  # names the session in the Location URL
+        self.id = secrets.token_urlsafe(16)  # names the session in its Location URL: unguessable
         self.short_side = short_side
+        self.stall_timeout = stall_timeout
         self._on_frame = on_frame
         self._on_state = on_state
+        self._convert = convert
         self._configuration = configuration or RTCConfiguration(iceServers=[])
         self._pc: RTCPeerConnection | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -84,15 +181,34 @@ class WhipSession(StateReporter):
         self._detail: str | None = None
         self._closing = False
         self._closed: asyncio.Event | None = None
-        self._seq = 0
+        self._dtls_role: str | None = None  # "server" or "client", once answered
+        self._dtls_error: str | None = None
+        self._connected = False
+        self._received: collections.deque[_Received] = collections.deque(maxlen=keep)
+        self._waiting = asyncio.Event()  # a frame is waiting for conversion, or the track ended
+        self._arrived = asyncio.Event()  # a frame came in (wakes the stall watchdog)
+        self._track_ended = False
+        self._last_recv = 0.0  # loop time of the newest frame from the track
+        self._seq = first_seq
         self._last_pts: float | None = None
         self._frames = 0
         self._dropped = 0
+        self._convert_failed = False
         self._last_wall: float | None = None
 
     @property
     def stats(self) -> SourceStats:
         return SourceStats(frames=self._frames, dropped=self._dropped, last_frame_wall_time=self._last_wall)
+
+    @property
+    def next_seq(self) -> int:
+        """The seq the next frame gets (a replacing session starts there)."""
+        return self._seq
+
+    @property
+    def dtls_role(self) -> str | None:
+        """"server" (we answered setup:passive) or "client" (the offer said passive); None before accept()."""
+        return self._dtls_role
 
     async def accept(self, offer_sdp: str) -> str:
         """Answer a publisher's SDP offer; returns the answer SDP (ICE candidates included)."""
@@ -100,7 +216,10 @@ class WhipSession(StateReporter):
             raise WhipError("session is closed")
         if self._pc is not None:
             raise WhipError("session already has an offer; start a new session to publish again")
-        check_offer(offer_sdp)
+        offer = _parse_offer(offer_sdp)
+        _tap_dtls_failures()
+        # Seen by the connection tasks aiortc starts below (a task copies the context it is made in).
+        context_token = _DTLS_FAILURE.set(self._on_dtls_failure)
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"whip:{self.stream_id}")
         pc = self._pc = RTCPeerConnection(self._configuration)
         pc.on("track", self._on_track)
@@ -108,15 +227,21 @@ class WhipSession(StateReporter):
         self._set_state(SourceState.CONNECTING, None)
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
-            await pc.setLocalDescription(await pc.createAnswer())  # gathers candidates: no trickle
+            answer = await pc.createAnswer()
+            answer_sdp = _as_dtls_server(answer.sdp, offer)
+            await pc.setLocalDescription(RTCSessionDescription(sdp=answer_sdp, type="answer"))  # gathers: no trickle
         except Exception as exc:
             await self.close()
             raise WhipError(f"cannot answer the offer ({type(exc).__name__}: {exc})") from exc
-        log.info("whip offer accepted", extra={"stream": self.stream_id, "session": self.id})
+        finally:
+            _DTLS_FAILURE.reset(context_token)
+        answered = aiortc_sdp.SessionDescription.parse(pc.localDescription.sdp)
+        self._dtls_role = next((m.dtls.role for m in answered.media if m.dtls is not None), None)
+        log.info("whip offer accepted", extra={"stream": self.stream_id, "session": self.id, "dtls": self._dtls_role})
         return pc.localDescription.sdp
 
     async def close(self) -> None:
-        """End the session (publisher's DELETE, shutdown). Idempotent."""
+        """End the session (publisher's DELETE, a replacing session, shutdown). Idempotent."""
         if self._closed is not None:
             await self._closed.wait()
             return
@@ -131,6 +256,7 @@ class WhipSession(StateReporter):
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
+            self._received.clear()
             if not self._state.final:  # a failure stays visible
                 self._emit(SourceState.STOPPED, "closed")
             self._closed.set()
@@ -143,38 +269,99 @@ class WhipSession(StateReporter):
 
     # -- internals ---------------------------------------------------------------
 
-    def _on_track(self, track: MediaStreamTrack) -> None:
-        consume = self._consume_video if track.kind == "video" else self._discard
-        task = asyncio.create_task(consume(track), name=f"whip-{track.kind}:{self.stream_id}")
+    def _spawn(self, coro, name: str) -> None:
+        task = asyncio.create_task(coro, name=f"{name}:{self.stream_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind != "video":
+            self._spawn(self._discard(track), f"whip-{track.kind}")
+            return
+        self._last_recv = asyncio.get_running_loop().time()
+        self._spawn(self._drain_video(track), "whip-drain")
+        self._spawn(self._convert_frames(), "whip-convert")
+        self._spawn(self._watch_stall(), "whip-stall")
+
+    def _on_dtls_failure(self, message: str) -> None:
+        # "RTCDtlsTransport(server) x DTLS handshake failed (error [...])": keep the reason part
+        reason = message.partition(" x ")[2] or message
+        self._dtls_error = reason.replace("(error [])", "(OpenSSL gave no reason)")
+
     def _on_connection_state(self, state: str) -> None:
         log.debug("whip connection %s", state, extra={"stream": self.stream_id, "session": self.id})
-        if state == "failed":
-            self._set_state(SourceState.FAILED, "WebRTC connection failed (ICE or DTLS)")
+        if state == "connected":
+            self._connected = True
+        elif state == "failed":
+            self._set_state(SourceState.FAILED, self._failure_reason())
             task = asyncio.ensure_future(self.close())  # free ports and threads; the peer must publish anew
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
         elif state == "disconnected":
             self._set_state(SourceState.STALLED, "WebRTC connection interrupted")
 
-    async def _consume_video(self, track: MediaStreamTrack) -> None:
+    def _failure_reason(self) -> str:
+        """One line on why the connection failed: which layer, and what it said."""
+        pc = self._pc
+        transports = [t.receiver.transport for t in pc.getTransceivers()] if pc is not None else []
+        for dtls in transports:
+            ice = dtls.transport
+            if ice.state == "failed":
+                if self._connected:
+                    return "ICE failed: the publisher stopped answering connectivity checks (gone)"
+                local = len(ice.iceGatherer.getLocalCandidates())
+                remote = len(ice.getRemoteCandidates())
+                return f"ICE failed: no candidate pair answered ({local} local, {remote} remote candidates)"
+            if dtls.state == "failed":
+                why = self._dtls_error or "DTLS handshake failed"
+                if self._dtls_role == "client":
+                    why += ("; the offer said setup:passive, so the daemon was the DTLS client, which offers only "
+                            "ECDHE-ECDSA suites: a publisher with an RSA certificate must offer setup:actpass")
+                return f"DTLS failed as {self._dtls_role or 'unknown role'}: {why}"
+        return "WebRTC connection failed"
+
+    async def _drain_video(self, track: MediaStreamTrack) -> None:
+        """Take every frame aiortc decoded as soon as it comes; keep only the newest `keep`."""
         loop = asyncio.get_running_loop()
         while True:
             try:
                 av_frame = await track.recv()
             except MediaStreamError:
                 break
+            self._last_recv = loop.time()
+            self._arrived.set()
             pts = av_frame.time
             if pts is None or (self._last_pts is not None and pts <= self._last_pts):
                 self._dropped += 1
                 continue
             self._last_pts = pts
+            if len(self._received) == self._received.maxlen:
+                self._dropped += 1  # conversion fell behind: the oldest waiting frame gives way
+            self._received.append(_Received(av_frame, pts, time.time()))
+            self._waiting.set()
+        self._track_ended = True
+        self._waiting.set()
+
+    async def _convert_frames(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._received:
+                if self._track_ended:
+                    break
+                self._waiting.clear()
+                await self._waiting.wait()
+                continue
+            item = self._received.popleft()
             try:
-                image = await loop.run_in_executor(self._executor, to_rgb, av_frame, self.short_side)
-            except RuntimeError:  # executor shut down: closing
-                break
-            frame = Frame(self.stream_id, self._seq, pts, image, time.time())
+                image = await loop.run_in_executor(self._executor, self._convert, item.av_frame, self.short_side)
+            except RuntimeError as exc:
+                if self._closing:  # executor shut down
+                    return
+                self._conversion_failed(exc)
+                continue
+            except Exception as exc:
+                self._conversion_failed(exc)
+                continue
+            frame = Frame(self.stream_id, self._seq, item.pts, image, item.arrival)
             self._seq += 1
             self._frames += 1
             self._last_wall = frame.arrival
@@ -187,6 +374,26 @@ class WhipSession(StateReporter):
         if not self._closing:
             self._set_state(SourceState.STOPPED, "publisher ended the video track")
 
+    def _conversion_failed(self, exc: Exception) -> None:
+        self._dropped += 1
+        if not self._convert_failed:  # once per session: a broken stream would repeat it every frame
+            self._convert_failed = True
+            log.error("whip frame conversion failed (%s: %s); such frames are dropped and counted",
+                      type(exc).__name__, exc, extra={"stream": self.stream_id, "session": self.id})
+
+    async def _watch_stall(self) -> None:
+        """`stalled` once a live publisher sent nothing for stall_timeout; live again on its next frame."""
+        loop = asyncio.get_running_loop()
+        while True:
+            silent = loop.time() - self._last_recv
+            if silent < self.stall_timeout:
+                await asyncio.sleep(self.stall_timeout - silent)  # a deadline, not a synchronisation
+                continue
+            if self._state is SourceState.LIVE:
+                self._set_state(SourceState.STALLED, f"no video from the publisher for {self.stall_timeout:g} s")
+            self._arrived.clear()
+            await self._arrived.wait()
+
     async def _discard(self, track: MediaStreamTrack) -> None:
         # Unread tracks queue frames without bound: drain audio we do not use.
         with contextlib.suppress(MediaStreamError):
@@ -195,4 +402,3 @@ class WhipSession(StateReporter):
 
     def _log_fields(self) -> dict[str, object]:
         return {"session": self.id}
-

@@ -9,8 +9,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import select
+import stat
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import av
@@ -24,6 +26,11 @@ __all__ = ["check_hwaccel", "hardware_decoding", "open_input", "iter_frames", "v
 
 log = logging.getLogger(__name__)
 
+# A named pipe with no writer blocks FFmpeg's open() (and a silent one its read()) in a system call
+# that no timeout or interrupt reaches: the first data must come within this (or `timeout`'s open part).
+PIPE_OPEN_TIMEOUT = 10.0
+_PIPE_TICK = 0.2  # how often a wait on a pipe looks at `cancelled`
+
 
 def open_input(
     url: str,
@@ -32,31 +39,111 @@ def open_input(
     options: Mapping[str, str] | None = None,
     timeout: float | tuple[float, float] | None = None,
     hwaccel: str | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> av.container.InputContainer:
     """Open a file, device or network URL that has a video stream, or raise VideoError.
 
     `hwaccel` ("cuda" for NVDEC, "vaapi", ...) decodes on that device where
-    FFmpeg can open it, else in software (said once in the log).
+    FFmpeg can open it, else in software (said once in the log). A FIFO or
+    character device (not a camera opened with `format`) is read here, not by
+    FFmpeg: its open waits at most PIPE_OPEN_TIMEOUT for data, and every wait
+    ends early once `cancelled()` is true (then reads see end of input).
     """
     is_url = "://" in url or format is not None
     if not is_url and not os.path.exists(url):
         raise VideoError(f"{url}: no such file")
     if not is_url and os.path.isdir(url):
         raise VideoError(f"{url}: is a directory, not a video file")
+    target: str | _Pipe = url
+    if not is_url and _is_pipe(url):
+        wait = (timeout[0] if isinstance(timeout, tuple) else timeout) or PIPE_OPEN_TIMEOUT
+        target = _Pipe.open(url, wait, cancelled)
     try:
-        extra = {"hwaccel": _hwaccel(hwaccel)} if hwaccel and hardware_decoding(hwaccel) else {}
-        container = av.open(url, format=format, options=dict(options or {}), timeout=timeout, **extra)
-    except av.error.EOFError as exc:
-        raise VideoError(f"{url}: is empty (no video frames)") from exc
-    except av.error.FFmpegError as exc:
-        raise VideoError(f"{url}: cannot open ({_ffmpeg_reason(exc)})") from exc
-    except OSError as exc:  # PyAV maps some failures onto the builtin OSError family
-        raise VideoError(f"{url}: cannot open ({exc.strerror or exc})") from exc
-    if not container.streams.video:
-        kinds = sorted({s.type for s in container.streams}) or ["nothing"]
-        container.close()
-        raise VideoError(f"{url}: has no video stream (contains {', '.join(kinds)})")
+        try:
+            extra = {"hwaccel": _hwaccel(hwaccel)} if hwaccel and hardware_decoding(hwaccel) else {}
+            container = av.open(target, format=format, options=dict(options or {}), timeout=timeout, **extra)
+        except av.error.EOFError as exc:
+            raise VideoError(f"{url}: is empty (no video frames)") from exc
+        except av.error.FFmpegError as exc:
+            raise VideoError(f"{url}: cannot open ({_ffmpeg_reason(exc)})") from exc
+        except OSError as exc:  # PyAV maps some failures onto the builtin OSError family
+            raise VideoError(f"{url}: cannot open ({exc.strerror or exc})") from exc
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["nothing"]
+            container.close()
+            raise VideoError(f"{url}: has no video stream (contains {', '.join(kinds)})")
+    except BaseException:
+        if isinstance(target, _Pipe):
+            target.close()  # now, not when the traceback lets go of it
+        raise
     return container
+
+
+def _is_pipe(path: str) -> bool:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+
+
+class _Pipe:
+    """A FIFO or character device, read for FFmpeg through PyAV's file-object I/O.
+
+    Opened O_NONBLOCK (never waits for a writer) and polled in ticks, so a decode
+    thread neither hangs in open() until a writer appears nor in read() while it is
+    silent, and leaves promptly once `cancelled()`. The fd closes with the object,
+    which the container holds (PyAV never calls close() on a file object).
+    """
+
+    def __init__(self, path: str, fd: int, cancelled: Callable[[], bool] | None) -> None:
+        self.name = path
+        self._fd: int | None = fd
+        self._cancelled = cancelled
+        self._poll = select.poll()  # not select(): a busy daemon's fds may pass FD_SETSIZE
+        self._poll.register(fd, select.POLLIN)
+
+    @classmethod
+    def open(cls, path: str, wait: float, cancelled: Callable[[], bool] | None) -> _Pipe:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise VideoError(f"{path}: cannot open ({exc.strerror or exc})") from exc
+        pipe = cls(path, fd, cancelled)
+        # Linux: no POLLIN/POLLHUP until a writer has written, or come and gone.
+        if not pipe._wait(time.monotonic() + wait):
+            pipe.close()
+            if cancelled is not None and cancelled():
+                raise VideoError(f"{path}: stopped while waiting for a writer")
+            raise VideoError(f"{path}: cannot open (a pipe or device with no data within {wait:g} s: is anything writing to it?)")
+        return pipe
+
+    def _wait(self, deadline: float | None) -> bool:
+        """True once there is data or end of input; False when cancelled or at the deadline."""
+        while self._fd is not None and not (self._cancelled is not None and self._cancelled()):
+            tick = _PIPE_TICK if deadline is None else min(_PIPE_TICK, deadline - time.monotonic())
+            if tick <= 0:
+                return False
+            if self._poll.poll(tick * 1000):
+                return True
+        return False
+
+    def read(self, size: int) -> bytes:
+        while self._wait(None) and self._fd is not None:
+            try:
+                return os.read(self._fd, size)  # b"": every writer has gone, end of input
+            except BlockingIOError:  # another reader of the same FIFO took the data
+                continue
+        self.close()
+        return b""  # cancelled: FFmpeg sees end of input and the decode loop winds down
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def check_hwaccel(device_type: str) -> str:

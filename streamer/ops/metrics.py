@@ -62,8 +62,11 @@ class DaemonMetrics:
         self.restarts = Counter("streamer_task_restarts", "Supervised tasks restarted after dying", ["task"], registry=r)
         self.state = Gauge("streamer_source_state", "1 for the state each source is in", ["stream", "state"], registry=r)
         self.streams = Gauge("streamer_streams", "Streams configured", registry=r)
-        self.clients_dropped = Counter("streamer_ws_clients_dropped", "WebSocket clients closed for reading too slowly",
-                                       registry=r)
+        self.clients_dropped = Counter("streamer_ws_clients_dropped", "WebSocket clients the server closed: slow "
+                                       "(1008, stopped reading), ping_timeout (1011), protocol_error (bad frames)",
+                                       ["reason"], registry=r)
+        for reason in ("slow", "ping_timeout", "protocol_error"):
+            self.clients_dropped.labels(reason=reason)  # every series present from the start, at 0
         self.refused = Counter("streamer_requests_refused", "HTTP requests refused, by reason (auth, limits, policy)",
                                ["reason"], registry=r)
         self._per_stream = (self.frames, self.ring_dropped, self.captioned, self.windows_dropped, self.latency)

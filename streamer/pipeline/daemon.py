@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -203,24 +204,59 @@ class Daemon:
         return rt
 
     async def add_whip_stream(self, config: StreamConfig, offer_sdp: str) -> tuple[StreamRuntime, str]:
-        """A stream pushed to us over WebRTC: answer the offer, frames flow in."""
-        from streamer.ingest.whip import WhipSession
+        """A stream pushed to us over WebRTC: answer the offer, frames flow in. Returns the runtime
+        (its `source.id` names the session) and the answer.
+
+        A WHIP stream whose session is stopped, failed or stalled (its publisher went away) is
+        replaced by the new session; a connecting or live one raises StreamExists, as does a pulled
+        stream of that id."""
+        from streamer.ingest.whip import WhipSession, check_offer
 
         async with self._lock:
-            self._check_new(config.id)
-            whip = sum(1 for rt in self.streams.values() if not rt.config.url)
-            if whip >= self.config.max_whip_sessions:
-                raise AtCapacity("max_whip_sessions", f"at the limit of {self.config.max_whip_sessions} WHIP sessions")
+            old = self.streams.get(config.id)
+            if old is not None and not _replaceable_whip(old):
+                kind = "a pulled stream" if old.config.url else f"a {old.state} WHIP session"
+                raise StreamExists(f"stream {config.id!r} already exists ({kind}); end it first")
+            if old is None:
+                self._check_new(config.id)
+                whip = sum(1 for rt in self.streams.values() if not rt.config.url)
+                if whip >= self.config.max_whip_sessions:
+                    raise AtCapacity("max_whip_sessions", f"at the limit of {self.config.max_whip_sessions} WHIP sessions")
+            check_offer(offer_sdp)  # a malformed offer replaces nothing
+            first_seq = 0
+            if old is not None:
+                # Under the lock: the old session's windows, features and state are gone before the new one's come.
+                # It goes on from the old seq: frame keys (stream, seq) name cached features.
+                first_seq = getattr(old.source, "next_seq", 0)
+                del self.streams[config.id]
+                self.metrics.streams.set(len(self.streams))
+                await self._teardown(old, f"replaced by a new WHIP session (was {old.state})")
             rt = self._runtime(config)
-            session = WhipSession(config.id, rt.on_frame, on_state=rt.on_state, short_side=self.engine.frame_short_side)
-            answer = await session.accept(offer_sdp)  # raises on a bad offer: nothing registered
+            session = WhipSession(config.id, rt.on_frame, on_state=rt.on_state, short_side=self.engine.frame_short_side,
+                                  stall_timeout=config.stall_timeout, first_seq=first_seq)
+            answer = await session.accept(offer_sdp)  # raises if aiortc cannot answer: nothing registered
             rt.source = session
             self.streams[config.id] = rt
             self.metrics.streams.set(len(self.streams))
         rt.start_pipeline()
-        log.info("whip stream added", extra={"stream": config.id})
+        log.info("whip stream added", extra={"stream": config.id, "session": session.id})
         self.supervisor.spawn(f"whip-connect:{config.id}:{session.id}", lambda: self._expire_unconnected(rt))
         return rt, answer
+
+    async def remove_whip_session(self, stream_id: str, session_id: str | None = None, detail: str = "removed") -> None:
+        """End a WHIP stream (DELETE of its Location). `session_id`: only if that session is still the
+        stream's (a late DELETE from a replaced publisher must not end its successor); None: whichever
+        session it has. Raises StreamNotFound for no such WHIP stream or session."""
+        async with self._lock:
+            rt = self.streams.get(stream_id)
+            if rt is None or rt.config.url or rt.source is None:
+                raise StreamNotFound(stream_id)
+            current = str(getattr(rt.source, "id", "")).encode()
+            if session_id is not None and not secrets.compare_digest(current, session_id.encode()):
+                raise StreamNotFound(stream_id)
+            del self.streams[stream_id]
+            self.metrics.streams.set(len(self.streams))
+        await self._teardown(rt, detail)
 
     def _check_new(self, stream_id: str) -> None:
         if stream_id in self.streams:
@@ -235,8 +271,8 @@ class Daemon:
             log.warning("whip session never connected: removed",
                         extra={"stream": rt.config.id, "after_s": self.config.whip_connect_timeout})
             self.metrics.refused.labels(reason="whip_never_connected").inc()
-            with contextlib.suppress(StreamNotFound):
-                await self.remove_stream(rt.config.id, detail="never connected")
+            with contextlib.suppress(StreamNotFound):  # only this session: a successor may hold the id by now
+                await self.remove_whip_session(rt.config.id, rt.source.id, detail="never connected")
 
     async def remove_stream(self, stream_id: str, detail: str = "removed") -> None:
         async with self._lock:
@@ -244,12 +280,18 @@ class Daemon:
             if rt is None:
                 raise StreamNotFound(stream_id)
             self.metrics.streams.set(len(self.streams))
+        await self._teardown(rt, detail)
+
+    async def _teardown(self, rt: StreamRuntime, detail: str) -> None:
+        """Stop a stream already taken out of `streams` and forget it everywhere."""
+        stream_id = rt.config.id
+        # The one `stopped` clients see: the hub ignores the source's own while it stops.
+        self.hub.end_stream(stream_id, SourceState.STOPPED.value, detail)
         await rt.stop()
         self.scheduler.forget(stream_id)  # waiting windows dropped; cached features freed on the engine thread
-        self.hub.publish_state(stream_id, SourceState.STOPPED.value, detail)
         self.hub.forget_stream(stream_id)
         self.metrics.forget_stream(stream_id)
-        log.info("stream removed", extra={"stream": stream_id})
+        log.info("stream removed", extra={"stream": stream_id, "detail": detail})
 
     def _runtime(self, config: StreamConfig) -> StreamRuntime:
         return StreamRuntime(
@@ -287,3 +329,9 @@ class Daemon:
         scheduler: after live windows, within max_batch; their cached features are freed once
         they are captioned. Stream ids must be unique to the request."""
         return await self.scheduler.caption(windows, max_new_tokens)
+
+
+def _replaceable_whip(rt: StreamRuntime) -> bool:
+    """A WHIP stream whose publisher is gone (ended, failed, or silent past stall_timeout)."""
+    return not rt.config.url and rt.state in (SourceState.STOPPED.value, SourceState.FAILED.value,
+                                              SourceState.STALLED.value)

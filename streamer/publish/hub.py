@@ -20,6 +20,9 @@ to its socket, and closes the socket when the subscription closes (see
   latest state message, replayed to new subscribers (merged by time) before
   live messages. A replay fills at most half of a subscriber's queue (the
   newest messages win), leaving room for live ones.
+- Removal: `end_stream()` publishes a stream's last state and ignores what
+  its source still says while it stops, until `forget_stream()`, so clients
+  see one `stopped` per removal.
 """
 
 from __future__ import annotations
@@ -136,6 +139,11 @@ class Subscription:
     def pending(self) -> int:
         """Messages queued and not read yet."""
         return len(self._queue)
+
+    @property
+    def capacity(self) -> int:
+        """Messages the queue holds; one more closes the subscription as a slow consumer."""
+        return self._maxsize
 
     def update(self, streams: Iterable[str] | None) -> None:
         """Change the filter (None: every stream).
@@ -278,6 +286,7 @@ class CaptionHub:
         self._captions: dict[str, deque[HubMessage]] = {}
         self._states: dict[str, HubMessage] = {}
         self._last_text: dict[str, str] = {}
+        self._ended: set[str] = set()  # streams between end_stream() and forget_stream()
         self._seq = itertools.count()
         self._closed = False
         self.messages_published = 0
@@ -311,7 +320,7 @@ class CaptionHub:
 
     def publish_caption(self, caption: Caption) -> None:
         """Encode once, keep in history, offer to every matching subscriber. Never blocks."""
-        if self._closed:
+        if self._closed or caption.stream_id in self._ended:
             return
         sid = caption.stream_id
         stable = self._last_text.get(sid) == caption.text
@@ -329,15 +338,24 @@ class CaptionHub:
 
         `at`: wall-clock time of the change (default: now).
         """
-        if self._closed:
+        if self._closed or stream_id in self._ended:
             return
         now = time.time() if at is None else at
         m = HubMessage(StateChange(stream_id, state, detail, now), next(self._seq))
         self._states[stream_id] = m
         self._fan_out(m)
 
+    def end_stream(self, stream_id: str, state: str, detail: str | None = None, *, at: float | None = None) -> None:
+        """Publish a stream's last state, then take nothing more for it until `forget_stream()`.
+
+        For a stream being removed: its source says `stopped` too while it shuts
+        down, and clients must see one `stopped` (with the owner's detail), not two."""
+        self.publish_state(stream_id, state, detail, at=at)
+        self._ended.add(stream_id)
+
     def forget_stream(self, stream_id: str) -> None:
         """Drop a removed stream's history, state and last text (a new stream with its id starts fresh)."""
+        self._ended.discard(stream_id)
         self._captions.pop(stream_id, None)
         self._states.pop(stream_id, None)
         self._last_text.pop(stream_id, None)

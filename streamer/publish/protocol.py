@@ -19,6 +19,7 @@ from streamer.types import Caption, StateChange
 __all__ = [
     "PROTOCOL_VERSION",
     "MAX_MESSAGE_BYTES",
+    "MAX_FRAME_BYTES",
     "SERVER_NAME",
     "SCHEMA",
     "ProtocolError",
@@ -40,6 +41,9 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024  # client messages; a subscribe list never needs more
+# Larger messages are still read to the end (and answered `too_large`) up to this size; past it the
+# server closes with 1009 rather than buffer a frame of any size for a client.
+MAX_FRAME_BYTES = 4 * MAX_MESSAGE_BYTES
 
 
 def _package_version() -> str:
@@ -59,6 +63,18 @@ messages carry `"v": 1` (the protocol version) and a `"type"`. Clients may
 send `"v"`; if they do it must be `1`. Unknown fields are ignored in both
 directions, so new optional fields do not bump the version. Times ending in
 `time` are wall-clock Unix seconds; `start`/`end` are media time in seconds.
+
+## Connecting
+
+`GET /ws` opens a connection. Query parameters, all optional:
+
+- `streams`: stream ids to follow, comma-separated (`/ws?streams=cam1,cam2`).
+  A bare `/ws` (or `streams=*`) follows every stream, including streams added
+  later, as after `{"type": "subscribe", "streams": "*"}`. A token limited to
+  some streams follows at most those.
+- `all`: `1` or `true` also sends captions that repeat the text before them
+  (`"stable": true`); by default they are skipped (see `caption`).
+- `token`: a viewer token, for clients that cannot send `Authorization`.
 
 ## Server to client
 
@@ -112,6 +128,13 @@ A stream changed state. `state` is one of:
 - `stopped`: stopped by its owner (`detail` "removed" after a DELETE), or a
   file played to its end.
 
+For a WHIP stream, `stalled` means the publisher sent no video for
+`stall_timeout` (it may have vanished); `failed` says which layer gave up
+(`"ICE failed: ..."`, `"DTLS failed as server: ..."`); a new publish to a
+stopped, failed or stalled WHIP stream sends `stopped` with `detail`
+`"replaced by a new WHIP session (was stalled)"`, then the new session's
+`connecting` and `live`.
+
 ```json
 {"v": 1, "type": "state", "stream_id": "cam1", "state": "stalled", "detail": "no frames for 5 s", "time": 1764050001.0}
 ```
@@ -120,14 +143,15 @@ A stream changed state. `state` is one of:
   `time` (number, when the state changed).
 
 ### `error`
-A client message was rejected; the connection stays open.
+A client message was rejected and ignored; the connection stays open.
 
 ```json
 {"v": 1, "type": "error", "code": "bad_message", "message": "'streams' must be a list of strings or \\"*\\""}
 ```
 
 - `code` (string), one of:
-  - `too_large`: the message was over 65536 bytes.
+  - `too_large`: the message was over 65536 bytes (up to 262144: a larger
+    one is not read, the server closes with 1009, see Closing).
   - `bad_json`: not UTF-8, not JSON, or not a JSON object.
   - `bad_message`: a field is missing or has the wrong type.
   - `unknown_type`: `type` names no client message.
@@ -151,8 +175,9 @@ The answer to `ping`.
 ```
 
 Adds the listed streams to the connection's subscription; `"*"` subscribes to
-every stream, including streams added later. A connection starts subscribed
-to nothing. Newly added streams replay their history.
+every stream, including streams added later. A connection starts with the
+streams of its URL (every stream for a bare `/ws`, see Connecting). Newly
+added streams replay their history.
 
 ### `unsubscribe`
 ```json
@@ -172,9 +197,31 @@ The server answers `pong`.
 
 ## Closing
 
-The server closes a connection with code 1008 (policy violation) and reason
-`slow consumer` when the client does not read fast enough for its bounded
-queue, and with 1001 (going away) and reason `server shutdown` when it stops.
+The server closes a connection with:
+
+- 1008 (policy violation), reason `slow consumer`: the client does not read.
+  Either `client_queue` messages (256 by default) wait for it, or it missed a
+  ping (below) while messages to it were waiting: queued, in the server's send
+  buffer, or held back by the kernel because the client's TCP receive window
+  is full (Linux).
+- 1011 (internal error), reason `ping timeout`: it missed a ping and nothing
+  was waiting for it: a dead or hung client whose receive buffer had room.
+- 1009 (message too big): a client message over 262144 bytes.
+- 1001 (going away), reason `server shutdown`: the server stops (clients first
+  get the messages already queued for them).
+
+The heartbeat: the server sends a WebSocket ping `heartbeat` seconds (20 by
+default) after the client's last pong and expects the pong within
+`heartbeat / 2`. Only a pong that echoes the server's ping counts: TCP
+delivers in order, so it proves the client read everything sent before. The
+client's own frames (its pings, subscriptions) do not count. So a client that
+stops reading is closed at most 1.5 x `heartbeat` (30 s by default) after its
+last pong, sooner if its queue fills first. Which fires first: at a few
+captions per second the ping does, and the code says whether captions were
+stuck (1008) or not (1011); under bursts (many streams, a history replay,
+`all=1`) the queue limit can. A client that cannot take the close frame
+within `close_timeout` (2 s) has its TCP connection dropped; one that resumes
+reading in time gets the messages sent before the close frame, then the frame.
 """
 
 

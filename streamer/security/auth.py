@@ -51,6 +51,7 @@ class TokenEntry:
                 raise AuthError(f"a {role} token is shorter than {MIN_TOKEN_LENGTH} characters")
             digest = _digest(token)
         else:
+            assert sha256 is not None  # exactly one of the two, checked above
             if not _SHA256.match(sha256.lower()):
                 raise AuthError("sha256 must be 64 hex digits (sha256sum of the token)")
             digest = bytes.fromhex(sha256)

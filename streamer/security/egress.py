@@ -21,8 +21,10 @@ What FFmpeg 8 sends through `http_proxy` (checked with PyAV 18 / FFmpeg 8.1):
   must name Basic, and every FFmpeg request costs one extra round trip to
   this local proxy;
 - FFmpeg skips the proxy for hosts listed in the `no_proxy` environment
-  variable (lowercase only, `*` for all), whatever the options say:
-  `ffmpeg_options` refuses to run with it set.
+  variable (lowercase only, `*` for all), whatever the options say, and reads
+  it at every connection. No option overrides it, so `serve()` removes it from
+  the process environment when it starts the proxy (`clear_ffmpeg_bypass`), and
+  `ffmpeg_options` refuses to run should it be set again.
 
 Plain asyncio streams, not aiohttp's server: the proxy splices raw bytes and
 CONNECT tunnels, and must control exactly which bytes reach which peer.
@@ -44,7 +46,7 @@ from urllib.parse import urlsplit
 
 from streamer.security.network import DestinationRefused, NetworkPolicy
 
-__all__ = ["PROXY_PROTOCOLS", "EgressProxy", "ffmpeg_options"]
+__all__ = ["PROXY_PROTOCOLS", "EgressProxy", "clear_ffmpeg_bypass", "ffmpeg_options"]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,18 @@ def ffmpeg_options(proxy_url: str) -> dict[str, str]:
         # never pass it on. So: a new (checked) connection for every playlist, key and segment.
         "http_persistent": "0",
     }
+
+
+def clear_ffmpeg_bypass() -> str | None:
+    """Remove `no_proxy` from this process's environment; what it held, or None.
+
+    FFmpeg reads it with getenv() at every connection, in every decode thread,
+    so it cannot be cleared for some opens only. Call once at startup, before
+    decode threads run (os.environ also updates the C environment FFmpeg reads).
+    `NO_PROXY` is left alone: FFmpeg does not read it (checked with FFmpeg 8.1).
+    """
+    value = os.environ.pop("no_proxy", None)
+    return value if value is not None and value.strip() else None
 
 
 class _BadRequest(Exception):

@@ -32,6 +32,7 @@ PROTOCOLS = {
     "udp": "udp,rtp",
     "file": "file",
 }
+_ENCODE = " (percent-encode '/', '?', '#' and '@' in user names and passwords)"
 # Query options that turn a client protocol into a server (FFmpeg reads them from the URL).
 _LISTEN_OPTIONS = {"listen", "mode", "listen_timeout"}
 
@@ -73,8 +74,10 @@ class SourcePolicy:
         try:
             parts = urlsplit(url)
             port = parts.port
-        except ValueError as exc:
-            raise SourceRefused(f"{redact_url(url)}: malformed URL ({exc})") from None
+        except ValueError:
+            # Not the parser's message: it quotes the "port" or "host" it found, which may be
+            # a piece of a password holding a raw '/', '?' or '#' (rtsp://u:p#ss@cam).
+            raise SourceRefused(f"{redact_url(url)}: malformed URL: the host or port cannot be parsed{_ENCODE}") from None
         scheme = parts.scheme.lower()
         if scheme == "file":
             return self._file(parts.path)
@@ -84,13 +87,17 @@ class SourcePolicy:
                                 "the operator can name other sources in streamer.toml)")
         if not parts.hostname:
             raise SourceRefused(f"{redact_url(url)}: no host")
+        if parts.hostname.lower() not in redact_url(url).lower():
+            # The host found here is part of what redaction hides (rtsp://tok#en@cam/s: host 'tok'): the
+            # URL means two things, and the host would reach messages and logs. Refuse, without naming it.
+            raise SourceRefused(f"{redact_url(url)}: the host cannot be told apart from the credentials{_ENCODE}")
         for key, _ in parse_qsl(parts.query, keep_blank_values=True):
             if key.lower() in _LISTEN_OPTIONS:
                 raise SourceRefused(f"{redact_url(url)}: option {key!r} (server/listen modes) is not allowed over HTTP")
         if scheme == "udp" and parts.hostname in ("", "0.0.0.0", "::"):
             raise SourceRefused("udp sources must name the sender's address")
         options = {"protocol_whitelist": PROTOCOLS[scheme]}
-        check = None
+        check: Callable[[], None] | None = None
         if self.network is not None:
             host, default_port = parts.hostname, {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443}.get(scheme, 0)
             network = self.network
@@ -99,8 +106,10 @@ class SourcePolicy:
             except ValueError as exc:
                 raise SourceRefused(str(exc)) from None
 
-            def check() -> None:
+            def check_again() -> None:
                 network.resolve(host, port or default_port)
+
+            check = check_again
 
             if scheme in ("http", "https"):
                 proxy = self._proxy[0] if self._proxy else None

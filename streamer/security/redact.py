@@ -177,12 +177,12 @@ def _query(query: str, secrets: list[str], depth: int) -> str:
                 # The secret runs to the end of the piece. A `#` opening it is SRT's (streamid=#!::r=live);
                 # a later one may start a fragment, so then all that follows is hidden too.
                 begin = start + len(key) + 1
-                fragment = piece.find("#", begin + 1) >= 0
-                secret = "&".join([piece[begin:], *pieces[n + 1 :]]) if fragment else piece[begin:]
+                in_fragment = piece.find("#", begin + 1) >= 0
+                secret = "&".join([piece[begin:], *pieces[n + 1 :]]) if in_fragment else piece[begin:]
                 if secret:
                     secrets.append(secret)
                 out.append(piece[:begin] + (MASK if secret else ""))
-                if fragment:
+                if in_fragment:
                     return "&".join(out)
                 hiding = True
                 break

@@ -1,0 +1,202 @@
+"""WHIP against peers nobody on this project wrote: GStreamer's webrtcbin (RSA DTLS certificate),
+headless Chromium's own WebRTC, and aiortc. Real daemon, real peers, loopback only."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import pytest
+import websockets
+from aiortc import RTCSessionDescription
+
+from streamer.http.common import ServerConfig
+from streamer.ingest import SourceState
+from streamer.ingest.whip import WhipSession
+from streamer.media.decode import to_rgb
+from tests.support.daemon import captions_of, count_for, read_messages, running_daemon
+from tests.support.gst_whip import WhipPublisher, gst_webrtc_missing
+from tests.support.media import moving_square, write_video
+from tests.support.webrtc import AiortcPublisher
+
+
+@pytest.fixture(scope="module")
+def gst() -> None:
+    why = gst_webrtc_missing()
+    if why:
+        pytest.skip(f"GStreamer WHIP publisher cannot run: {why}")
+
+
+async def next_state(ws, stream_id: str, timeout: float) -> tuple[dict, float]:
+    """The next state message of `stream_id` and when it came (monotonic)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        raw = await asyncio.wait_for(ws.recv(), max(0.01, deadline - time.monotonic()))
+        message = json.loads(raw)
+        if message["type"] == "state" and message["stream_id"] == stream_id:
+            return message, time.monotonic()
+
+
+async def until_state(ws, stream_id: str, state: str, timeout: float) -> tuple[dict, float]:
+    deadline = time.monotonic() + timeout
+    seen = []
+    while True:
+        try:
+            message, at = await next_state(ws, stream_id, deadline - time.monotonic())
+        except asyncio.TimeoutError:
+            raise AssertionError(f"no {state!r} for {stream_id} within {timeout} s; states {seen}") from None
+        seen.append((message["state"], message["detail"]))
+        if message["state"] == state:
+            return message, at
+
+
+# -- GStreamer webrtcbin ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["vp8", "h264-file"])
+async def test_gstreamer_webrtcbin_publisher_gets_captions(tiny_model, loopback_ice, gst, source, tmp_path):
+    if source == "h264-file":  # a real H.264 file, sent as it is
+        source += ":" + str(write_video(tmp_path / "clip.mp4", moving_square(240, 320, 240)))
+    async with running_daemon(tiny_model) as d, websockets.connect(d.ws + "?streams=gst") as ws:
+        publisher = WhipPublisher(f"{d.http}/whip/gst?window=1&hop=0.5&stall_timeout=1.5", source=source)
+        try:
+            answer = await publisher.wait_for("answer")
+            assert answer["status"] == 201, answer
+            assert answer["location"].startswith("/whip/gst/")
+            messages = await read_messages(ws, count_for("gst", 2), 30)
+            assert len(captions_of(messages, "gst")) >= 2
+            session = d.daemon.streams["gst"].source
+            assert session.dtls_role == "server"  # answered setup:passive to webrtcbin's actpass
+            if not source.startswith("vp8"):
+                return
+            # The publisher crashes: no DELETE, no DTLS close. Stalled within stall_timeout, not ~30 s later.
+            await publisher.kill()
+            killed = time.monotonic()
+            message, at = await until_state(ws, "gst", "stalled", timeout=10)
+            assert at - killed <= 1.5 + 1.0, f"stalled after {at - killed:.2f} s"
+            assert "no video" in message["detail"]
+        finally:
+            await publisher.stop()
+
+
+async def test_passive_offer_makes_us_dtls_client_and_the_failure_says_why(tiny_model, loopback_ice, gst, caplog):
+    """webrtcbin insisting on setup:passive forces aiortc to be the DTLS client (ECDSA-only suites)
+    against an RSA certificate: the handshake cannot succeed; the state and the log say why."""
+    async with running_daemon(tiny_model) as d, websockets.connect(d.ws + "?streams=rsa") as ws:
+        publisher = WhipPublisher(f"{d.http}/whip/rsa", source="vp8", setup="passive")
+        try:
+            answer = await publisher.wait_for("answer")
+            assert answer["status"] == 201, answer
+            message, _ = await until_state(ws, "rsa", "failed", timeout=20)
+        finally:
+            await publisher.stop()
+    assert message["detail"].startswith("DTLS failed as client"), message
+    assert "setup:actpass" in message["detail"]  # what the publisher can do about it
+    failed = [r for r in caplog.records if getattr(r, "state", None) == "failed" and getattr(r, "stream", None) == "rsa"]
+    assert len(failed) == 1 and "DTLS failed as client" in failed[0].detail
+
+
+# -- aiortc: vanish, replace, stale DELETE, 409 --------------------------------------------
+
+
+async def test_vanished_publisher_stalls_and_a_new_one_replaces_it(tiny_model, loopback_ice):
+    async with running_daemon(tiny_model) as d, aiohttp.ClientSession() as http, \
+            websockets.connect(d.ws + "?streams=cam") as ws:
+        first, second, third = AiortcPublisher(), AiortcPublisher(), AiortcPublisher()
+        try:
+            status, old_location, _ = await first.publish(http, f"{d.http}/whip/cam?window=1&hop=0.5&stall_timeout=1")
+            assert status == 201
+            await until_state(ws, "cam", "live", timeout=15)
+            # A second publisher while the first is live: refused, with the reason.
+            status, _, body = await second.publish(http, f"{d.http}/whip/cam")
+            assert status == 409 and "live WHIP session" in body, body
+            # The first one stops sending (its peer connection stays up, as a frozen publisher's does).
+            first.track.pause()
+            paused = time.monotonic()
+            message, at = await until_state(ws, "cam", "stalled", timeout=10)
+            assert at - paused <= 1 + 1.0, f"stalled after {at - paused:.2f} s"
+            # A new publisher replaces the stalled session.
+            status, new_location, _ = await third.publish(http, f"{d.http}/whip/cam?window=1&hop=0.5")
+            assert status == 201 and new_location != old_location
+            replaced, _ = await until_state(ws, "cam", "stopped", timeout=10)
+            assert "replaced" in replaced["detail"]
+            await until_state(ws, "cam", "live", timeout=15)
+            # The first publisher's late DELETE ends nothing.
+            async with http.delete(f"{d.http}{old_location}") as resp:
+                assert resp.status == 404
+            messages = await read_messages(ws, count_for("cam", 2), 20)
+            assert all(m["state"] != "stopped" for m in messages if m["type"] == "state")
+            assert d.daemon.streams["cam"].state == "live"
+            async with http.delete(f"{d.http}{new_location}") as resp:
+                assert resp.status == 204
+            assert "cam" not in d.daemon.streams
+        finally:
+            for publisher in (first, second, third):
+                await publisher.close()
+
+
+# -- bounded receive path -------------------------------------------------------------------
+
+
+async def test_slow_conversion_drops_old_frames_instead_of_growing_latency(loopback_ice):
+    """The publisher sends 30 fps; conversion manages ~7 fps (a loaded CPU, simulated by a slow
+    converter: the only stand-in in this file). Frames reach on_frame fresh, and drops are counted."""
+
+    def slow_convert(av_frame, short_side):
+        time.sleep(0.15)
+        return to_rgb(av_frame, short_side)
+
+    latencies: list[float] = []
+    session = WhipSession("slow", lambda f: latencies.append(time.time() - f.arrival), short_side=64,
+                          convert=slow_convert)
+    publisher = AiortcPublisher()
+    try:
+        answer = await session.accept(await publisher.offer())
+        await publisher.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        deadline = time.monotonic() + 20
+        while len(latencies) < 25 and time.monotonic() < deadline:  # ~3.5 s of frames
+            await asyncio.sleep(0.1)  # polling an observable count; there is no event for "n frames"
+        assert len(latencies) >= 25
+    finally:
+        await publisher.close()
+        await session.close()
+    # Unbounded, the 25th frame would wait ~25 * (0.15 - 1/30) s = 2.9 s; kept newest 2: ~2 conversions.
+    assert max(latencies[5:]) < 0.6, [round(x, 2) for x in latencies]
+    assert session.stats.dropped >= 30  # ~23 of every 30 frames
+    assert session.state is SourceState.STOPPED
+
+
+# -- headless Chromium ----------------------------------------------------------------------
+
+
+async def test_chromium_page_on_an_allowed_origin_publishes_and_another_origin_is_refused(tiny_model, loopback_ice):
+    from tests.support.browser import chromium, chromium_missing, page_server
+
+    why = chromium_missing()
+    if why:
+        pytest.skip(f"headless Chromium cannot run: {why}")
+    async with page_server() as page_port:
+        allowed, foreign = f"http://127.0.0.1:{page_port}", f"http://localhost:{page_port}"
+        server = ServerConfig(port=0, allowed_origins=(allowed,))
+        async with running_daemon(tiny_model, server_config=server) as d, chromium() as browser, \
+                websockets.connect(d.ws + "?streams=web,evil") as ws:
+            page = await browser.new_page()
+            await page.goto(allowed + "/")
+            result = await page.evaluate("publish", f"{d.http}/whip/web?window=1&hop=0.5")
+            assert result.get("status") == 201, result
+            assert result["location"].startswith("/whip/web/")  # exposed to the page by CORS
+            messages = await read_messages(ws, count_for("web", 2), 30)
+            assert len(captions_of(messages, "web")) >= 2
+            assert await page.evaluate("connection()") == "connected"
+            assert d.daemon.streams["web"].source.dtls_role == "server"
+            assert await page.evaluate("openSocket", d.ws) == "open"
+
+            other = await browser.new_page()
+            await other.goto(foreign + "/")
+            refused = await other.evaluate("publish", f"{d.http}/whip/evil")
+            assert "error" in refused and "fetch" in refused["error"].lower(), refused  # the preflight was refused
+            assert "evil" not in d.daemon.streams
+            assert await other.evaluate("openSocket", d.ws) == "error"  # WebSocket Origin checked
+            assert "web" in d.daemon.streams and d.daemon.streams["web"].state == "live"

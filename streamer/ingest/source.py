@@ -163,6 +163,10 @@ class SourceSpec:
     # Called in the decode thread before every connect (sources added over HTTP): raises
     # ValueError when the destination is no longer allowed (a name now resolving to loopback).
     check_destination: Callable[[], None] | None = field(default=None, compare=False)
+    # Called in the decode thread for every connect (rtsp:// added over HTTP): connects through the
+    # redirect-refusing relay and returns it; FFmpeg opens its `url` instead of `target`. Raises
+    # ValueError for a refused destination, OSError when unreachable. See security/rtsp_relay.py.
+    relay: Callable[[], Any] | None = field(default=None, compare=False)
     kind: SourceKind = field(init=False)
     target: str = field(init=False)  # what av.open gets
     input_format: str | None = field(init=False)
@@ -325,6 +329,13 @@ class _Ended:
     reason: str
     frames: int = 0
     fatal: bool = False  # retrying cannot help
+
+
+def _relay_refused(relayed: Any) -> _Ended | None:
+    """The relay cut the connection (an RTSP redirect): say so, not what FFmpeg made of the cut."""
+    if relayed is not None and relayed.refused:
+        return _Ended(f"refused: {relayed.refused}", fatal=True)
+    return None
 
 
 class FrameSource(StateReporter):
@@ -535,20 +546,34 @@ class FrameSource(StateReporter):
                 spec.check_destination()
             except ValueError as exc:
                 return _Ended(f"refused: {exc}", fatal=True)
+        relayed = None
+        if spec.relay is not None:
+            try:
+                relayed = spec.relay()
+            except ValueError as exc:
+                return _Ended(f"refused: {exc}", fatal=True)
+            except OSError as exc:
+                return _Ended(self._clean(str(exc)))
         try:
-            container = open_input(
-                spec.target, format=spec.input_format, options=spec.av_options(), timeout=spec.av_timeout(),
-                hwaccel=spec.hwaccel, cancelled=self._stop_event.is_set,  # a FIFO's waits end at stop()
-            )
-        except VideoError as exc:
-            return self._open_failed(exc)
-        try:
-            log.debug("opened", extra={"stream": self.stream_id, "url": spec.redacted_url})
-            return self._read(container)
+            try:
+                container = open_input(
+                    relayed.url if relayed is not None else spec.target, format=spec.input_format,
+                    options=spec.av_options(), timeout=spec.av_timeout(),
+                    hwaccel=spec.hwaccel, cancelled=self._stop_event.is_set,  # a FIFO's waits end at stop()
+                )
+            except VideoError as exc:
+                return _relay_refused(relayed) or self._open_failed(exc)
+            try:
+                log.debug("opened", extra={"stream": self.stream_id, "url": spec.redacted_url})
+                ended = self._read(container)
+                return ended if ended is None else (_relay_refused(relayed) or ended)
+            finally:
+                self._release_held()
+                self._connected = False
+                container.close()
         finally:
-            self._release_held()
-            self._connected = False
-            container.close()
+            if relayed is not None:
+                relayed.close()
 
     def _open_failed(self, exc: VideoError) -> _Ended:
         cause = exc.__cause__

@@ -319,6 +319,38 @@ class WhipSession(StateReporter):
                 return f"DTLS failed as {self._dtls_role or 'unknown role'}: {why}"
         return "WebRTC connection failed"
 
+    @property
+    def connected(self) -> bool:
+        """ICE and DTLS came up at least once."""
+        return self._connected
+
+    def progress(self) -> str:
+        """How far the connection got, in one line: for a session removed before its first frame
+        ("ICE checking (2 remote candidates), DTLS not started"; the DTLS error once one was seen)."""
+        pc = self._pc
+        transceivers = pc.getTransceivers() if pc is not None else []
+        if not transceivers:
+            return "no offer answered"
+        dtls = transceivers[0].receiver.transport  # one bundled transport carries every m-line
+        ice = dtls.transport
+        role = self._dtls_role or "unknown role"
+        remote = len(ice.getRemoteCandidates())
+        ice_part = {
+            "new": "ICE not started",
+            "checking": f"ICE checking ({remote} remote candidate{'' if remote == 1 else 's'})",
+            "completed": "ICE connected",
+        }.get(ice.state, f"ICE {ice.state}")
+        if self._dtls_error:
+            return f"{ice_part}, DTLS failed as {role}: {self._dtls_error}"
+        dtls_part = {
+            "new": "DTLS not started",
+            "connecting": f"DTLS handshake as {role} not finished" + (
+                "; the offer said setup:passive: a publisher with an RSA certificate must offer setup:actpass"
+                if role == "client" else ""),
+            "connected": "DTLS connected, no video frame yet",
+        }.get(dtls.state, f"DTLS {dtls.state}")
+        return f"{ice_part}, {dtls_part}"
+
     async def _drain_video(self, track: MediaStreamTrack) -> None:
         """Take every frame aiortc decoded as soon as it comes; keep only the newest `keep`."""
         loop = asyncio.get_running_loop()

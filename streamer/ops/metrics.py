@@ -67,7 +67,8 @@ class DaemonMetrics:
                                        ["reason"], registry=r)
         for reason in ("slow", "ping_timeout", "protocol_error"):
             self.clients_dropped.labels(reason=reason)  # every series present from the start, at 0
-        self.refused = Counter("streamer_requests_refused", "HTTP requests refused, by reason (auth, limits, policy)",
+        self.refused = Counter("streamer_requests_refused",
+                               "Requests refused, by reason (HTTP: auth, limits, source policy; egress: rtsp_redirect, ...)",
                                ["reason"], registry=r)
         self._per_stream = (self.frames, self.ring_dropped, self.captioned, self.windows_dropped, self.latency)
 

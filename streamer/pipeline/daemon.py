@@ -187,6 +187,7 @@ class Daemon:
                 url=checked.url if checked is not None else config.url,
                 ffmpeg_options=checked.ffmpeg_options if checked is not None else {},
                 check_destination=checked.check_destination if checked is not None else None,
+                relay=checked.relay if checked is not None else None,
                 realtime=config.realtime,
                 loop=config.loop,
                 rtsp_transport=config.rtsp_transport,
@@ -267,12 +268,19 @@ class Daemon:
     async def _expire_unconnected(self, rt: StreamRuntime) -> None:
         """A WHIP offer whose peer never connects holds a slot: free it after whip_connect_timeout."""
         await asyncio.sleep(self.config.whip_connect_timeout)
-        if self.streams.get(rt.config.id) is rt and rt.source is not None and rt.source.stats.frames == 0:
-            log.warning("whip session never connected: removed",
+        session = rt.source
+        if self.streams.get(rt.config.id) is rt and session is not None and session.stats.frames == 0:
+            # How far it got says whose side to look at: ICE (addresses, firewall) or DTLS (roles, suites).
+            progress = session.progress() if hasattr(session, "progress") else "unknown"
+            if getattr(session, "connected", False):
+                detail = f"no video within {self.config.whip_connect_timeout:g} s of connecting ({progress})"
+            else:
+                detail = f"never connected ({progress})"
+            log.warning("whip session removed: %s", detail,
                         extra={"stream": rt.config.id, "after_s": self.config.whip_connect_timeout})
             self.metrics.refused.labels(reason="whip_never_connected").inc()
             with contextlib.suppress(StreamNotFound):  # only this session: a successor may hold the id by now
-                await self.remove_whip_session(rt.config.id, rt.source.id, detail="never connected")
+                await self.remove_whip_session(rt.config.id, session.id, detail=detail)
 
     async def remove_stream(self, stream_id: str, detail: str = "removed") -> None:
         async with self._lock:

@@ -7,6 +7,9 @@ network policy allows, or a regular file under a configured media directory.
 No `lavfi:` graphs (they read and write files), no devices, no listen modes.
 Each allowed URL is opened with an FFmpeg `protocol_whitelist` for its scheme,
 so a playlist or SDP cannot pull in `file:`, `concat:` or another protocol.
+http(s) goes through the egress proxy and rtsp through the RTSP relay, which
+check every connection FFmpeg makes (redirects included) and connect to the
+checked address themselves.
 """
 
 from __future__ import annotations
@@ -15,10 +18,14 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit
 
 from streamer.security.network import NetworkPolicy
 from streamer.security.redact import redact_url
+
+if TYPE_CHECKING:
+    from streamer.security.rtsp_relay import RelaySession, RtspRelay
 
 __all__ = ["SourceRefused", "SourcePolicy", "CheckedSource", "PROTOCOLS"]
 
@@ -50,6 +57,9 @@ class CheckedSource:
     # Run in the decode thread before every (re)connect: resolves the host again and checks
     # every address, so a name that later resolves to loopback is refused then.
     check_destination: Callable[[], None] | None = None
+    # rtsp:// only: run in the decode thread for every (re)connect instead of the check above;
+    # checks and connects to the destination itself and returns what FFmpeg opens (a loopback relay).
+    relay: Callable[[], RelaySession] | None = None
 
 
 @dataclass(frozen=True)
@@ -60,9 +70,19 @@ class SourcePolicy:
     network: NetworkPolicy | None = field(default_factory=NetworkPolicy)
     # The egress proxy's URL once serve() started it (set once, at startup); http(s) need it.
     _proxy: list[str] = field(default_factory=list, compare=False, repr=False)
+    # The RTSP relay once serve() started it; rtsp:// needs it (FFmpeg follows RTSP redirects itself).
+    _relay: list[RtspRelay] = field(default_factory=list, compare=False, repr=False)
 
     def attach_proxy(self, url: str) -> None:
         self._proxy[:] = [url]
+
+    def attach_relay(self, relay: RtspRelay) -> None:
+        self._relay[:] = [relay]
+
+    @property
+    def relay(self) -> RtspRelay | None:
+        """The RTSP relay rtsp:// sources go through, once serve() started it."""
+        return self._relay[0] if self._relay else None
 
     def check(self, url: str) -> CheckedSource:
         if not isinstance(url, str) or not url.strip():
@@ -122,7 +142,26 @@ class SourcePolicy:
                 except RuntimeError as exc:  # no_proxy in the environment would let FFmpeg go around the proxy
                     raise SourceRefused(f"http(s) sources are not available: {exc}") from None
                 check = None  # the proxy checks every connection FFmpeg makes, redirects included
+            elif scheme == "rtsp":
+                return self._relayed(url, host, port or default_port)
         return CheckedSource(url, options, check)
+
+    def _relayed(self, url: str, host: str, port: int) -> CheckedSource:
+        """rtsp:// through the relay: the daemon connects, checks what the server answers, refuses redirects."""
+        relay = self._relay[0] if self._relay else None
+        if relay is None:
+            raise SourceRefused("rtsp sources are not available: the RTSP relay is not running")
+        from streamer.security.rtsp_relay import ffmpeg_options, transport_words
+
+        words = transport_words(url)
+        if words:
+            raise SourceRefused(f"{redact_url(url)}: FFmpeg transport option {words[0]!r} is not allowed over HTTP "
+                                "(sources added over HTTP use RTSP over TCP)")
+
+        def connect() -> RelaySession:
+            return relay.connect(url, host, port)
+
+        return CheckedSource(url, ffmpeg_options(), relay=connect)
 
     def _file(self, path: str) -> CheckedSource:
         if path.startswith("lavfi:"):

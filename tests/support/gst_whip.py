@@ -8,8 +8,10 @@ offer, POST it as application/sdp, set the answer. Run it with Debian's
 
 It prints one JSON object per line on stdout: {"event": "answer", "status", "location"},
 {"event": "error", "message"}, {"event": "ice", "state"}, {"event": "connection", "state"}.
+After a failed POST it exits; after a pipeline error (a failed DTLS handshake) it stays.
 SIGTERM: DELETE the session (its Location) and exit; SIGKILL makes it vanish as a
-crashed publisher does. `WhipPublisher` (below the script part) runs it from the tests.
+crashed publisher does. `WhipPublisher` (below the script part) runs it from the tests;
+GST_WHIP_LOG=PATH keeps its stderr (e.g. with GST_DEBUG=webrtcbin:5,dtlsconnection:5).
 """
 
 from __future__ import annotations
@@ -127,7 +129,15 @@ def main(argv: list[str]) -> int:  # runs under /usr/bin/python3 only
     webrtc.connect("notify::connection-state", on_state)
     bus = pipeline.get_bus()
     bus.add_signal_watch()
-    bus.connect("message::error", lambda _b, msg: fail(f"gstreamer: {msg.parse_error()[0].message}"))
+
+    def on_error(_bus, msg) -> None:
+        # Report it and stay until SIGTERM, as a browser tab does. Quitting here raced the pipeline's
+        # teardown against dtlsenc's thread still holding the DTLS alert ("no shared cipher") that
+        # tells the daemon why: about one run in ten the alert never left, and the daemon heard
+        # nothing until its connect timeout.
+        _emit(event="error", message=f"gstreamer: {msg.parse_error()[0].message}")
+
+    bus.connect("message::error", on_error)
 
     def on_term() -> bool:
         if location:
@@ -173,12 +183,17 @@ class WhipPublisher:
 
     def __init__(self, url: str, source: str = "vp8", token: str | None = None, setup: str = "actpass") -> None:
         import asyncio
+        import tempfile
         import threading
 
         cmd = [GST_PYTHON, __file__, url, "--source", source, "--setup", setup]
         if token:
             cmd += ["--token", token]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # stderr to a file, not a pipe: nobody reads a pipe while the publisher runs, and a full one
+        # (GST_DEBUG, warnings) would block it mid-handshake. GST_WHIP_LOG=PATH keeps it for debugging.
+        keep = os.environ.get("GST_WHIP_LOG")
+        self._stderr = open(keep, "a+") if keep else tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
         self.seen: list[dict] = []
         self._lines: asyncio.Queue[str] = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -197,7 +212,7 @@ class WhipPublisher:
         line = await asyncio.wait_for(self._lines.get(), timeout)
         if not line:
             self._lines.put_nowait("")  # stays ended
-            raise AssertionError(f"publisher exited {self.proc.wait(10)}: {self.proc.stderr.read()[-2000:]}")
+            raise AssertionError(f"publisher exited {self.proc.wait(10)}: {self.stderr_tail()}")
         event = json.loads(line)
         self.seen.append(event)
         return event
@@ -215,6 +230,11 @@ class WhipPublisher:
                 raise AssertionError(f"no {event!r} event within {timeout} s; saw {self.seen}") from None
             if got["event"] in (event, "error"):
                 return got
+
+    def stderr_tail(self, chars: int = 2000) -> str:
+        self._stderr.flush()
+        self._stderr.seek(0)
+        return self._stderr.read()[-chars:]
 
     async def kill(self) -> None:
         """Vanish without a word, as a crashed publisher does."""
@@ -235,8 +255,7 @@ class WhipPublisher:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 await asyncio.to_thread(self.proc.wait, 10)
-        if self.proc.stderr:
-            self.proc.stderr.close()
+        self._stderr.close()
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -59,6 +59,7 @@ class RtspServer:
         path: str = "/stream",
         user: str | None = None,
         password: str | None = None,
+        digest: bool = False,
         fps: int = 30,
         width: int = 320,
         height: int = 240,
@@ -68,6 +69,7 @@ class RtspServer:
         self.path = path if path.startswith("/") else "/" + path
         self.user = user
         self.password = password
+        self.digest = digest
         self.fps, self.width, self.height = fps, width, height
         self.ready_timeout = ready_timeout
         self.port: int | None = None
@@ -99,7 +101,7 @@ class RtspServer:
         else:
             args += ["--pattern", "--fps", str(self.fps), "--width", str(self.width), "--height", str(self.height)]
         if self.user is not None:
-            args += ["--user", self.user, "--password", self.password or ""]
+            args += ["--user", self.user, "--password", self.password or ""] + (["--digest"] if self.digest else [])
         # Own process group: a kill reaches the server and nothing of ours.
         proc = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True

@@ -21,8 +21,9 @@ import sys
 import gi
 
 gi.require_version("Gst", "1.0")
+gi.require_version("GstRtsp", "1.0")
 gi.require_version("GstRtspServer", "1.0")
-from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
+from gi.repository import GLib, Gst, GstRtsp, GstRtspServer  # noqa: E402
 
 # x264 tuned for latency: no B-frames, a keyframe every second so a client that
 # joins (or rejoins) mid-stream decodes within a second.
@@ -76,6 +77,7 @@ def main() -> int:
     parser.add_argument("--path", default="/stream")
     parser.add_argument("--user")
     parser.add_argument("--password")
+    parser.add_argument("--digest", action="store_true", help="digest authentication instead of basic")
     args = parser.parse_args()
 
     Gst.init(None)
@@ -93,8 +95,12 @@ def main() -> int:
         auth = GstRtspServer.RTSPAuth()
         token = GstRtspServer.RTSPToken()
         token.set_string(GstRtspServer.RTSP_TOKEN_MEDIA_FACTORY_ROLE, "user")
-        basic = GstRtspServer.RTSPAuth.make_basic(args.user, args.password or "")
-        auth.add_basic(basic, token)
+        if args.digest:  # the client hashes the URI of its request line: a relay must not rewrite it
+            auth.set_supported_methods(GstRtsp.RTSPAuthMethod.DIGEST)
+            auth.add_digest(args.user, args.password or "", token)
+        else:
+            basic = GstRtspServer.RTSPAuth.make_basic(args.user, args.password or "")
+            auth.add_basic(basic, token)
         server.set_auth(auth)
         permissions = GstRtspServer.RTSPPermissions()
         permissions.add_role_from_structure(

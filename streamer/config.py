@@ -42,6 +42,7 @@ __all__ = [
     "WebhookSection",
     "AuthSection",
     "SourcesSection",
+    "BusSection",
     "FileConfig",
     "CaptionVideoRequest",
     "CaptionVideosRequest",
@@ -54,6 +55,9 @@ __all__ = [
 STREAM_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z, not $: "abc\n" must not pass; safe in URLs and file names
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|min|h)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+_URL_SECRET = re.compile(r"(://)[^/@\s]*@")
 
 
 class ConfigError(ValueError):
@@ -217,6 +221,51 @@ class SourcesSection(_Strict):
     media_dirs: list[Annotated[StrictStr, Field(min_length=1, max_length=4096)]] = []  # regular files under these
     deny_networks: list[StrictStr] | None = None  # CIDRs; None: loopback, 0.0.0.0, link-local, metadata, multicast
     allow_networks: list[StrictStr] = []  # CIDRs that win over deny_networks
+    # rtsps:// (the RTSP relay is the TLS client): verify the camera's certificate and host name; off, as
+    # FFmpeg's own tls_verify. tls_ca_file: PEM CAs to trust instead of the system's (needs tls_verify).
+    tls_verify: StrictBool = False
+    tls_ca_file: Annotated[StrictStr, Field(min_length=1, max_length=4096)] | None = None
+
+    @model_validator(mode="after")
+    def _ca_needs_verify(self) -> SourcesSection:
+        if self.tls_ca_file is not None and not self.tls_verify:
+            raise ValueError("tls_ca_file is only used with tls_verify = true: set both, or neither")
+        return self
+
+
+def _redis_url(value: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # ValueError when out of range or not a number
+    except ValueError as exc:
+        raise ValueError(f"not a redis URL: {exc}") from None
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError("must be redis://[:password@]host:port/db (or rediss:// for TLS)")
+    if not parts.hostname:
+        raise ValueError("names no host: redis://[:password@]host:port/db")
+    if port == 0:
+        raise ValueError("port must be 1-65535")
+    db = parts.path.strip("/")
+    if db and not (db.isdigit() and int(db) <= 15):
+        raise ValueError("the database (the path) must be a number 0-15")
+    if parts.query or parts.fragment:
+        raise ValueError("takes no query or fragment: put settings in [bus]")
+    return value
+
+
+class BusSection(_Strict):
+    """[bus]: the caption bus shared by several replicas (Redis Streams; publish/bus.py)."""
+
+    url: Annotated[StrictStr, Field(max_length=1024), AfterValidator(_redis_url)]
+    retention: Annotated[StrictInt, Field(ge=1, le=100_000_000)] = 10_000  # messages kept per stream (MAXLEN ~)
+    key_prefix: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.:{}-]{1,64}$")] = "streamer:"
+    buffer: Annotated[StrictInt, Field(ge=1, le=10_000_000)] = 10_000  # held while Redis is unreachable; oldest dropped
+    read_count: Annotated[StrictInt, Field(ge=1, le=100_000)] = 500  # entries per XREAD
+    max_streams: Annotated[StrictInt, Field(ge=1, le=100_000)] = 10_000  # streams a replica follows on the bus
+    connect_timeout: _duration(0.1, 60) = 2.0
+    reconnect_max: _duration(0.1, 300) = 5.0  # the longest wait between reconnection attempts
 
 
 OUTPUT_FORMATS = ("vtt", "srt", "jsonl")
@@ -278,6 +327,7 @@ class FileConfig(_Strict):
     streams: list[StreamConfig] = []
     auth: AuthSection = AuthSection()
     sources: SourcesSection = SourcesSection()
+    bus: BusSection | None = None  # none: one daemon on its own
     # checked table by table in publish/sinks.py (errors name "[outputs]" / "[[webhooks]] #N")
     outputs: Any = None
     webhooks: Any = None
@@ -341,6 +391,8 @@ def describe_error(exc: ValidationError, where: str = "", table: str = "") -> st
     value = err.get("input")
     if isinstance(value, (dict, list)):
         return f"{key}: {msg}{more}"
+    if isinstance(value, str):
+        value = _URL_SECRET.sub(r"\1***@", value)  # a redis:// or rtsp:// password never reaches a log
     shown = repr(value)
     if len(shown) > 80:
         shown = shown[:77] + "..."

@@ -48,7 +48,7 @@ def summary(msgs: list[dict[str, Any]]) -> list[tuple]:
 
 
 def test_public_api() -> None:
-    assert set(hub_module.__all__) == {"CaptionHub", "HubMessage", "Subscription", "SubscriptionClosed"}
+    assert set(hub_module.__all__) == {"BusLink", "CaptionHub", "HubMessage", "Subscription", "SubscriptionClosed"}
 
 
 async def test_many_subscribers_get_every_message_in_order() -> None:

@@ -46,6 +46,7 @@ def test_public_api() -> None:
         "Subscribe", "Unsubscribe", "Ping", "ClientMessage", "parse_client_message",
         "apply_subscription", "caption_message", "state_message", "encode",
         "encode_caption", "encode_state", "encode_hello", "encode_error", "encode_pong",
+        "encode_gap", "parse_since",
     }  # fmt: skip
     assert PROTOCOL_VERSION == 1
 

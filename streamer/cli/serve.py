@@ -31,10 +31,11 @@ class ServeConfig:
     daemon: Any  # DaemonConfig
     streams: tuple = field(default_factory=tuple)  # StreamConfig, ...
     sinks: tuple = ()  # raw ("outputs", table) / ("webhooks", [tables]) pairs; see sinks.py
+    bus: Any = None  # BusConfig ([bus]): several replicas share captions through Redis; None: alone
 
 
 def load_config(path: str | None, args: argparse.Namespace | None = None) -> ServeConfig:
-    """streamer.toml sections: [model], [server], [limits], [[streams]], [outputs], [[webhooks]]; flags override.
+    """streamer.toml sections: [model], [server], [limits], [[streams]], [outputs], [[webhooks]], [bus]; flags override.
 
     File and flags are merged first and validated once by `streamer.config.FileConfig`,
     so a bad value from either is one StreamerError line naming the key.
@@ -105,7 +106,12 @@ def load_config(path: str | None, args: argparse.Namespace | None = None) -> Ser
         outputs_from_config(dict(sinks))  # validate now; serve() builds fresh ones
     except ValueError as exc:
         raise StreamerError(f"config {exc}") from None
-    return ServeConfig(engine, ServerConfig(**server_values), daemon, tuple(parsed.streams), sinks)
+    bus = None
+    if parsed.bus is not None:
+        from streamer.publish.bus import BusConfig
+
+        bus = BusConfig.from_section(parsed.bus)
+    return ServeConfig(engine, ServerConfig(**server_values), daemon, tuple(parsed.streams), sinks, bus)
 
 
 def _tokens(auth, flags: list[str]) -> tuple:
@@ -154,9 +160,10 @@ def _security(parsed, tokens: tuple, args) -> dict[str, Any]:
     try:
         network = NetworkPolicy(deny=tuple(sources.deny_networks) if sources.deny_networks is not None else DEFAULT_DENY,
                                 allow=tuple(sources.allow_networks))
+        policy = SourcePolicy(schemes=frozenset(sources.schemes), media_dirs=tuple(sources.media_dirs), network=network,
+                              tls_verify=sources.tls_verify, tls_ca_file=sources.tls_ca_file)  # a bad CA file: here
     except ValueError as exc:
         raise StreamerError(f"config: [sources] {exc}") from None
-    policy = SourcePolicy(schemes=frozenset(sources.schemes), media_dirs=tuple(sources.media_dirs), network=network)
     return {"tokens": tokens, "metrics_public": parsed.auth.metrics_public, "insecure_no_auth": insecure,
             "allowed_origins": tuple(parsed.server.allowed_origins), "allowed_hosts": tuple(parsed.server.allowed_hosts),
             "sources": policy}
@@ -167,7 +174,8 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
     """Run the daemon until SIGINT/SIGTERM (or `stop`), as uvicorn runs an app:
 
     startup   bind the port first (/healthz 200, /readyz 503 "loading model"),
-              load the model off the loop, start the daemon, the sinks, the
+              load the model off the loop, start the daemon, the bus ([bus]:
+              /readyz 503 "bus unreachable" until Redis answers), the sinks, the
               configured streams; then /readyz 200 and `on_ready(port, daemon)`.
     main      wait for a signal, `stop`, or the daemon giving up (a supervised
               task spent its restart budget: raises StreamerError, exit 2).
@@ -202,6 +210,7 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
     metrics = DaemonMetrics(s.value for s in SourceState)
     service = Service(metrics=metrics)
     daemon: Daemon | None = None
+    bus = None  # CaptionBus, with [bus]
     sinks: list = []
     app = build_app(service, config.server)
     # an idle kept-alive connection is closed after this (aiohttp's default is 75 s)
@@ -232,6 +241,13 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
             return  # stopped while the model loaded
         daemon = Daemon(engine, config.daemon, metrics=metrics)
         await daemon.start()
+        if config.bus is not None:
+            from streamer.publish.bus import CaptionBus
+
+            # before the sinks and streams: every message goes through the bus from the first one
+            bus = CaptionBus(config.bus, daemon.hub, metrics)
+            bus.start(daemon.supervisor.spawn)
+            daemon.readiness_checks.append(bus.problem)
         sinks = outputs_from_config(dict(config.sinks))
         for sink in sinks:
             await sink.start(daemon.hub, daemon.supervisor.spawn)
@@ -261,6 +277,8 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
                 dropped = await daemon.abort()
                 log.warning("shutdown cut short", extra={"windows_dropped": dropped})
         await close_sinks(sinks, force=force)  # after the drain: the last captions reach files and webhooks
+        if bus is not None:
+            await bus.close()  # its tasks ended with the daemon's supervisor
         await runner.cleanup()
         if proxy is not None:
             await proxy.close()
@@ -304,9 +322,9 @@ async def _start_egress(server):
 
 
 async def _start_rtsp_relay(server, metrics):
-    """The relay every rtsp:// source added over HTTP goes through (it refuses RTSP redirects)."""
+    """The relay every rtsp(s):// source added over HTTP goes through (it refuses RTSP redirects)."""
     policy = server.sources
-    if policy is None or policy.network is None or "rtsp" not in policy.schemes:
+    if policy is None or policy.network is None or not {"rtsp", "rtsps"} & policy.schemes:
         return None
     from streamer.security.rtsp_relay import RtspRelay
 

@@ -12,6 +12,10 @@ the first of them that ends:
   in the server's buffer, or unsent in the kernel because its TCP receive window
   is full), 1011 `ping timeout` when nothing is (a dead or hung peer).
 
+With a bus (`[bus]`, publish/bus.py), `?since={"cam1": 41}` resumes: the
+forward task first sends the bus's messages after those seqs (a `gap` for
+any that are gone), then the subscription's, skipping what it already sent.
+
 Only a pong that echoes the server's own ping counts: TCP delivers in order,
 so it proves the client read everything sent before that ping. A client that
 sends (its own pings, subscriptions) but does not read is not kept alive by it.
@@ -55,7 +59,18 @@ class _Close:
 SLOW = _Close(1008, REASON_SLOW, "slow")
 PING_TIMEOUT = _Close(1011, "ping timeout", "ping_timeout")
 SHUTDOWN = _Close(1001, REASON_SHUTDOWN, None)
+BUS_DOWN = _Close(1011, "bus unreachable", None)  # a `since` replay failed half-way: resume again later
 _GONE = _Close(1000, "", None)  # the client closed or vanished: nothing to report
+
+class _BusDown(Exception):
+    """A `since` replay could not read the bus."""
+
+
+try:
+    from redis.exceptions import RedisError as _RedisError
+except ImportError:  # redis is a dependency; without it there is no bus, and nothing to catch
+    _RedisError = OSError  # type: ignore[misc,assignment]
+_BUS_ERRORS = (_RedisError, OSError)
 
 # Linux: bytes in a socket's send queue not sent yet, i.e. held back by the peer's closed window.
 _SIOCOUTQNSD = 0x894B
@@ -80,6 +95,18 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         return refuse(request, 429, "max_ws_clients_per_address",
                       f"at the limit of {config.max_ws_clients_per_address} WebSocket clients from one address")
     allowed = principal_of(request).streams
+    bus: Any = daemon.hub.bus  # CaptionBus (publish/bus.py), with [bus]
+    since: dict[str, int] = {}
+    if "since" in request.query:
+        if bus is None:
+            return refuse(request, 400, "bad_request", "'since' needs a daemon with a bus ([bus]); this one has none")
+        try:
+            since = protocol.parse_since(request.query["since"])
+        except protocol.ProtocolError as exc:
+            return refuse(request, 400, exc.code, exc.message)
+        if not bus.connected:
+            return refuse(request, 503, "bus_unreachable", "the bus is unreachable: retry with the same 'since'",
+                          headers={"Retry-After": "1"})
     ws = web.WebSocketResponse(
         autoping=False,  # pongs are the heartbeat's evidence: _Client.read sees them (and answers pings)
         timeout=config.close_timeout,  # for the client's close frame after ours
@@ -96,9 +123,12 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     only_changes = request.query.get("all", "0") not in ("1", "true")
     sub = daemon.hub.subscribe(streams, only_changes=only_changes)
     client = _Client(ws, sub, request, config, daemon.metrics, streams, allowed)
+    client.resume = {sid: seq for sid, seq in since.items() if streams is None or sid in streams}
+    client.bus = bus
     verdict = _GONE
     try:
-        visible = sorted(s for s in daemon.streams if allowed is None or s in allowed)
+        known = set(daemon.streams) | set(bus.streams if bus is not None else ())  # with a bus: every replica's
+        visible = sorted(s for s in known if allowed is None or s in allowed)
         await ws.send_str(protocol.encode_hello(visible, daemon.hub.history))
         verdict = await client.run()
     except ConnectionError:
@@ -123,6 +153,8 @@ class _Client:
         self._expected = b""
         self._ponged = asyncio.Event()
         self._evidence: dict[str, Any] = {}  # what a verdict was based on, for its log line
+        self.resume: dict[str, int] = {}  # `since`: stream -> the last seq the client has
+        self.bus: Any = None  # CaptionBus, with `since`
 
     async def run(self) -> _Close:
         """Run until the client leaves or must be closed; return why (its close frame)."""
@@ -166,9 +198,14 @@ class _Client:
     async def forward(self) -> _Close:
         """Hub -> socket. A client too slow for its bounded queue is closed by the hub (1008)."""
         try:
+            sent = await self.replay() if self.resume else {}
             while True:
                 message = await self.sub.get()
+                if sent and message.bus_seq is not None and message.bus_seq <= sent.get(message.stream_id, -1):
+                    continue  # the replay sent it (or the client had it)
                 await self.ws.send_str(message.encoded)
+        except _BusDown:
+            return BUS_DOWN
         except SubscriptionClosed as closed:
             if closed.reason == REASON_SLOW:
                 self._evidence = {"queued": self.sub.capacity, "rule": "queue full"}
@@ -196,6 +233,33 @@ class _Client:
                 return SLOW if any(backlog.values()) else PING_TIMEOUT
             except ConnectionError:
                 return _GONE
+
+    async def replay(self) -> dict[str, int]:
+        """`since`: send each stream's messages after the client's seq from the bus (with `gap` first
+        when some are gone); return stream -> the last seq sent, for forward() to skip."""
+        from streamer.publish.bus import Gap
+
+        sent = dict(self.resume)
+        last_text: dict[str, str] = {}
+        try:
+            for sid, after in sorted(self.resume.items()):
+                async for item in self.bus.since(sid, after):
+                    if isinstance(item, Gap):
+                        await self.ws.send_str(protocol.encode_gap(sid, item.from_seq, item.to_seq))
+                        continue
+                    sent[sid] = item.bus_seq
+                    if item.text is not None:
+                        # as the subscription would: a repeat is skipped when the client has its text
+                        if self.sub.only_changes and item.stable and last_text.get(sid) == item.text:
+                            continue
+                        last_text[sid] = item.text
+                        self.sub.note_sent(item)
+                    await self.ws.send_str(item.encoded)
+        except _BUS_ERRORS as exc:
+            self.metrics.bus_errors.labels(op="replay").inc()
+            log.warning("websocket resume failed: bus unreachable", extra={"peer": self.request.remote, "error": str(exc)})
+            raise _BusDown from exc
+        return sent
 
     # -- helpers -----------------------------------------------------------------
     async def _on_message(self, kind: WSMsgType, data: Any) -> None:

@@ -70,6 +70,19 @@ class DaemonMetrics:
         self.refused = Counter("streamer_requests_refused",
                                "Requests refused, by reason (HTTP: auth, limits, source policy; egress: rtsp_redirect, ...)",
                                ["reason"], registry=r)
+        # the caption bus ([bus]; publish/bus.py): all at 0 without one
+        self.bus_connected = Gauge("streamer_bus_connected", "1 while the caption bus (Redis) answers, 0 while "
+                                   "it is unreachable (or there is no [bus])", registry=r)
+        self.bus_errors = Counter("streamer_bus_errors", "Failed bus operations: publish/read/replay (each "
+                                  "reconnection attempt), rejected (a message Redis refused), bad_entry "
+                                  "(an entry that is not a valid message), gap (messages this replica's "
+                                  "reader missed)", ["op"], registry=r)
+        for op in ("publish", "read", "replay", "rejected", "bad_entry", "gap"):
+            self.bus_errors.labels(op=op)
+        self.bus_dropped = Counter("streamer_bus_dropped", "Messages dropped before reaching the bus: its "
+                                   "outage buffer was full (oldest first), or it closed with some waiting",
+                                   registry=r)
+        self.bus_buffered = Gauge("streamer_bus_buffered", "Messages waiting to be appended to the bus", registry=r)
         self._per_stream = (self.frames, self.ring_dropped, self.captioned, self.windows_dropped, self.latency)
 
     def set_state(self, stream_id: str, state: str) -> None:

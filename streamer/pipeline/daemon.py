@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -115,6 +116,7 @@ class Daemon:
         self.streams: dict[str, StreamRuntime] = {}
         self.ready = False
         self.draining = False
+        self.readiness_checks: list[Callable[[], str | None]] = []  # more reasons not to be ready (the bus)
         self._lock = asyncio.Lock()  # add/remove are check-then-act
 
     # -- lifecycle ------------------------------------------------------------
@@ -150,7 +152,7 @@ class Daemon:
             return False, "draining"
         if not self.ready:
             return False, "starting"
-        problems = self.supervisor.problems()
+        problems = self.supervisor.problems() + [why for check in self.readiness_checks if (why := check())]
         if problems:
             return False, "; ".join(problems)
         if self.batches_failed_in_row >= self.config.max_failed_batches:

@@ -116,6 +116,7 @@ class WindowSampler:
             self._last_image = frame
         # Every slot whose centre this frame reaches is decided now: its nearest
         # frame is either the previous frame or this one (ties go to the earlier).
+        other: Frame | None
         while self._slot_centre(self._next_slot) <= frame.pts + _EPS:
             centre = self._slot_centre(self._next_slot)
             if prev is not None and _earlier_wins(centre, prev.pts, frame.pts):

@@ -23,6 +23,10 @@ to its socket, and closes the socket when the subscription closes (see
 - Removal: `end_stream()` publishes a stream's last state and ignores what
   its source still says while it stops, until `forget_stream()`, so clients
   see one `stopped` per removal.
+- Bus (several replicas, publish/bus.py): after `attach_bus()`, what this
+  daemon publishes goes to the bus only (`outlet`), and reaches subscribers
+  when the bus reader hands it back through `deliver()`, with its per-stream
+  `bus_seq`, like every other replica's messages: one path, no duplicates.
 """
 
 from __future__ import annotations
@@ -33,16 +37,24 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from streamer.publish.protocol import caption_message, encode, state_message
 from streamer.types import Caption, StateChange
 
-__all__ = ["CaptionHub", "HubMessage", "Subscription", "SubscriptionClosed"]
+__all__ = ["BusLink", "CaptionHub", "HubMessage", "Subscription", "SubscriptionClosed"]
 
 REASON_CLOSED = "closed"
 REASON_SLOW = "slow consumer"
 REASON_SHUTDOWN = "server shutdown"
+
+
+class BusLink(Protocol):
+    """What the hub needs of a bus (publish/bus.py's CaptionBus)."""
+
+    def offer(self, m: HubMessage) -> None: ...  # take a message to append; never blocks
+
+    async def flush(self, timeout: float) -> None: ...  # wait until what was offered came back
 
 
 class SubscriptionClosed(Exception):
@@ -57,13 +69,15 @@ class HubMessage:
     """One published message: the typed payload every sink consumes, and its wire form
     (`data`, `encoded`), each built once on first use and shared by every subscriber."""
 
-    __slots__ = ("payload", "stable", "seq", "_data", "_encoded")
+    __slots__ = ("payload", "stable", "seq", "bus_seq", "_data", "_encoded")
 
-    def __init__(self, payload: Caption | StateChange, seq: int, stable: bool = False) -> None:
+    def __init__(self, payload: Caption | StateChange, seq: int, stable: bool = False, *,
+                 bus_seq: int | None = None, data: dict[str, Any] | None = None) -> None:
         self.payload = payload
         self.stable = stable
         self.seq = seq  # publish order, breaks ties in replay
-        self._data: dict[str, Any] | None = None
+        self.bus_seq = bus_seq  # the stream's sequence number on the bus (the wire's `seq`); None without a bus
+        self._data = data  # the wire form when it came from the bus (built from payload otherwise)
         self._encoded: str | None = None
 
     @property
@@ -86,6 +100,8 @@ class HubMessage:
         if self._data is None:
             p = self.payload
             self._data = caption_message(p, self.stable) if isinstance(p, Caption) else state_message(p)
+            if self.bus_seq is not None:
+                self._data["seq"] = self.bus_seq
         return self._data
 
     @property
@@ -184,6 +200,12 @@ class Subscription:
                 self.close(self._finishing)
                 continue
             await self._ready.wait()
+
+    def note_sent(self, m: HubMessage) -> None:
+        """Record a message sent to the client outside the queue (a `since` replay from the bus),
+        so that a stable repeat of its text is skipped as if it had been queued."""
+        if m.text is not None and not self.closed:
+            self._sent_text[m.stream_id] = m.text
 
     def finish(self, reason: str) -> None:
         """Take no more messages; close once what is queued has been read."""
@@ -289,6 +311,7 @@ class CaptionHub:
         self._ended: set[str] = set()  # streams between end_stream() and forget_stream()
         self._seq = itertools.count()
         self._closed = False
+        self._bus: BusLink | None = None
         self.messages_published = 0
         self.subscribers_dropped_slow = 0
 
@@ -300,6 +323,33 @@ class CaptionHub:
     def streams(self) -> list[str]:
         """Streams with history or state kept, sorted."""
         return sorted(self._captions.keys() | self._states.keys())
+
+    @property
+    def bus(self) -> BusLink | None:
+        return self._bus
+
+    def attach_bus(self, bus: BusLink) -> None:
+        """Send what is published here to `bus.offer()` instead of the subscribers; they get it back
+        through `deliver()`. `drain()` awaits `bus.flush()` so that the last messages of a draining
+        daemon come back from the bus before the subscribers are closed."""
+        self._bus = bus
+
+    def deliver(self, m: HubMessage) -> None:
+        """A message read from the bus (this replica's or another's): keep in history, fan out.
+
+        Not checked against `end_stream()`: the owner's last `stopped` comes back this way."""
+        if self._closed:
+            return
+        m.seq = next(self._seq)
+        sid = m.stream_id
+        if m.text is None:
+            self._states[sid] = m
+        elif self.history:
+            hist = self._captions.get(sid)
+            if hist is None:
+                hist = self._captions[sid] = deque(maxlen=self.history)
+            hist.append(m)
+        self._fan_out(m)
 
     def subscribe(
         self, streams: Iterable[str] | None = None, *, only_changes: bool = True, replay: bool = True
@@ -326,6 +376,9 @@ class CaptionHub:
         stable = self._last_text.get(sid) == caption.text
         self._last_text[sid] = caption.text
         m = HubMessage(caption, next(self._seq), stable)
+        if self._bus is not None:
+            self._bus.offer(m)
+            return
         if self.history:
             hist = self._captions.get(sid)
             if hist is None:
@@ -342,6 +395,9 @@ class CaptionHub:
             return
         now = time.time() if at is None else at
         m = HubMessage(StateChange(stream_id, state, detail, now), next(self._seq))
+        if self._bus is not None:
+            self._bus.offer(m)
+            return
         self._states[stream_id] = m
         self._fan_out(m)
 
@@ -371,7 +427,12 @@ class CaptionHub:
     async def drain(self, timeout: float) -> None:
         """Shut down gently: take no more messages, let every subscriber read what
         is already queued (the last captions of a draining daemon), for at most
-        `timeout` seconds; then close whoever is left."""
+        `timeout` seconds; then close whoever is left. With a bus, first wait (within
+        the same timeout) for this daemon's last messages to come back from it."""
+        if self._bus is not None and not self._closed:
+            started = asyncio.get_running_loop().time()
+            await self._bus.flush(timeout)
+            timeout = max(0.0, timeout - (asyncio.get_running_loop().time() - started))
         self._closed = True
         for sub in list(self._subs):
             sub.finish(REASON_SHUTDOWN)

@@ -33,6 +33,8 @@ __all__ = [
     "state_message",
     "encode",
     "encode_caption",
+    "encode_gap",
+    "parse_since",
     "encode_state",
     "encode_hello",
     "encode_error",
@@ -75,6 +77,17 @@ directions, so new optional fields do not bump the version. Times ending in
 - `all`: `1` or `true` also sends captions that repeat the text before them
   (`"stable": true`); by default they are skipped (see `caption`).
 - `token`: a viewer token, for clients that cannot send `Authorization`.
+- `since` (only on a daemon with a bus, see `seq` below): a JSON object of
+  stream id -> the last `seq` the client has, URL-encoded
+  (`/ws?streams=cam1&since=%7B%22cam1%22%3A41%7D` for `{"cam1": 41}`). For
+  each of those streams the connection starts with every message after that
+  `seq`, oldest first, instead of the recent history, then goes on live
+  with no message twice and none left out. If the bus no longer holds some
+  of them (older than its retention), a `gap` message says which came first.
+  Streams the connection does not follow are ignored. At most 1000 entries;
+  a malformed `since`, or one sent to a daemon without a bus, is refused
+  with HTTP 400 before the upgrade; while the bus is unreachable the upgrade
+  is refused with 503 (retry later with the same `since`).
 
 ## Server to client
 
@@ -112,6 +125,13 @@ One caption for one window of one stream.
   text, so most clients never see `"stable": true` live; a replayed history
   may start with one.
 
+- `seq` (integer, only when the daemon runs with a bus, `[bus]` in its
+  config): the message's sequence number in its stream, 1, 2, 3, ... over
+  every caption and state of that stream, the same on every replica. Keep
+  the last one per stream to resume with `since`. Skipped repeats (`stable`)
+  and, after the bus lost its data, a `gap` leave holes; with `all=1` the
+  numbers a client sees are consecutive unless a `gap` says otherwise.
+
 Captions of one stream arrive in `index` order. On subscribing, the client
 first gets the recent history of the streams it asked for (up to `history`
 captions per stream and each stream's latest `state`, merged by time), then
@@ -141,6 +161,15 @@ stopped, failed or stalled WHIP stream sends `stopped` with `detail`
 
 - `stream_id` (string), `state` (string), `detail` (string or null),
   `time` (number, when the state changed).
+- `seq` (integer, only with a bus): as in `caption`, in the same sequence.
+
+### `gap`
+Only with a bus, for a `since` older than what the bus keeps: the messages
+numbered `from_seq` to `to_seq` of the stream are gone (trimmed past the
+bus's `retention`, or lost by the bus). The messages after it follow:
+`{"v": 1, "type": "gap", "stream_id": "cam1", "from_seq": 42, "to_seq": 180}`.
+
+- `stream_id` (string), `from_seq`, `to_seq` (integers, inclusive).
 
 ### `error`
 A client message was rejected and ignored; the connection stays open.
@@ -364,6 +393,36 @@ def encode_hello(streams: Iterable[str], history: int, server: str = SERVER_NAME
 
 def encode_error(code: str, message: str) -> str:
     return _dumps({"v": PROTOCOL_VERSION, "type": "error", "code": code, "message": message})
+
+
+def encode_gap(stream_id: str, from_seq: int, to_seq: int) -> str:
+    return _dumps({"v": PROTOCOL_VERSION, "type": "gap", "stream_id": stream_id, "from_seq": from_seq, "to_seq": to_seq})
+
+
+MAX_SINCE_STREAMS = 1000
+_MAX_SEQ = 2**62  # far beyond any real sequence; keeps `seq + 1` an exact Redis stream id
+
+
+def parse_since(text: str) -> dict[str, int]:
+    """The `since` query parameter: a JSON object of stream id -> last seq (>= 0); ProtocolError if not."""
+    from streamer.config import STREAM_ID  # light module; imported here to keep this one dependency-free
+
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ProtocolError("bad_request", "'since' must be a JSON object of stream id -> last seq") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("bad_request", "'since' must be a JSON object of stream id -> last seq")
+    if len(data) > MAX_SINCE_STREAMS:
+        raise ProtocolError("bad_request", f"'since' names more than {MAX_SINCE_STREAMS} streams")
+    out: dict[str, int] = {}
+    for sid, seq in data.items():
+        if not STREAM_ID.match(sid):
+            raise ProtocolError("bad_request", "'since' keys must be stream ids")
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < _MAX_SEQ:
+            raise ProtocolError("bad_request", f"'since' values must be integers >= 0 (stream {sid!r})")
+        out[sid] = seq
+    return out
 
 
 def encode_pong() -> str:

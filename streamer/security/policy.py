@@ -7,9 +7,9 @@ network policy allows, or a regular file under a configured media directory.
 No `lavfi:` graphs (they read and write files), no devices, no listen modes.
 Each allowed URL is opened with an FFmpeg `protocol_whitelist` for its scheme,
 so a playlist or SDP cannot pull in `file:`, `concat:` or another protocol.
-http(s) goes through the egress proxy and rtsp through the RTSP relay, which
+http(s) goes through the egress proxy and rtsp(s) through the RTSP relay, which
 check every connection FFmpeg makes (redirects included) and connect to the
-checked address themselves.
+checked address themselves (the relay speaks TLS to rtsps:// cameras itself).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from streamer.security.network import NetworkPolicy
 from streamer.security.redact import redact_url
 
 if TYPE_CHECKING:
+    import ssl
+
     from streamer.security.rtsp_relay import RelaySession, RtspRelay
 
 __all__ = ["SourceRefused", "SourcePolicy", "CheckedSource", "PROTOCOLS"]
@@ -57,7 +59,7 @@ class CheckedSource:
     # Run in the decode thread before every (re)connect: resolves the host again and checks
     # every address, so a name that later resolves to loopback is refused then.
     check_destination: Callable[[], None] | None = None
-    # rtsp:// only: run in the decode thread for every (re)connect instead of the check above;
+    # rtsp:// and rtsps:// only: run in the decode thread for every (re)connect instead of the check above;
     # checks and connects to the destination itself and returns what FFmpeg opens (a loopback relay).
     relay: Callable[[], RelaySession] | None = None
 
@@ -72,6 +74,26 @@ class SourcePolicy:
     _proxy: list[str] = field(default_factory=list, compare=False, repr=False)
     # The RTSP relay once serve() started it; rtsp:// needs it (FFmpeg follows RTSP redirects itself).
     _relay: list[RtspRelay] = field(default_factory=list, compare=False, repr=False)
+    # rtsps:// (the relay is the TLS client): verify the camera's certificate and name? False is
+    # FFmpeg's own default (tls_verify 0). tls_ca_file: the CAs to trust instead of the system's.
+    tls_verify: bool = False
+    tls_ca_file: str | None = None
+    _tls: list[ssl.SSLContext] = field(default_factory=list, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.tls_ca_file is not None and not self.tls_verify:
+            raise ValueError("tls_ca_file is only used with tls_verify = true")
+        if self.tls_ca_file is not None:
+            from streamer.security.rtsp_relay import tls_context
+
+            self._tls[:] = [tls_context(True, self.tls_ca_file)]  # a bad file fails at startup, not per stream
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if not self._tls:  # built once, when the first rtsps:// source needs it
+            from streamer.security.rtsp_relay import tls_context
+
+            self._tls[:] = [tls_context(self.tls_verify, self.tls_ca_file)]
+        return self._tls[0]
 
     def attach_proxy(self, url: str) -> None:
         self._proxy[:] = [url]
@@ -142,15 +164,17 @@ class SourcePolicy:
                 except RuntimeError as exc:  # no_proxy in the environment would let FFmpeg go around the proxy
                     raise SourceRefused(f"http(s) sources are not available: {exc}") from None
                 check = None  # the proxy checks every connection FFmpeg makes, redirects included
-            elif scheme == "rtsp":
-                return self._relayed(url, host, port or default_port)
+            elif scheme in ("rtsp", "rtsps"):
+                return self._relayed(url, host, port or default_port, scheme)
         return CheckedSource(url, options, check)
 
-    def _relayed(self, url: str, host: str, port: int) -> CheckedSource:
-        """rtsp:// through the relay: the daemon connects, checks what the server answers, refuses redirects."""
+    def _relayed(self, url: str, host: str, port: int, scheme: str) -> CheckedSource:
+        """rtsp(s):// through the relay: the daemon connects (with TLS for rtsps), checks what the server
+        answers, refuses redirects; FFmpeg speaks plain RTSP to the relay."""
         relay = self._relay[0] if self._relay else None
         if relay is None:
-            raise SourceRefused("rtsp sources are not available: the RTSP relay is not running")
+            raise SourceRefused(f"{scheme} sources are not available: the RTSP relay is not running")
+        tls = self._tls_context() if scheme == "rtsps" else None
         from streamer.security.rtsp_relay import ffmpeg_options, transport_words
 
         words = transport_words(url)
@@ -159,7 +183,7 @@ class SourcePolicy:
                                 "(sources added over HTTP use RTSP over TCP)")
 
         def connect() -> RelaySession:
-            return relay.connect(url, host, port)
+            return relay.connect(url, host, port, tls)
 
         return CheckedSource(url, ffmpeg_options(), relay=connect)
 

@@ -1,4 +1,4 @@
-"""An in-process relay that every `rtsp://` source added over HTTP goes through.
+"""An in-process relay that every `rtsp://` and `rtsps://` source added over HTTP goes through.
 
 FFmpeg follows an RTSP server's `3xx` answer by itself, inside the open call,
 and no option turns that off (checked with FFmpeg 8.1: a `302` to 127.0.0.1
@@ -24,8 +24,15 @@ UDP it would send packets to addresses the server names.
 A local process that connects to the one-shot port before FFmpeg does (it
 would have to guess the port within milliseconds) gets a connection to the
 checked camera, which it could reach itself, and FFmpeg's open fails and is
-retried. `rtsps://` cannot be inspected (TLS end to end) and is not relayed:
-see docs/SECURITY.md.
+retried.
+
+For `rtsps://` the relay is the TLS client: it connects to the checked IP with
+TLS (SNI: the URL's host name) and FFmpeg speaks plain RTSP to the loopback port
+(`rtsp://`, same whitelist), so the same parser reads every answer. Certificates
+are not verified by default, as FFmpeg's own `tls_verify` (0) does not; with
+`[sources] tls_verify = true` they are (system CAs, or `tls_ca_file`), host name
+included. A handshake that fails is a refusal ('tls'): a certificate that does
+not verify ends the stream, any other TLS failure is retried.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import concurrent.futures
 import logging
 import re
 import secrets
+import ssl
 from collections.abc import Callable
 from typing import Self
 from urllib.parse import urlsplit
@@ -42,8 +50,8 @@ from urllib.parse import urlsplit
 from streamer.security.network import NetworkPolicy
 from streamer.security.redact import redact_url
 
-__all__ = ["RELAY_PROTOCOLS", "RelayRefused", "RelaySession", "RtspRelay", "ServerStream", "ffmpeg_options", "relay_url",
-           "transport_words"]
+__all__ = ["RELAY_PROTOCOLS", "RelayRefused", "RelaySession", "RtspRelay", "ServerStream", "TlsFailed", "TlsRefused",
+           "ffmpeg_options", "relay_url", "tls_context", "transport_words"]
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +81,54 @@ def ffmpeg_options() -> dict[str, str]:
 
 
 def relay_url(url: str, port: int) -> str:
-    """`url` with its host and port replaced by 127.0.0.1:`port`; userinfo, path, query kept as written."""
+    """`url` as `rtsp://` to 127.0.0.1:`port` (the relay does any TLS); userinfo, path, query kept as written."""
     parts = urlsplit(url)
     start = url.index("://") + 3
     if url[start : start + len(parts.netloc)] != parts.netloc:
         raise ValueError("the URL's authority cannot be located")
     userinfo, at, _ = parts.netloc.rpartition("@")
-    return url[:start] + (userinfo + at) + f"127.0.0.1:{port}" + url[start + len(parts.netloc) :]
+    return "rtsp://" + (userinfo + at) + f"127.0.0.1:{port}" + url[start + len(parts.netloc) :]
+
+
+def tls_context(verify: bool = False, ca_file: str | None = None) -> ssl.SSLContext:
+    """The relay's TLS client side for rtsps://. Not verifying is FFmpeg's default (`tls_verify` 0);
+    `verify` checks the chain (the system's CAs, or only those in `ca_file`) and the URL's host name.
+    Raises ValueError when `ca_file` cannot be loaded."""
+    if not verify:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    if ca_file is None:
+        return ssl.create_default_context()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies, host name included
+    try:
+        context.load_verify_locations(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"tls_ca_file {ca_file!r} cannot be loaded: {_ssl_reason(exc)}") from None
+    return context
+
+
+def _ssl_reason(exc: OSError) -> str:
+    """One readable line for a TLS error ('certificate verify failed: self-signed certificate')."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"certificate verify failed: {exc.verify_message}"
+    text = exc.strerror if isinstance(exc.strerror, str) else str(exc)
+    return re.sub(r"^\[[A-Z0-9]+: [A-Z0-9_]+\] | \(_ssl\.c:\d+\)$", "", text) or type(exc).__name__
 
 
 def transport_words(url: str) -> list[str]:
     """The query words of `url` that FFmpeg would read as RTSP transport options."""
     _, sep, query = url.rpartition("?")  # FFmpeg reads options after the last '?', split at '&'
     return [word for word in query.split("&") if word in TRANSPORT_WORDS] if sep else []
+
+
+class TlsRefused(ValueError):
+    """The camera's certificate did not verify (tls_verify = true): retrying cannot help, so a ValueError."""
+
+
+class TlsFailed(ConnectionError):
+    """Another TLS handshake failure (alert, version, reset): retried like an unreachable camera."""
 
 
 class RelayRefused(Exception):
@@ -330,8 +373,8 @@ class RtspRelay:
     """Opens relayed RTSP connections (`connect`, from decode threads) and closes them all at shutdown.
 
     Counters: `connections` (upstream connections made after a destination check) and
-    `refused` (connections cut for what the server sent); `on_refused(kind, reason)` is
-    called once for each cut, kind 'redirect' or 'protocol'.
+    `refused` (connections cut for what the server sent, and rtsps:// handshakes that failed);
+    `on_refused(kind, reason)` is called once for each, kind 'redirect', 'protocol' or 'tls'.
     """
 
     def __init__(
@@ -390,14 +433,16 @@ class RtspRelay:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def connect(self, url: str, host: str, port: int) -> RelaySession:
+    def connect(self, url: str, host: str, port: int, tls: ssl.SSLContext | None = None) -> RelaySession:
         """From a decode thread: check `host`, connect to it, and return the session whose `url` FFmpeg opens.
 
-        Raises DestinationRefused (a ValueError) when the policy refuses the destination,
-        ConnectionError when it cannot be reached or the relay is not running.
+        `tls`: connect with TLS (rtsps://), SNI and host name check against `host`.
+        Raises DestinationRefused or TlsRefused (ValueErrors) when the policy refuses the destination
+        or its certificate does not verify, ConnectionError (TlsFailed included) when it cannot be
+        reached or the relay is not running.
         """
         try:
-            future = asyncio.run_coroutine_threadsafe(self.open(url, host, port), self.loop)
+            future = asyncio.run_coroutine_threadsafe(self.open(url, host, port, tls), self.loop)
         except RuntimeError:
             raise ConnectionError("the RTSP relay is not running") from None
         try:
@@ -409,14 +454,14 @@ class RtspRelay:
         except concurrent.futures.CancelledError:
             raise ConnectionError("the RTSP relay is shutting down") from None
 
-    async def open(self, url: str, host: str, port: int) -> RelaySession:
+    async def open(self, url: str, host: str, port: int, tls: ssl.SSLContext | None = None) -> RelaySession:
         """`connect` on the loop."""
         if self._closed:
             raise ConnectionError("the RTSP relay is shutting down")
         if len(self._sessions) >= self.max_sessions:
             raise ConnectionError(f"too many relayed RTSP connections ({self.max_sessions})")
         addresses = await self.policy.aresolve(host, port, timeout=self.connect_timeout)
-        upstream = await self._connect(host, port, addresses)
+        upstream = await self._connect(host, port, addresses, tls)
         self.connections += 1
         session = RelaySession(self, url, upstream)
         try:
@@ -427,16 +472,30 @@ class RtspRelay:
         self._sessions.add(session)
         return session
 
-    async def _connect(self, host: str, port: int, addresses: list[str]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _connect(
+        self, host: str, port: int, addresses: list[str], tls: ssl.SSLContext | None
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         errors: list[str] = []
+        tls_errors: list[str] = []
+        unverified = False
         for address in addresses:  # every one was checked; connect to the IP, never to the name again
             try:
-                async with asyncio.timeout(self.connect_timeout):
-                    return await asyncio.open_connection(address, port, limit=_CHUNK)
+                async with asyncio.timeout(self.connect_timeout):  # TCP and TLS handshake together
+                    if tls is None:
+                        return await asyncio.open_connection(address, port, limit=_CHUNK)
+                    # SNI and the certificate's name check use the URL's host, never the address.
+                    return await asyncio.open_connection(address, port, limit=_CHUNK, ssl=tls, server_hostname=host)
             except TimeoutError:
-                errors.append(f"{address}: no answer within {self.connect_timeout:g} s")
+                errors.append(f"{address}: no {'TLS ' if tls else ''}answer within {self.connect_timeout:g} s")
+            except ssl.SSLError as exc:
+                unverified = unverified or isinstance(exc, ssl.SSLCertVerificationError)
+                tls_errors.append(_ssl_reason(exc) if address == host else f"{address}: {_ssl_reason(exc)}")
             except OSError as exc:
                 errors.append(f"{address}: {exc.strerror or exc}")
+        if tls_errors:
+            message = f"TLS to camera failed: {host}:{port}: {'; '.join(tls_errors + errors)}"
+            self._refuse("tls", message)
+            raise (TlsRefused if unverified else TlsFailed)(message)
         raise ConnectionError(f"cannot connect to {host}:{port} ({'; '.join(errors)})")
 
     def _refuse(self, kind: str, reason: str) -> None:

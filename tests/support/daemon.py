@@ -36,9 +36,10 @@ class Running:
 @contextlib.asynccontextmanager
 async def running_daemon(
     model, *, daemon_config: DaemonConfig | None = None, server_config: ServerConfig | None = None,
-    max_new_tokens: int = 4, sinks: tuple = (),
+    max_new_tokens: int = 4, sinks: tuple = (), bus=None,
 ):
-    """`serve()` in this loop, as `streamer serve` runs it; `sinks`: raw ("outputs"/"webhooks", table) pairs."""
+    """`serve()` in this loop, as `streamer serve` runs it; `sinks`: raw ("outputs"/"webhooks", table) pairs;
+    `bus`: a BusConfig (replicas sharing captions through Redis)."""
     server = server_config or ServerConfig(port=0)
     if server.sources is None:
         server = dataclasses.replace(server, sources=trusting_policy())
@@ -47,6 +48,7 @@ async def running_daemon(
         server=server,
         daemon=daemon_config or DaemonConfig(),
         sinks=sinks,
+        bus=bus,
     )
     ready: asyncio.Future = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()

@@ -5,7 +5,7 @@ bindings (the venv does not). Tests call `require_rtsp_server()` first: it
 skips with the reason when the packages in deploy/apt-packages.txt are missing.
 
     with RtspServer(pattern=True) as server:
-        url = server.url          # rtsp://127.0.0.1:PORT/stream
+        url = server.url          # rtsp://127.0.0.1:PORT/stream (rtsps:// with tls_cert=PEM)
         server.kill()             # crash it
         server.restart_same_port()
 """
@@ -60,6 +60,7 @@ class RtspServer:
         user: str | None = None,
         password: str | None = None,
         digest: bool = False,
+        tls_cert: str | Path | None = None,
         fps: int = 30,
         width: int = 320,
         height: int = 240,
@@ -70,6 +71,7 @@ class RtspServer:
         self.user = user
         self.password = password
         self.digest = digest
+        self.tls_cert = Path(tls_cert) if tls_cert is not None else None  # PEM, certificate and key: rtsps://
         self.fps, self.width, self.height = fps, width, height
         self.ready_timeout = ready_timeout
         self.port: int | None = None
@@ -86,7 +88,7 @@ class RtspServer:
         auth = ""
         if user is not None:
             auth = quote(user, safe="") + (":" + quote(password, safe="") if password is not None else "") + "@"
-        return f"rtsp://{auth}127.0.0.1:{self.port}{self.path}"
+        return f"{'rtsps' if self.tls_cert else 'rtsp'}://{auth}127.0.0.1:{self.port}{self.path}"
 
     @property
     def pid(self) -> int | None:
@@ -102,6 +104,8 @@ class RtspServer:
             args += ["--pattern", "--fps", str(self.fps), "--width", str(self.width), "--height", str(self.height)]
         if self.user is not None:
             args += ["--user", self.user, "--password", self.password or ""] + (["--digest"] if self.digest else [])
+        if self.tls_cert is not None:
+            args += ["--tls-cert", str(self.tls_cert)]
         # Own process group: a kill reaches the server and nothing of ours.
         proc = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True

@@ -6,6 +6,7 @@ serves until SIGTERM/SIGINT.
 
     /usr/bin/python3 tests/support/rtsp_server.py --pattern --port 0 --path /stream
     /usr/bin/python3 tests/support/rtsp_server.py --file clip.mp4 --user u --password p
+    /usr/bin/python3 tests/support/rtsp_server.py --pattern --tls-cert cert-and-key.pem   # rtsps://
 
 --file loops the clip by seeking back at its end, which restarts the RTP
 timestamps within the session (clients see time jump back). Clips much shorter
@@ -20,10 +21,11 @@ import sys
 
 import gi
 
+gi.require_version("Gio", "2.0")
 gi.require_version("Gst", "1.0")
 gi.require_version("GstRtsp", "1.0")
 gi.require_version("GstRtspServer", "1.0")
-from gi.repository import GLib, Gst, GstRtsp, GstRtspServer  # noqa: E402
+from gi.repository import Gio, GLib, Gst, GstRtsp, GstRtspServer  # noqa: E402
 
 # x264 tuned for latency: no B-frames, a keyframe every second so a client that
 # joins (or rejoins) mid-stream decodes within a second.
@@ -78,6 +80,7 @@ def main() -> int:
     parser.add_argument("--user")
     parser.add_argument("--password")
     parser.add_argument("--digest", action="store_true", help="digest authentication instead of basic")
+    parser.add_argument("--tls-cert", help="PEM file with certificate and key: serve RTSP over TLS (rtsps://)")
     args = parser.parse_args()
 
     Gst.init(None)
@@ -91,11 +94,15 @@ def main() -> int:
     if args.file:
         factory.connect("media-configure", _loop_file)
 
-    if args.user is not None:
+    if args.user is not None or args.tls_cert:
         auth = GstRtspServer.RTSPAuth()
         token = GstRtspServer.RTSPToken()
         token.set_string(GstRtspServer.RTSP_TOKEN_MEDIA_FACTORY_ROLE, "user")
-        if args.digest:  # the client hashes the URI of its request line: a relay must not rewrite it
+        if args.tls_cert:  # GstRtspServer speaks TLS on every connection once its auth has a certificate
+            auth.set_tls_certificate(Gio.TlsCertificate.new_from_file(args.tls_cert))
+        if args.user is None:
+            auth.set_default_token(token)  # TLS without credentials: everyone may play
+        elif args.digest:  # the client hashes the URI of its request line: a relay must not rewrite it
             auth.set_supported_methods(GstRtsp.RTSPAuthMethod.DIGEST)
             auth.add_digest(args.user, args.password or "", token)
         else:

@@ -76,8 +76,11 @@ class DaemonMetrics:
         self.bus_errors = Counter("streamer_bus_errors", "Failed bus operations: publish/read/replay (each "
                                   "reconnection attempt), rejected (a message Redis refused), bad_entry "
                                   "(an entry that is not a valid message), gap (messages this replica's "
-                                  "reader missed)", ["op"], registry=r)
-        for op in ("publish", "read", "replay", "rejected", "bad_entry", "gap"):
+                                  "reader missed), fenced (a message refused: this replica no longer "
+                                  "holds the stream's lease), lease_lost (a stream lease lost), "
+                                  "lease_renew (a failed renewal attempt)", ["op"], registry=r)
+        for op in ("publish", "read", "replay", "rejected", "bad_entry", "gap", "fenced", "lease_lost",
+                   "lease_renew"):
             self.bus_errors.labels(op=op)
         self.bus_dropped = Counter("streamer_bus_dropped", "Messages dropped before reaching the bus: its "
                                    "outage buffer was full (oldest first), or it closed with some waiting",
@@ -129,8 +132,8 @@ class _StatsCollector(Collector):
             ("streamer_source_decode_errors", "Packets the decoder rejected (skipped)", "decode_errors"),
             ("streamer_source_frames_dropped_late", "Frames decoded but dropped because the loop fell behind", "dropped"),
             ("streamer_source_reconnects", "Connection attempts after the first", "reconnects"),
-            ("streamer_source_frames_unconverted", "Frames decoded but never converted to RGB (no sampler slot "
-             "or thumbnail needed them)", "unconverted"),
+            ("streamer_source_frames_unconverted",
+             ("Frames decoded but never converted to RGB (no sampler slot or thumbnail needed them)"), "unconverted"),
         ):
             family = CounterMetricFamily(name, help_, labels=["stream"])
             for stream_id, s in sorted(sources.items()):

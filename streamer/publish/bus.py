@@ -17,8 +17,11 @@ Publisher: the hub hands each message it would publish to `offer()` (never
 blocks) -> a bounded outbox (while Redis is unreachable it keeps the newest
 `buffer` messages; the oldest are dropped and counted) -> one task appends
 them with `APPEND_LUA` in pipelined batches: INCR the stream's counter and
-XADD with that seq, atomically inside Redis. Stream ownership will add its
-lease check to that script (see the comment in it).
+XADD with that seq, atomically inside Redis. With ownership, `fence()` gives a
+stream's lease (publish/lease.py): the script then checks inside Redis that
+the lease is still held with our value before appending, and answers FENCED
+otherwise; such a message is dropped, counted (`op="fenced"`) and logged once
+per stream.
 
 Reader: one task per daemon XREADs (blocking, bounded COUNT) the index and
 every stream's key from the last seq it delivered, and hands each entry to
@@ -46,7 +49,7 @@ import random
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -61,7 +64,7 @@ from streamer.publish.hub import CaptionHub, HubMessage
 from streamer.publish.protocol import encode
 from streamer.types import Caption, StateChange
 
-__all__ = ["APPEND_LUA", "BusConfig", "CaptionBus", "Gap", "redacted"]
+__all__ = ["APPEND_LUA", "FENCED", "BusConfig", "CaptionBus", "Fence", "Gap", "redacted"]
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +73,12 @@ log = logging.getLogger(__name__)
 # ARGV: 1 stream id, 2 message JSON, 3 retention, 4 floor: the publisher's last seq + 1 (a Redis
 # that lost its data restarts the counter at 1; the floor keeps seqs growing, so readers and
 # `since` never see a number twice).
-# Ownership will add KEYS[5] (the lease) and ARGV[5] (our fencing token), checked first:
-#   if redis.call('GET', KEYS[5]) ~= ARGV[5] then return redis.error_reply('FENCED lease lost') end
+# Fencing (stream ownership, publish/lease.py), optional: KEYS[5] the stream's lease, ARGV[5] the
+# value the publisher holds it with ("<replica>:<token>"). Checked first: when the lease is not held
+# with exactly that value (expired, or another replica's), nothing is appended or counted and the
+# script returns FENCED, so a paused or partitioned ex-owner publishes nothing.
 APPEND_LUA = """
+if KEYS[5] and redis.call('GET', KEYS[5]) ~= ARGV[5] then return 'FENCED' end
 local seq = redis.call('INCR', KEYS[2])
 local floor = tonumber(ARGV[4])
 if seq < floor then
@@ -102,6 +108,17 @@ _UNREACHABLE = (*_LINK_DOWN, RedisError)
 _BACKOFF_FIRST = 0.1
 _MAX_ENTRY_BYTES = 64 * 1024  # a protocol message is far smaller; a bigger entry is not ours
 _MAX_TEXT = 4096
+FENCED = b"FENCED"  # the append script's answer when the publisher's lease is not held (bytes: RESP2 bulk)
+
+
+class Fence(Protocol):
+    """What the append script checks: the lease key and the value we hold it with (a StreamLease)."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def value(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -170,6 +187,7 @@ class CaptionBus:
         self._outbox_ready = asyncio.Event()
         self._overflowing = False  # the outbox is dropping (logged once per episode)
         self._published: dict[str, int] = {}  # stream -> last seq this replica appended
+        self._fences: dict[str, tuple[str, str]] = {}  # stream -> (lease key, our value): appends are checked
         self._read_pos: dict[str, int] = {}  # stream -> last seq the reader delivered
         self._index_pos: bytes | str | None = None
         self._progress = asyncio.Event()  # something was appended or delivered (for flush)
@@ -221,6 +239,16 @@ class CaptionBus:
         self._outbox.append(m)
         self._outbox_ready.set()
         self._set_buffered()
+
+    def fence(self, stream_id: str, lease: Fence | None) -> None:
+        """Append `stream_id`'s messages only while Redis holds `lease` with its value (checked
+        inside the append script); None: unfenced, as without ownership. Keep a lost lease here
+        until the stream is dropped: its stale value is what refuses the ex-owner's messages."""
+        if lease is None:
+            self._fences.pop(stream_id, None)
+        else:
+            self._fences[stream_id] = (lease.key, lease.value)
+            self._warned.discard(f"fenced:{stream_id}")  # a new lease: a later refusal is news again
 
     async def flush(self, timeout: float) -> None:
         """Wait (at most `timeout` s) until everything offered was appended and read back."""
@@ -303,8 +331,14 @@ class CaptionBus:
                 self._overflowing = False
             self._set_buffered()
             for m, result in zip(batch, results):
-                if isinstance(result, Exception):
-                    # Redis refused this one (out of memory, later: a lost lease); retrying would not help.
+                if result == FENCED:
+                    # our lease on the stream is gone (expired while paused or cut off, or taken over):
+                    # the new owner publishes the stream; ours must not reach it
+                    self._count("fenced")
+                    self._warn_once(f"fenced:{m.stream_id}", "bus refused a message: this replica no "
+                                    "longer holds the stream's lease (dropped)", stream=m.stream_id)
+                elif isinstance(result, Exception):
+                    # Redis refused this one (out of memory, a key of the wrong type); retrying would not help.
                     self._count("rejected")
                     self._warn_once("rejected", "bus refused a message (dropped)",
                                     stream=m.stream_id, error=str(result)[:200])
@@ -316,11 +350,13 @@ class CaptionBus:
         async with self._op(), self._redis.pipeline(transaction=False) as pipe:
             for m in batch:
                 sid = m.stream_id
-                await self._append(
-                    keys=[self._key(sid), self._seq_key(sid), self._set_key, self._index_key],
-                    args=[sid, encode(m.data), self.config.retention, self._published.get(sid, 0) + 1],
-                    client=pipe,
-                )
+                keys = [self._key(sid), self._seq_key(sid), self._set_key, self._index_key]
+                args: list[str | int] = [sid, encode(m.data), self.config.retention, self._published.get(sid, 0) + 1]
+                fence = self._fences.get(sid)
+                if fence is not None:
+                    keys.append(fence[0])
+                    args.append(fence[1])
+                await self._append(keys=keys, args=args, client=pipe)
             results = await pipe.execute(raise_on_error=False)
         for r in results:
             if isinstance(r, _LINK_DOWN):  # the link broke: send the batch again (a refusal is per message)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -8,8 +9,8 @@ import pytest
 # Hubs are unreachable on CI: fail fast instead of retrying for half a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.support.media import moving_square, write_video  # noqa: E402
-from tests.support.models import save_git_checkpoint, tiny_config  # noqa: E402
+from tests.support.media import moving_square, write_video
+from tests.support.models import save_git_checkpoint, tiny_config
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +41,18 @@ def loopback_ice(monkeypatch: pytest.MonkeyPatch) -> None:
     import aioice.ice
 
     monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+
+
+@pytest.fixture
+def redis_server():
+    """A real redis-server on a free loopback port (tests/support/redis.py), killed after the test."""
+    from tests.support.redis import RedisServer
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server, see deploy/apt-packages.txt)")
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

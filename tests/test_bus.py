@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import socket
-import subprocess
 import time
 import urllib.parse
 
@@ -18,51 +16,9 @@ import websockets
 from streamer.publish.bus import BusConfig
 from tests.support.daemon import add_stream, captions_of, read_messages, running_daemon
 from tests.support.media import moving_square, write_video
+from tests.support.redis import RedisServer
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class RedisServer:
-    """`redis-server` on 127.0.0.1, no persistence (a restart loses everything, the worst case)."""
-
-    def __init__(self) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             # small stream nodes, so that MAXLEN ~ trims at a few entries (the gap test)
-             "--stream-node-max-entries", "4", "--loglevel", "notice"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 10
-        for line in self.proc.stdout:  # its own word that it listens
-            if "Ready to accept connections" in line:
-                return
-            if time.monotonic() > deadline:
-                break
-        raise RuntimeError(f"redis-server did not start (exit {self.proc.poll()})")
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(5)
-            self.proc = None
-
-
-@pytest.fixture
-def redis_server():
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (Debian package redis-server, see deploy/apt-packages.txt)")
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 
 import pytest
 import redis.asyncio as aioredis
@@ -18,24 +17,12 @@ from streamer.ops.supervisor import Supervisor
 from streamer.publish.bus import APPEND_LUA, FENCED, BusConfig, CaptionBus
 from streamer.publish.hub import CaptionHub
 from streamer.publish.lease import LeaseManager, StreamLease
-from tests.test_bus import RedisServer
+from tests.support.redis import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
 
 TTL = 0.5
 BOUND = 0.25  # how late after expiry a waiting replica may take over (its retry interval is ttl/10)
-
-
-@pytest.fixture
-def redis_server():
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (Debian package redis-server, see deploy/apt-packages.txt)")
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 @pytest.fixture

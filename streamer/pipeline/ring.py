@@ -25,7 +25,7 @@ class FrameRing:
         self.capacity = capacity
         self.pushed = 0
         self.dropped = 0
-        self.latest: Frame | None = None  # newest frame seen, for thumbnails
+        self.latest: Frame | None = None  # newest frame with an image, for thumbnails (ticks have none)
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -35,7 +35,8 @@ class FrameRing:
             self.dropped += 1
         self._frames.append(frame)
         self.pushed += 1
-        self.latest = frame
+        if not frame.is_tick:
+            self.latest = frame
         self._ready.set()
 
     async def take(self) -> list[Frame]:

@@ -12,7 +12,7 @@ from streamer.ingest import SourceState
 from streamer.ingest.base import Source
 from streamer.ops.metrics import DaemonMetrics
 from streamer.pipeline.ring import FrameRing
-from streamer.pipeline.sampler import SamplerConfig, WindowSampler, is_tick
+from streamer.pipeline.sampler import SamplerConfig, WindowSampler
 from streamer.security.redact import redact_url
 from streamer.types import Caption, Frame, Window
 
@@ -57,15 +57,12 @@ class StreamRuntime:
         self._task = self._spawn(f"pump:{self.config.id}", self._pump)
 
     def on_frame(self, frame: Frame) -> None:
-        shown = self.ring.latest
-        if not is_tick(frame):
+        if not frame.is_tick:
             self._metrics.frames.labels(stream=self.config.id).inc()
         dropped_before = self.ring.dropped
         self.ring.push(frame)  # a tick too: it moves the sampler on, in order with the frames
         if self.ring.dropped != dropped_before:
             self._metrics.ring_dropped.labels(stream=self.config.id).inc()
-        if is_tick(frame):
-            self.ring.latest = shown  # it has no image: thumbnails keep the newest real frame
 
     def on_state(self, stream_id: str, state: SourceState, detail: str | None) -> None:
         self.state, self.detail = state.value, detail

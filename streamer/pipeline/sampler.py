@@ -28,24 +28,15 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
-import numpy as np
-
-from streamer.types import Frame, Window
+from streamer.types import Frame, Window, tick
 
 __all__ = ["SamplerConfig", "WindowSampler", "SlotGate", "GateDecision", "Act", "tick", "is_tick"]
 
 _EPS = 1e-9
-_NO_IMAGE = np.empty((0, 0, 3), np.uint8)
-_NO_IMAGE.flags.writeable = False
-
-
-def tick(stream_id: str, seq: int, pts: float, arrival: float = 0.0) -> Frame:
-    """A frame's timestamp without its image: lets a sampler close the slots it reaches."""
-    return Frame(stream_id, seq, pts, _NO_IMAGE, arrival)
 
 
 def is_tick(frame: Frame) -> bool:
-    return frame.image.size == 0
+    return frame.is_tick
 
 
 # The grid and the nearest-frame rule, shared by WindowSampler and SlotGate so that

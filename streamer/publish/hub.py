@@ -341,15 +341,7 @@ class CaptionHub:
         if self._closed:
             return
         m.seq = next(self._seq)
-        sid = m.stream_id
-        if m.text is None:
-            self._states[sid] = m
-        elif self.history:
-            hist = self._captions.get(sid)
-            if hist is None:
-                hist = self._captions[sid] = deque(maxlen=self.history)
-            hist.append(m)
-        self._fan_out(m)
+        self._keep_and_fan_out(m)
 
     def subscribe(
         self, streams: Iterable[str] | None = None, *, only_changes: bool = True, replay: bool = True
@@ -375,16 +367,7 @@ class CaptionHub:
         sid = caption.stream_id
         stable = self._last_text.get(sid) == caption.text
         self._last_text[sid] = caption.text
-        m = HubMessage(caption, next(self._seq), stable)
-        if self._bus is not None:
-            self._bus.offer(m)
-            return
-        if self.history:
-            hist = self._captions.get(sid)
-            if hist is None:
-                hist = self._captions[sid] = deque(maxlen=self.history)
-            hist.append(m)
-        self._fan_out(m)
+        self._emit(HubMessage(caption, next(self._seq), stable))
 
     def publish_state(self, stream_id: str, state: str, detail: str | None = None, *, at: float | None = None) -> None:
         """Encode once, remember as the stream's latest state, offer to matching subscribers.
@@ -394,11 +377,26 @@ class CaptionHub:
         if self._closed or stream_id in self._ended:
             return
         now = time.time() if at is None else at
-        m = HubMessage(StateChange(stream_id, state, detail, now), next(self._seq))
+        self._emit(HubMessage(StateChange(stream_id, state, detail, now), next(self._seq)))
+
+    def _emit(self, m: HubMessage) -> None:
+        """One way out for what this daemon publishes: through the bus when there is one (it comes
+        back by `deliver()`, like other replicas' messages), else straight to history and subscribers."""
         if self._bus is not None:
             self._bus.offer(m)
-            return
-        self._states[stream_id] = m
+        else:
+            self._keep_and_fan_out(m)
+
+    def _keep_and_fan_out(self, m: HubMessage) -> None:
+        """Keep as the stream's latest state or in its caption history; offer to subscribers."""
+        sid = m.stream_id
+        if m.text is None:
+            self._states[sid] = m
+        elif self.history:
+            hist = self._captions.get(sid)
+            if hist is None:
+                hist = self._captions[sid] = deque(maxlen=self.history)
+            hist.append(m)
         self._fan_out(m)
 
     def end_stream(self, stream_id: str, state: str, detail: str | None = None, *, at: float | None = None) -> None:

@@ -60,6 +60,8 @@ from pathlib import Path
 
 from common import (  # benchmarks/common.py (scripts run from benchmarks/)
     ensure_checkpoint,
+    loadavg,
+    log,
     machine_info,
 )
 
@@ -68,17 +70,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hubs are unreachable here: fail 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE_DIR = HERE / ".cache"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 # -- the client (runs in its own process) -------------------------------------------
@@ -226,7 +217,7 @@ async def run_point(n: int, args, model_path: str, clip: Path, workdir: Path) ->
     ready: asyncio.Future = loop.create_future()
     stop = asyncio.Event()
     t_start = time.perf_counter()
-    load_before = _loadavg()
+    load_before = loadavg()
     task = asyncio.create_task(serve(config, on_ready=lambda port, d: ready.set_result((port, d)), stop=stop))
     done, _ = await asyncio.wait([ready, task], timeout=120, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
@@ -276,7 +267,7 @@ async def run_point(n: int, args, model_path: str, clip: Path, workdir: Path) ->
             # engine stats are read on the engine thread between batches (consistent, but may wait
             # for a batch): outside the [w0, w1] interval that the metrics and captions use
             stats0 = await daemon.scheduler.run_exclusive(_engine_stats, daemon)
-            load_start = _loadavg()
+            load_start = loadavg()
             log(f"N={n}: measuring {args.seconds:g} s (load average {load_start})")
             sys0, cpu0, w0 = _system_cpu(), os.times(), time.time()
             m0 = parse_metrics(await metrics_text())
@@ -288,7 +279,7 @@ async def run_point(n: int, args, model_path: str, clip: Path, workdir: Path) ->
             stats1 = await daemon.scheduler.run_exclusive(_engine_stats, daemon)
             async with http.get(f"{http_url}/streams") as resp:
                 listed = {s["id"]: s for s in (await resp.json())["streams"]}
-            load_end = _loadavg()
+            load_end = loadavg()
     finally:
         if client.returncode is None:
             client.send_signal(signal.SIGTERM)
@@ -506,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     label, model_path = ensure_checkpoint(args.model)
     clip = ensure_clip(width, height, args.fps, args.clip_seconds)
     log(f"model {label} ({model_path}); clip {clip}; stream counts {counts}; {os.cpu_count()} CPUs, "
-        f"load average {_loadavg()}")
+        f"load average {loadavg()}")
     points = []
     with tempfile.TemporaryDirectory(prefix="bench_live-") as tmp:
         for n in counts:

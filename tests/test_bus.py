@@ -17,6 +17,7 @@ from streamer.publish.bus import BusConfig
 from tests.support.daemon import add_stream, captions_of, read_messages, running_daemon
 from tests.support.media import moving_square, write_video
 from tests.support.redis import RedisServer
+from tests.support.webhooks import Receiver
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -118,7 +119,9 @@ async def test_since_older_than_retention_gets_a_gap(tiny_model, clip, redis_ser
 
 async def test_redis_restart_readyz_and_outage_messages_arrive(tiny_model, clip, redis_server, caplog):
     bus = bus_config(redis_server)
-    async with running_daemon(tiny_model, bus=bus) as a, running_daemon(tiny_model, bus=bus) as b, \
+    receiver = await Receiver().start()
+    sinks = (("webhooks", [{"url": receiver.url("hook"), "retries": 5, "backoff": 0.1}]),)
+    async with running_daemon(tiny_model, bus=bus, sinks=sinks) as a, running_daemon(tiny_model, bus=bus, sinks=sinks) as b, \
             aiohttp.ClientSession() as http:
         await wait_ready(http, a, 200)
         async with websockets.connect(a.ws + "?all=1") as on_a:
@@ -148,6 +151,11 @@ async def test_redis_restart_readyz_and_outage_messages_arrive(tiny_model, clip,
         async with http.get(f"{a.http}/metrics") as resp:
             text = await resp.text()
         assert 'streamer_bus_errors_total{op="read"}' in text and "streamer_bus_connected 1.0" in text
+        # Both replicas configure the webhook; only the stream's owner delivers, once per caption,
+        # across the outage (the bus is at least once: a re-sent batch is not delivered twice).
+        delivered = [h["index"] for h in receiver.got.get("hook", []) if h.get("type") == "caption" and h["stream_id"] == "cam"]
+        assert len(delivered) == len(set(delivered)) and set(indexes) - set(delivered) <= {indexes[-1]}
+    await receiver.stop()
 
 
 def test_gap_and_seq_are_documented_as_sent() -> None:

@@ -1,9 +1,12 @@
 """Convert only what the sampler will use: `SlotGate` against `WindowSampler`, first with plain
-pts sequences, then with a real FrameSource playing a real H.264 file as live."""
+pts sequences, then with a real FrameSource playing a real H.264 file as live. Then decode only
+what may be used: non-reference frames the gate rules out are skipped by the decoder, which
+must change no frame the sampler is handed (real B-frame H.264, from a file and over RTSP)."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -325,3 +328,183 @@ async def test_looping_file_keeps_the_same_windows_across_passes(tmp_path):
         stats = source.stats
     assert gated.keys()[:wanted] == every.keys()[:wanted]
     assert stats.reconnects == 0 and stats.unconverted > 4 * stats.frames
+
+
+# -- letting the decoder skip non-reference frames no slot can take ---------------------------------
+
+
+def skipped_by_a_source(times: Sequence[float], config: SamplerConfig, nonref: Sequence[bool],
+                        refresh: float | None = 1.0) -> list[int]:
+    """The frames a source lets the decoder skip: non-reference ones that `SlotGate.needless` rules
+    out. Decided as late as a source ever could (just before the frame's turn, the gate as far
+    along as it gets: the most skipping) with the neighbours a source can be sure of: the last
+    frame kept before it, and the next reference frame after it (in decode order a B-frame comes
+    after the reference frame that follows it)."""
+    gate, skipped, kept_before = SlotGate(config, refresh=refresh), [], None
+    for i, t in enumerate(times):
+        after = next((times[j] for j in range(i + 1, len(times)) if not nonref[j]), None)
+        if nonref[i] and kept_before is not None and after is not None and gate.needless(t, kept_before, after):
+            skipped.append(i)
+            continue
+        gate.offer(t)
+        kept_before = t
+    return skipped
+
+
+def by_pts(replay: Replay) -> tuple[list[tuple[int, tuple[float, ...]]], list[float]]:
+    """Windows (index, pts of their frames) and the pts converted: what the sampler is handed, minus seq."""
+    return [(index, tuple(p for _, p in frames)) for index, frames in replay.windows], replay.converted
+
+
+def assert_skipping_changes_nothing(times: Sequence[float], config: SamplerConfig, nonref: Sequence[bool],
+                                    refresh: float | None = 1.0) -> int:
+    skipped = set(skipped_by_a_source(times, config, nonref, refresh))
+    assert all(nonref[i] for i in skipped)
+    kept = [t for i, t in enumerate(times) if i not in skipped]
+    assert by_pts(gated_frames(kept, config, refresh)) == by_pts(gated_frames(times, config, refresh))
+    return len(skipped)
+
+
+def b_frames(n: int, run: int = 3) -> list[bool]:
+    """x264's default pattern (3 B-frames, b-pyramid): P b B b P ...; the middle B is a reference."""
+    return [i % (run + 1) in (1, 3) for i in range(n)]
+
+
+INCREASING = {name: times for name, times in SEQUENCES.items() if all(b > a for a, b in itertools.pairwise(times))}
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("times", INCREASING.values(), ids=INCREASING.keys())
+def test_skipping_non_reference_frames_the_gate_rules_out_changes_no_window_and_no_conversion(times, config):
+    for refresh in (1.0, None):
+        assert_skipping_changes_nothing(times, config, b_frames(len(times)), refresh)
+        assert_skipping_changes_nothing(times, config, [i > 0 for i in range(len(times))], refresh)  # all non-ref
+
+
+def test_a_30fps_stream_with_b_frames_skips_most_of_its_non_reference_frames():
+    times = constant(30, 60)
+    nonref = b_frames(len(times))
+    skipped = assert_skipping_changes_nothing(times, SamplerConfig(3.0, 6, 1.0), nonref)
+    assert skipped > 0.8 * sum(nonref)  # only those next to a slot centre (2 a second) must be decoded
+
+
+def test_without_non_reference_frames_or_a_known_neighbour_nothing_is_skipped():
+    times = constant(30, 10)
+    assert skipped_by_a_source(times, SamplerConfig(), [False] * len(times)) == []
+    gate = SlotGate(SamplerConfig())
+    assert not gate.needless(0.5, 0.4, 0.6)  # no frame offered yet: no grid
+    gate.offer(0.0)
+    assert not gate.needless(0.1, 0.1, 0.2) and not gate.needless(0.3, 0.2, 0.25)  # not between its neighbours
+    assert not gate.needless(0.25, 0.2, 0.3)  # slot 0's centre (0.25) is its own pts
+    assert gate.needless(0.1, 0.0667, 0.1333)
+    assert not gate.needless(1.05, 0.0, 1.1)  # far from the last conversion (0.0): due as the thumbnail
+    assert SlotGate(SamplerConfig(), refresh=None).needless(0.1, 0.0667, 0.1333) is False  # nothing offered
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    steps=st.lists(st.one_of(st.floats(0.001, 0.5), st.sampled_from([1 / 30, 1 / 25]), st.floats(0.5, 3.0)),
+                   min_size=1, max_size=150),
+    nonref_bits=st.lists(st.booleans(), min_size=150, max_size=150),
+    start=st.floats(-5.0, 5000.0),
+    window=st.floats(0.2, 6.0),
+    frames=st.integers(1, 8),
+    hop=st.floats(0.1, 3.0),
+    refresh=st.sampled_from([None, 0.3, 1.0]),
+)
+def test_skipping_changes_nothing_for_any_stream(steps, nonref_bits, start, window, frames, hop, refresh):
+    times = list(start + np.cumsum(steps))
+    if any(b <= a for a, b in itertools.pairwise(times)):
+        return  # float rounding at large starts: equal pts are not this property's business
+    assert_skipping_changes_nothing(times, SamplerConfig(window, frames, hop), nonref_bits[:len(times)], refresh)
+
+
+def write_b_frame_video(path, frames: Sequence[np.ndarray], fps: int = 30):
+    """Real H.264 with B-frames as many encoders make it: libx264 veryfast's defaults (3 B-frames,
+    b-pyramid, adaptive), a keyframe every 2 s."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"preset": "veryfast", "g": str(2 * fps), "bf": "3"}
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return path
+
+
+def non_reference_frames(path) -> int:
+    """How many frames the decoder itself skips with skip_frame=NONREF everywhere."""
+    import av
+
+    with av.open(str(path)) as container:
+        total = container.streams.video[0].frames
+        container.streams.video[0].codec_context.skip_frame = "NONREF"
+        return total - sum(1 for _ in container.decode(video=0))
+
+
+@pytest.fixture(scope="module")
+def b_frame_clip(tmp_path_factory) -> str:
+    """6 s of 30 fps H.264 with B-frames (180 frames)."""
+    return str(write_b_frame_video(tmp_path_factory.mktemp("bframes") / "b.mp4", moving_square(180, 320, 240, seed=5)))
+
+
+async def play(spec: SourceSpec, config: SamplerConfig, skip_nonref: bool, windows_wanted: int | None = None):
+    consumer, states = Consumer(config, windows_wanted), []
+
+    def on_state(stream_id: str, state: SourceState, detail: str | None) -> None:
+        states.append(state)
+        consumer.on_state(stream_id, state, detail)
+
+    async with FrameSource(spec, consumer.on_frame, on_state, gate=SlotGate(config), skip_nonref=skip_nonref) as source:
+        await wait(consumer.ended if windows_wanted is None else consumer.enough, 30, "the frames")
+        stats = source.stats
+    return consumer, stats, states
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("config", [SamplerConfig(3.0, 6, 1.0), SamplerConfig(1.0, 8, 0.25)], ids=["W3-N6-H1", "W1-N8-H0.25"])
+async def test_b_frame_file_skipping_non_reference_frames_hands_the_sampler_the_very_same_frames(b_frame_clip, config):
+    """A real H.264 file with B-frames, decoded with frame threads: the frames converted (pixels and
+    pts) and the windows are identical with and without the skipping, and the counters add up."""
+    spec = SourceSpec("f", b_frame_clip, realtime=False, short_side=120)
+    full, full_stats, _ = await play(spec, config, skip_nonref=False)
+    skipping, stats, states = await play(spec, config, skip_nonref=True)
+
+    total, nonref = 180, non_reference_frames(b_frame_clip)
+    assert nonref > total // 3  # the clip has what this is about
+    converted = [f for f in skipping.frames if not is_tick(f)]
+    expected = [f for f in full.frames if not is_tick(f)]
+    assert [f.pts for f in converted] == [f.pts for f in expected]
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(converted, expected))
+    assert skipping.keys() == full.keys() and len(full.keys()) >= 3
+    assert full_stats.skipped == 0 and full_stats.frames + full_stats.unconverted == total
+    assert stats.frames == full_stats.frames and stats.frames + stats.unconverted + stats.skipped == total
+    assert 0.6 * nonref <= stats.skipped <= nonref  # most non-reference frames are never decoded
+    assert SourceState.STOPPED in states and SourceState.FAILED not in states
+
+
+@pytest.mark.timeout(60)
+async def test_b_frames_over_rtsp_are_skipped_live_without_a_stall_and_the_counters_add_up(b_frame_clip):
+    """The same clip from a real RTSP server (slice threads, live reads): frames are skipped, the
+    watchdog (stall_timeout 1.5 s: the first frame alone takes ~1 s to come) never calls the stream
+    stalled, and every frame is counted once."""
+    from tests.support.rtsp import RtspServer, require_rtsp_server
+
+    require_rtsp_server()
+    config = SamplerConfig(1.0, 4, 0.5)
+    with RtspServer(file=b_frame_clip) as server:
+        spec = SourceSpec("r", server.url, short_side=120, stall_timeout=1.5)
+        consumer, stats, states = await play(spec, config, skip_nonref=True, windows_wanted=5)
+    assert SourceState.STALLED not in states and SourceState.RECONNECTING not in states, states
+    pts = [f.pts for f in consumer.frames]
+    assert pts == sorted(pts) and len(set(pts)) == len(pts)
+    assert stats.skipped > 0.25 * (stats.frames + stats.unconverted + stats.skipped)
+    # every frame of the span is counted once: converted, left unconverted, or skipped (30 fps)
+    span_frames = round((pts[-1] - pts[0]) * 30) + 1
+    # (a few more decoded past the last frame handed on, before the source stopped)
+    assert 0 <= stats.frames + stats.unconverted + stats.skipped - span_frames <= 5

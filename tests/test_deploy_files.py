@@ -186,7 +186,7 @@ def test_compose_file_has_two_replicas_on_one_bus_with_healthchecks(monkeypatch:
         (mount,) = [v for v in service["volumes"] if v.endswith(":/etc/streamer/streamer.toml:ro")]
         config = load_config(str(DEPLOY / mount.split(":")[0]))
         bus_urls.add(config.bus.url)
-        assert len(config.streams) == 1
+        assert config.bus.ownership and {s.id for s in config.streams} == {"camera", "world"}
         ports.update(service["ports"])
     assert bus_urls == {"redis://redis:6379/0"}, "both replicas must share one bus"
     assert len(ports) == 2
@@ -196,7 +196,7 @@ def test_compose_file_has_two_replicas_on_one_bus_with_healthchecks(monkeypatch:
     assert (DEPLOY / services["camera"]["build"]["context"] / services["camera"]["build"]["dockerfile"]).is_file()
     assert (DEPLOY / "compose" / "streamer.env.example").is_file()
     assert "streamer.env" in (DEPLOY / "compose" / ".gitignore").read_text().split()
-    camera_url = load_config(str(DEPLOY / "compose" / "replica-a.toml")).streams[0].url
+    camera_url = load_config(str(DEPLOY / "compose" / "streamer.toml")).streams[0].url
     assert camera_url.startswith("rtsp://camera:")
 
 

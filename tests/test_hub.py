@@ -85,7 +85,7 @@ async def test_caption_and_state_messages_carry_protocol_fields() -> None:
     hub.publish_caption(c)
     hub.publish_state("cam", "stalled", "no frames for 5 s", at=1234.5)
     caption, state = await read(sub, 2)
-    assert caption == {"v": 1, "type": "caption", **c.to_dict(), "stable": False}
+    assert caption == {"v": 1, "type": "caption", **c.to_dict(), "stable": False, "shown": True}
     assert state == {
         "v": 1, "type": "state", "stream_id": "cam", "state": "stalled", "detail": "no frames for 5 s", "time": 1234.5,
     }  # fmt: skip

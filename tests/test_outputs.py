@@ -122,13 +122,16 @@ async def test_subtitle_files_follow_the_live_captions_and_a_restart_appends_on_
     assert [{k: line[k] for k in CAPTION_FIELDS} for line in lines1] == [{k: m[k] for k in CAPTION_FIELDS} for m in first]
     assert all(line["offset"] == 0 for line in lines1)
     assert len({m["text"] for m in first}) >= 3  # the cue checks below mean something
-    # WebVTT: parses, and its cues are what the timing policy makes of the captions the client saw
+    # WebVTT: parses, and its cues are what the timing policy makes of the captions the client saw shown
+    # (the stream's stabilizer, on by default; JSON Lines has every caption and its flag)
+    assert [line["shown"] for line in lines1] == [m["shown"] for m in first]
     assert vtt1.startswith("WEBVTT\n\n")
     cues1 = vtt_cues(vtt1)
-    assert cues1 == vtt_cues(render([as_caption(m) for m in first], "vtt"))
-    starts = {round(m["start"], 3) for m in first}
-    assert all(round(start, 3) in starts for start, _, _ in cues1)  # every cue starts at a caption's start
-    assert cues1[-1][1] == pytest.approx(max(first[-1]["end"], first[-1]["start"] + 1.0), abs=1e-3)
+    shown1 = [m for m in first if m["shown"]]
+    assert cues1 == vtt_cues(render([as_caption(m) for m in shown1], "vtt"))
+    starts = {round(m["start"], 3) for m in shown1}
+    assert all(round(start, 3) in starts for start, _, _ in cues1)  # every cue starts at a shown caption's start
+    assert cues1[-1][1] == pytest.approx(max(shown1[-1]["end"], shown1[-1]["start"] + 1.0), abs=1e-3)
     # SubRip: parses, numbered from 1, same cues
     subs1 = list(srt.parse(srt1))
     assert [s.index for s in subs1] == list(range(1, len(cues1) + 1))

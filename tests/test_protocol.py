@@ -51,15 +51,16 @@ def test_public_api() -> None:
     assert PROTOCOL_VERSION == 1
 
 
-def test_caption_message_has_every_caption_field_and_stable() -> None:
+def test_caption_message_has_every_caption_field_stable_and_shown() -> None:
     for stable in (False, True):
         text = encode_caption(CAPTION, stable)
         assert isinstance(text, str)
         msg = json.loads(text)
-        assert msg == {"v": 1, "type": "caption", **CAPTION.to_dict(), "stable": stable}
+        assert msg == {"v": 1, "type": "caption", **CAPTION.to_dict(), "stable": stable, "shown": True}
+    assert json.loads(encode_caption(CAPTION, False, shown=False))["shown"] is False
     assert set(json.loads(encode_caption(CAPTION, False))) == {
         "v", "type", "stream_id", "index", "start", "end", "text", "confidence", "model",
-        "capture_time", "emit_time", "latency", "stable",
+        "capture_time", "emit_time", "latency", "stable", "shown",
     }  # fmt: skip
     assert json.loads(encode_caption(CAPTION, False))["latency"] == 0.75
 

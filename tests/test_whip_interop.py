@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import aiohttp
@@ -84,21 +85,80 @@ async def test_gstreamer_webrtcbin_publisher_gets_captions(tiny_model, loopback_
             await publisher.stop()
 
 
-async def test_passive_offer_makes_us_dtls_client_and_the_failure_says_why(tiny_model, loopback_ice, gst, caplog):
-    """webrtcbin insisting on setup:passive forces aiortc to be the DTLS client (ECDSA-only suites)
-    against an RSA certificate: the handshake cannot succeed; the state and the log say why."""
-    async with running_daemon(tiny_model) as d, websockets.connect(d.ws + "?streams=rsa") as ws:
-        publisher = WhipPublisher(f"{d.http}/whip/rsa", source="vp8", setup="passive")
+async def test_gstreamer_offer_insisting_on_setup_passive_publishes_with_the_daemon_as_dtls_client(
+        tiny_model, loopback_ice, gst):
+    """webrtcbin's offer munged to `a=setup:passive` makes the daemon the DTLS client against GStreamer's
+    RSA certificate. aiortc alone offers only ECDHE-ECDSA suites there ("no shared cipher"); the daemon
+    also offers their ECDHE-RSA twins, so the handshake meets and captions come."""
+    async with running_daemon(tiny_model) as d, websockets.connect(d.ws + "?streams=rsa&all=1") as ws:
+        publisher = WhipPublisher(f"{d.http}/whip/rsa?window=1&hop=0.5", source="vp8", setup="passive")
         try:
             answer = await publisher.wait_for("answer")
             assert answer["status"] == 201, answer
-            message, _ = await until_state(ws, "rsa", "failed", timeout=20)
+            messages = await read_messages(ws, count_for("rsa", 2), 30)
+            assert len(captions_of(messages, "rsa")) >= 2
+            session = d.daemon.streams["rsa"].source
+            assert session.dtls_role == "client"
+            # What made it work (aiortc has no public accessor for it): an RSA suite, so an RSA server certificate.
+            dtls = session._pc.getTransceivers()[0].receiver.transport
+            assert dtls._ssl.get_cipher_name().startswith("ECDHE-RSA-"), dtls._ssl.get_cipher_name()
+            assert not [m for m in messages if m["type"] == "state" and m["state"] == "failed"]
         finally:
             await publisher.stop()
-    assert message["detail"].startswith("DTLS failed as client"), message
-    assert "setup:actpass" in message["detail"]  # what the publisher can do about it
-    failed = [r for r in caplog.records if getattr(r, "state", None) == "failed" and getattr(r, "stream", None) == "rsa"]
-    assert len(failed) == 1 and "DTLS failed as client" in failed[0].detail
+
+
+def forge_fingerprints(offer: str) -> str:
+    """The offer with every certificate fingerprint replaced by zeros of the same length."""
+    return re.sub(r"^(a=fingerprint:\S+ )([0-9A-Fa-f:]+)", lambda m: m[1] + re.sub("[0-9A-Fa-f]", "0", m[2]),
+                  offer, flags=re.MULTILINE)
+
+
+async def test_a_failed_dtls_handshake_is_reported_in_one_line_with_its_reason(tiny_model, loopback_ice, caplog):
+    """A publisher whose certificate does not match the fingerprint its offer announced (a forged or
+    mangled offer): the handshake fails, and the state detail and one log line say which layer, which
+    DTLS role and why."""
+    async with running_daemon(tiny_model) as d, aiohttp.ClientSession() as http, \
+            websockets.connect(d.ws + "?streams=forged") as ws:
+        publisher = AiortcPublisher()
+        try:
+            offer = await publisher.offer()
+            forged = forge_fingerprints(offer)
+            assert forged != offer and "a=fingerprint:" in forged
+            async with http.post(f"{d.http}/whip/forged", data=forged,
+                                 headers={"Content-Type": "application/sdp"}) as resp:
+                assert resp.status == 201
+                answer = await resp.text()
+            await publisher.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+            message, _ = await until_state(ws, "forged", "failed", timeout=20)
+        finally:
+            await publisher.close()
+    assert message["detail"] == "DTLS failed as server: DTLS handshake failed (fingerprint mismatch)", message
+    failed = [r for r in caplog.records
+              if getattr(r, "state", None) == "failed" and getattr(r, "stream", None) == "forged"]
+    assert len(failed) == 1 and failed[0].detail == message["detail"]
+
+
+def test_dtls_contexts_offer_rsa_suites_and_a_changed_aiortc_is_refused_at_startup(monkeypatch):
+    """The wrap that lets the daemon meet RSA servers as a DTLS client: every context aiortc makes
+    offers ECDHE-RSA twins of its ECDHE-ECDSA suites; an aiortc whose context creation changed
+    shape makes importing the WHIP module fail with a reason, not RSA publishers fail one by one."""
+    from aiortc.rtcdtlstransport import SRTP_PROFILES, RTCCertificate
+    from OpenSSL import SSL
+
+    from streamer.ingest import whip
+
+    context = RTCCertificate.generateCertificate()._create_ssl_context(SRTP_PROFILES)
+    suites = SSL.Connection(context).get_cipher_list()
+    assert "ECDHE-ECDSA-AES128-GCM-SHA256" in suites and "ECDHE-RSA-AES128-GCM-SHA256" in suites
+    whip._offer_rsa_suites_as_client()  # again: a no-op
+    assert RTCCertificate._create_ssl_context.__wrapped__.__name__ == "_create_ssl_context"
+
+    def _create_ssl_context(self, srtp_profiles, dtls_version):  # as if aiortc had grown a parameter
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(RTCCertificate, "_create_ssl_context", _create_ssl_context)
+    with pytest.raises(RuntimeError, match=r"aiortc .*_create_ssl_context\(self, srtp_profiles\) not found"):
+        whip._offer_rsa_suites_as_client()
 
 
 # -- aiortc: a publisher that never connects -----------------------------------------------

@@ -152,3 +152,150 @@ def test_manifest_training_reads_user_clips(tmp_path):
     result = subprocess.run([sys.executable, "-m", "streamer", "train", "--out", str(tmp_path / "x"), "--data", str(bad),
                              "--steps", "1"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "bad.jsonl:1" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- the world as a live stream shows it (issue #14) and its questions (issue #13) ------------------------
+
+
+def colour_pixels(frames, colour: str) -> list[int]:
+    rgb = np.array(COLOURS[colour], np.uint8)
+    return [int(np.all(f == rgb, axis=-1).sum()) for f in frames]
+
+
+def test_a_window_is_captioned_by_what_its_frames_show():
+    from streamer.training.world import NOTHING, Obj, Scene, centre_crop_view
+
+    still = Scene((Obj("circle", "red", "big", 0.5, 0.5),), "still")
+    assert still.caption_for_window(2.0, 5.0) == "a big red circle is still"
+    pair = Scene((Obj("square", "blue", "small", 0.3, 0.25), Obj("square", "blue", "small", 0.3, 0.75)), "still")
+    assert pair.caption_for_window(0.0, 3.0) == "two small blue squares are still"
+    # an object appears at 4 s and stays: nothing before, "appears" across it, standing there after
+    appears = Scene((Obj("triangle", "green", "big", 0.5, 0.5),), "appears", event_time=4.0)
+    assert [appears.caption_for_window(s, s + 3) for s in (0.0, 2.0, 5.0)] == [
+        NOTHING, "a big green triangle appears", "a big green triangle is still"]
+    # moving right without wrapping: in view, leaving (still moving right), gone
+    leaves = Scene((Obj("square", "white", "small", 0.5, 0.5, vx=0.2),), "right", wrap=False)
+    assert [leaves.caption_for_window(s, s + 3) for s in (0.0, 1.5, 5.0)] == [
+        "a small white square moves to the right"] * 2 + [NOTHING]
+    assert max(colour_pixels([leaves.frame(t) for t in (5.25, 7.75)], "white")) == 0  # really out of the frame
+    # the engine's centre crop of a 16:9 frame does not see the sides
+    at_side = Scene((Obj("circle", "yellow", "small", 0.08, 0.5),), "still")
+    assert at_side.caption_for_window(0.0, 3.0) == "a small yellow circle is still"
+    assert at_side.caption_for_window(0.0, 3.0, **centre_crop_view(160, 90)) == NOTHING
+    # played backwards
+    truth = appears.truth_for_window(2.0, 5.0)
+    assert truth.reversed().caption == "a big green triangle disappears" and truth.reversed().reversed() == truth
+
+
+def test_live_scene_truth_agrees_with_the_pixels():
+    from streamer.training.world import NOTHING, random_live_scene, window_times
+
+    rng = np.random.default_rng(11)
+    events = set()
+    for _ in range(150):
+        scene = random_live_scene(rng)
+        start = float(rng.uniform(0.0, 5.0))
+        truth = scene.truth_for_window(start, start + 3.0)
+        events.add(truth.event)
+        frames = [scene.frame(t) for t in window_times(start, start + 3.0)]
+        shown = colour_pixels(frames, scene.objects[0].colour)
+        area = (0.24 if scene.objects[0].size == "small" else 0.40) ** 2 * 64 * 64 * 0.4  # a triangle's least
+        if truth.event == NOTHING:
+            assert max(shown) < area * 0.3, (scene, start)  # at most a sliver at an edge
+        else:
+            assert max(shown) > 0, (scene, start)
+        if truth.event == "appears":
+            assert shown[0] == 0 and shown[-1] > 0
+        if truth.event == "still" and scene.event in ("still", "appears", "disappears"):
+            assert len(set(shown)) == 1  # the same picture in every frame: nothing moves
+    assert events >= {"left", "right", "up", "down", "appears", "disappears", "still", NOTHING}
+
+
+def test_questions_have_the_window_s_answers_and_yes_no_is_balanced():
+    from streamer.training.world import (
+        QUESTION_KINDS,
+        labelled_questions,
+        questions_for,
+        random_live_scene,
+    )
+
+    rng = np.random.default_rng(3)
+    vocab = set(world_vocabulary())
+    answers: dict[str, list[str]] = {kind: [] for kind in QUESTION_KINDS}
+    for _ in range(300):
+        scene = random_live_scene(rng)
+        truth = scene.truth_for_window(1.0, 4.0)
+        asked = labelled_questions(truth, rng)
+        assert [k for k, _, _ in asked] == list(QUESTION_KINDS)
+        for kind, question, answer in asked:
+            assert set(question.split()) | {answer} <= vocab, question
+            answers[kind].append(answer)
+        words = {k: a for k, _, a in asked}
+        if truth.count:
+            assert words["colour"] == truth.colour and words["shape"] == truth.shape
+            assert words["count"] == {1: "one", 2: "two"}[truth.count]
+            assert truth.caption.split()[-1] in (words["direction"], "appears", "disappears") or words["direction"] == "still"
+            assert words["yes"] == "yes"
+        else:
+            assert words["colour"] == words["count"] == "none" and words["yes"] == "no"
+        assert words["no"] == "no"
+    nothing = answers["count"].count("none")
+    assert answers["yes"].count("yes") == 300 - nothing and set(answers["no"]) == {"no"}  # one yes, one no per window
+    assert set(answers["direction"]) == {"left", "right", "up", "down", "still", "none"}
+    assert questions_for(random_scene(np.random.default_rng(1)))[0][1] in COLOURS  # a scene works too
+
+
+def test_live_examples_go_through_h264_and_the_daemons_resize():
+    from streamer.training.train import live_world_examples, random_look, render_live
+    from streamer.training.world import random_live_scene
+
+    rng = np.random.default_rng(5)
+    scene = random_live_scene(rng)
+    look = random_look(rng)
+    decoded = render_live(scene, look, 2.0, 64)
+    assert len(decoded) == int(2.0 * look.fps)
+    clean = scene.frame(1.0, look.content[1], look.content[0])
+    got = decoded[look.fps][1].to_ndarray(format="rgb24")
+    top, left = (look.height - look.content[1]) // 2, (look.width - look.content[0]) // 2
+    got = got[top : top + look.content[1], left : left + look.content[0]]
+    assert 0 < np.abs(got.astype(int) - clean).mean() < 20  # lossy, still the same picture
+    examples = list(itertools.islice(live_world_examples(seed=8), 200))
+    shapes = {ex[0][0].shape for ex in examples}
+    assert all(min(s[:2]) == 64 for s in shapes) and len(shapes) > 1  # short side 64, several aspect ratios
+    questions = [ex for ex in examples if len(ex) == 3]
+    assert 40 < len(questions) < 120  # about 40%: captions and questions trained together
+    assert any(ex[1].endswith(" still") for ex in examples)  # still scenes, and objects standing after they appear
+
+
+def test_only_the_answer_counts_in_the_loss():
+    from streamer.engine.fresh import word_tokenizer
+    from streamer.training.train import _text_batch
+
+    tok = word_tokenizer(world_vocabulary())
+    frames = [np.zeros((64, 64, 3), np.uint8)] * 6
+    enc, labels = _text_batch(tok, [(frames, "red", "what colour is it ?"), (frames, "a big red circle is still")],
+                              torch.device("cpu"))
+    words = tok.convert_ids_to_tokens(enc.input_ids[0].tolist())
+    assert words[:8] == ["[CLS]", "what", "colour", "is", "it", "?", "red", "[SEP]"]
+    assert labels[0].tolist()[:6] == [-100] * 6 and labels[0, 6] == tok.convert_tokens_to_ids("red")
+    assert (labels[1, : enc.attention_mask[1].sum()] == enc.input_ids[1, : enc.attention_mask[1].sum()]).all()
+
+
+def test_widening_the_vocabulary_keeps_what_known_words_learned():
+    from streamer.engine.fresh import new_git_model, word_tokenizer
+    from streamer.training.train import widen_vocabulary
+
+    old_tok = word_tokenizer(["a", "red", "circle", "moves", "left"])
+    model, _ = new_git_model(old_tok, seed=3, text_layers=1, vision_layers=1)
+    model.eval()
+    pixels = torch.randn(1, 6, 3, 64, 64)
+    ids = old_tok("a red circle", return_tensors="pt").input_ids
+    before = model(input_ids=ids, pixel_values=pixels).logits[0, -1]
+    model, new_tok = widen_vocabulary(model, old_tok, world_vocabulary())
+    assert set(world_vocabulary()) <= set(new_tok.get_vocab()) and model.config.vocab_size == len(new_tok)
+    new_ids = new_tok("a red circle", return_tensors="pt").input_ids
+    after = model(input_ids=new_ids, pixel_values=pixels).logits[0, -1]
+    for word in ("a", "red", "circle", "moves", "left"):  # same scores for the words it knew
+        assert torch.allclose(before[old_tok.convert_tokens_to_ids(word)], after[new_tok.convert_tokens_to_ids(word)], atol=1e-5)
+    new_words = [new_tok.convert_tokens_to_ids(w) for w in ("yes", "still", "colour")]
+    assert after[new_words].max() < after[new_tok.convert_tokens_to_ids("moves")] + 5  # new words start unlikely-ish

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -24,7 +25,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cap.add_argument("--frames", type=positive_int, default=None, help="frames per window (default: the model's)")
     cap.add_argument("--hop", type=parse_duration, default=1.0, help="seconds between captions (default 1s)")
     cap.add_argument("--summary", action="store_true", help="one caption for the whole video")
-    cap.add_argument("--format", default="vtt", choices=["vtt", "srt", "jsonl", "text"])
+    cap.add_argument("--format", default=None, choices=["vtt", "srt", "jsonl", "text"], help="default vtt (jsonl with --speech)")
+    cap.add_argument("--speech", action="store_true",
+                     help='also transcribe the audio: {"type": "speech", ...} JSON Lines beside the captions, which are kept')
+    cap.add_argument("--speech-model", default=None,
+                     help="Whisper checkpoint: hub id, HF cache entry or local directory (default: openai/whisper-small "
+                     "when cached or reachable, else the bundled streamer/world-whisper)")
     cap.add_argument("--batch-size", type=positive_int, default=8)
     cap.add_argument("-o", "--output", default="-", help="output file (default: stdout)")
     cap.add_argument("--no-progress", action="store_true")
@@ -41,9 +47,11 @@ def run_caption(args: argparse.Namespace) -> int:
     from streamer.publish.formats import CaptionWriter
 
     open_input(args.video).close()  # a bad file fails before the model loads
+    fmt = args.format or ("jsonl" if args.speech else "vtt")
+    speech = _speech_cues(args, fmt) if args.speech else []
     engine = Engine.load(
         EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
-                     threads=args.threads)
+                     threads=args.threads, backend=args.backend)
     )
     frames = args.frames or engine.num_frames
     if frames != engine.num_frames:
@@ -59,10 +67,14 @@ def run_caption(args: argparse.Namespace) -> int:
     progress = Progress(enabled=not args.no_progress, label=args.video)
     count = 0
     try:
-        writer = CaptionWriter(args.format, out, min_duration=args.hop)
+        writer = CaptionWriter(fmt, out, min_duration=args.hop)
         for caption in caption_file(engine, job, on_progress=progress.update):
+            while speech and speech[0].start <= caption.start:  # one timeline: lines in media-time order
+                out.write(json.dumps(speech.pop(0).to_dict(), ensure_ascii=False) + "\n")
             writer.write(caption)
             count += 1
+        for cue in speech:
+            out.write(json.dumps(cue.to_dict(), ensure_ascii=False) + "\n")
         writer.close()
     finally:
         progress.close()
@@ -70,3 +82,22 @@ def run_caption(args: argparse.Namespace) -> int:
             out.close()
     log.info("captioned", extra={"video": args.video, "captions": count})
     return 0
+
+
+def _speech_cues(args: argparse.Namespace, fmt: str) -> list:
+    """The file's speech cues in media-time order; none (with a note) for a file without audio."""
+    from streamer.errors import StreamerError
+    from streamer.speech.audio import has_audio
+
+    if fmt != "jsonl":
+        raise StreamerError("--speech writes JSON Lines beside the captions: use --format jsonl (or leave --format out)")
+    if not has_audio(args.video):
+        log.warning("no audio stream: no speech cues, captions only", extra={"video": args.video})
+        return []
+    from streamer.speech.engine import SpeechConfig, SpeechEngine
+    from streamer.speech.offline import transcribe_file
+
+    engine = SpeechEngine.load(SpeechConfig(model=args.speech_model, device=args.device, dtype=args.dtype, threads=args.threads))
+    cues = transcribe_file(engine, args.video, stream_id=args.video)  # the captions' stream_id
+    log.info("speech transcribed", extra={"video": args.video, "cues": len(cues), "model": engine.name})
+    return sorted(cues, key=lambda c: c.start)

@@ -52,6 +52,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--max-new-tokens", type=positive_int, default=20, help="caption length limit in tokens")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: all cores but one)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "openvino"],
+                   help="torch (default), or an ONNX export run by ONNX Runtime or OpenVINO: --model is then an exported "
+                   "directory (`streamer export`), or any model, exported once into streamer's cache")
 
 
 def run_async(coro) -> None:

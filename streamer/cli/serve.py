@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import tomllib
 from dataclasses import dataclass, field
@@ -62,7 +63,7 @@ def load_config(path: str | None, args: argparse.Namespace | None = None) -> Ser
         raise StreamerError("config: streams must be an array of tables: write [[streams]]")
     if args is not None:  # flags win over the file
         model = dict(data.get("model", {}))
-        for key in ("model", "device", "dtype", "max_new_tokens", "threads"):
+        for key in ("model", "device", "dtype", "max_new_tokens", "threads", "backend"):
             if getattr(args, key, None) is not None:
                 model.pop("id" if key == "model" else key, None)
                 model[key] = getattr(args, key)
@@ -79,6 +80,10 @@ def load_config(path: str | None, args: argparse.Namespace | None = None) -> Ser
             except ConfigError as exc:
                 raise StreamerError(f"--stream {item!r}: {exc}") from None
         data = {**data, "model": model, "server": server}
+    bus_url = os.environ.get("STREAMER_BUS_URL")
+    if bus_url:  # a Kubernetes Secret holds the password, not the ConfigMap
+        bus_table = data.get("bus")
+        data = {**data, "bus": {**(bus_table if isinstance(bus_table, dict) else {}), "url": bus_url}}
     try:
         parsed = validate(FileConfig, {**data, "streams": streams})
     except ConfigError as exc:
@@ -211,6 +216,7 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
     service = Service(metrics=metrics)
     daemon: Daemon | None = None
     bus = None  # CaptionBus, with [bus]
+    ownership = None  # cluster.Ownership, with [bus] ownership = true
     sinks: list = []
     app = build_app(service, config.server)
     # an idle kept-alive connection is closed after this (aiohttp's default is 75 s)
@@ -251,11 +257,15 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
         sinks = outputs_from_config(dict(config.sinks))
         for sink in sinks:
             await sink.start(daemon.hub, daemon.supervisor.spawn)
-        for stream in config.streams:
-            try:
-                await daemon.add_stream(stream)
-            except ValueError as exc:  # one bad stream in the config must not stop the others
-                log.error("stream not started", extra={"stream": stream.id, "error": str(exc)})
+        if bus is not None and config.bus.ownership:
+            ownership = _start_ownership(config, daemon, bus, metrics)
+            service.cluster = ownership
+        else:
+            for stream in config.streams:
+                try:
+                    await daemon.add_stream(stream)
+                except ValueError as exc:  # one bad stream in the config must not stop the others
+                    log.error("stream not started", extra={"stream": stream.id, "error": str(exc)})
         service.daemon, service.phase = daemon, "ready"
         log.warning("serving", extra={"url": url, "model": engine.model_name})
         if on_ready:
@@ -277,6 +287,8 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
                 dropped = await daemon.abort()
                 log.warning("shutdown cut short", extra={"windows_dropped": dropped})
         await close_sinks(sinks, force=force)  # after the drain: the last captions reach files and webhooks
+        if ownership is not None:
+            await ownership.close()  # after the drain (its last captions were appended under our leases): hand over
         if bus is not None:
             await bus.close()  # its tasks ended with the daemon's supervisor
         await runner.cleanup()
@@ -287,6 +299,24 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
+
+
+def _start_ownership(config: ServeConfig, daemon, bus, metrics):
+    """Stream ownership on the bus: the config's streams are registered in Redis (not started here)
+    and each stream is captioned by the replica that holds its lease (cluster/ownership.py)."""
+    from streamer.cluster import Ownership
+    from streamer.http.pages import owner_handlers
+    from streamer.security.policy import SourcePolicy
+
+    ownership = Ownership(config.bus, daemon, bus, config.server.sources or SourcePolicy(), config.streams, metrics)
+    for kind, handler in owner_handlers(daemon).items():
+        ownership.handle(kind, handler)
+    ownership.start(daemon.supervisor.spawn)
+    daemon.readiness_checks.append(ownership.problem)
+    log.warning("stream ownership on the bus", extra={"replica": ownership.replica_id,
+                                                      "max_owned_streams": config.bus.max_owned_streams,
+                                                      "lease_ttl": config.bus.lease_ttl})
+    return ownership
 
 
 def _tls(server):
@@ -363,7 +393,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     srv = sub.add_parser("serve", help="run the live captioning daemon")
     srv.add_argument("--config", help="streamer.toml")
     add_model_options(srv)
-    srv.set_defaults(model=None, device=None, dtype=None, max_new_tokens=None, threads=None)
+    srv.set_defaults(model=None, device=None, dtype=None, max_new_tokens=None, threads=None, backend=None)
     srv.add_argument("--host")
     srv.add_argument("--port", type=int)
     srv.add_argument("--stream", action="append", metavar="ID=URL", help="a stream to start with (repeatable)")

@@ -10,8 +10,14 @@ from streamer.cli.common import positive_int
 def add_parser(sub: argparse._SubParsersAction) -> None:
     tr = sub.add_parser("train", help="train or fine-tune a GIT captioner")
     tr.add_argument("--out", required=True, help="output directory (save_pretrained layout)")
+    tr.add_argument("--task", default="caption", choices=["caption", "speech"],
+                    help="caption: a GIT captioner; speech: a tiny Whisper on espeak-ng speech (streamer/training/speech.py)")
+    tr.add_argument("--nonspeech-share", type=float, default=0.0,
+                    help="--task speech: share of examples that are noise, tones or music labelled with no words")
     tr.add_argument("--model", default="new", help='"new" (a fresh small GIT with the synthetic-world vocabulary) or a GIT checkpoint')
-    tr.add_argument("--data", default="synthetic", help='"synthetic" or a JSON Lines manifest {path, start, end, caption}')
+    tr.add_argument("--data", default="synthetic",
+                    help='"synthetic" (world clips), "live" (live-like world windows and questions, what the bundled '
+                    'model trains on) or a JSON Lines manifest {path, start, end, caption}')
     tr.add_argument("--steps", type=positive_int, default=3000)
     tr.add_argument("--batch-size", type=positive_int, default=32)
     tr.add_argument("--lr", type=float, default=1e-3)
@@ -26,20 +32,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="synthetic data: the full world, or one kind of object so that only the event varies")
     tr.add_argument("--reversed-twins", action="store_true",
                     help="synthetic data: follow each clip with itself played backwards, captioned with the opposite event")
+    tr.add_argument("--vision-lr-scale", type=float, default=1.0,
+                    help="the vision tower's learning rate relative to --lr (fine-tuning: e.g. 0.3 keeps what it saw)")
     tr.add_argument("--fixed-positions", action="store_true",
                     help="keep the ViT position embeddings frozen (a new model gets large random ones)")
     tr.set_defaults(run=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if args.task == "speech":
+        return run_train_speech(args)
     from streamer.training.train import TrainConfig, train
 
     config = TrainConfig(
         out=args.out, model=args.model, data=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         warmup=args.warmup, seed=args.seed, device=args.device, save_every=args.save_every, resume=args.resume,
         threads=args.threads, log_every=args.log_every, world=args.world, reversed_twins=args.reversed_twins,
-        fixed_positions=args.fixed_positions,
+        fixed_positions=args.fixed_positions, vision_lr_scale=args.vision_lr_scale,
     )
     out = train(config)
     print(f"model saved to {out}; use it with: streamer caption VIDEO --model {out}")
+    return 0
+
+
+def run_train_speech(args: argparse.Namespace) -> int:
+    from streamer.training.speech import SpeechTrainConfig, train_speech
+
+    config = SpeechTrainConfig(
+        out=args.out, model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+        seed=args.seed, device=args.device, save_every=args.save_every, resume=args.resume, threads=args.threads,
+        log_every=args.log_every, nonspeech_share=args.nonspeech_share,
+    )
+    out = train_speech(config)
+    print(f"speech model saved to {out}; use it with: streamer caption VIDEO --speech --speech-model {out}")
     return 0

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-
-import torch
+from typing import Any
 
 from streamer.types import FrameKey
 
@@ -12,7 +11,8 @@ __all__ = ["FeatureCache"]
 
 
 class FeatureCache:
-    """LRU map from frame key to the vision tower's output for that frame.
+    """LRU map from frame key to the vision tower's output for that frame
+    (a torch tensor, or a numpy array for the ONNX backends).
 
     Bounded by entry count; a miss only costs a re-encode, never a wrong
     result. Values are treated as read-only by callers (GIT adds the temporal
@@ -23,7 +23,7 @@ class FeatureCache:
         if capacity < 0:
             raise ValueError("capacity must be >= 0")
         self.capacity = capacity
-        self._entries: OrderedDict[FrameKey, torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict[FrameKey, Any] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -33,7 +33,7 @@ class FeatureCache:
     def __contains__(self, key: FrameKey) -> bool:
         return key in self._entries
 
-    def get(self, key: FrameKey) -> torch.Tensor | None:
+    def get(self, key: FrameKey) -> Any | None:
         value = self._entries.get(key)
         if value is None:
             self.misses += 1
@@ -42,7 +42,7 @@ class FeatureCache:
         self._entries.move_to_end(key)
         return value
 
-    def put(self, key: FrameKey, value: torch.Tensor) -> None:
+    def put(self, key: FrameKey, value: Any) -> None:
         if self.capacity == 0:
             return
         self._entries[key] = value

@@ -14,7 +14,7 @@ from transformers import (
     VideoMAEImageProcessorPil,
 )
 
-__all__ = ["word_tokenizer", "new_git_model", "save_new_git_model"]
+__all__ = ["new_git_model", "save_new_git_model", "word_tokenizer"]
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 

@@ -15,7 +15,7 @@ from transformers.utils import logging as hf_logging
 from streamer.defaults import BUNDLED_MODEL, BUNDLED_MODEL_NAME, DEFAULT_MODEL
 from streamer.errors import ModelLoadError
 
-__all__ = ["DEFAULT_MODEL", "LoadedModel", "load_model", "default_model", "resolve_device", "resolve_dtype"]
+__all__ = ["DEFAULT_MODEL", "LoadedModel", "default_model", "load_model", "resolve_device", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
 

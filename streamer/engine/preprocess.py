@@ -95,7 +95,7 @@ def preprocess_frames(
         if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
             raise ValueError(f"frame {i}: expected H x W x 3 uint8 RGB, got {img.shape} {img.dtype}")
         by_shape.setdefault(img.shape, []).append(i)
-    for shape, idx in by_shape.items():
+    for idx in by_shape.values():
         batch = torch.from_numpy(np.stack([images[i] for i in idx]))
         if device.type == "cuda":
             # page-locked: the copy is a DMA that runs while the host goes on

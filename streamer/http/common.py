@@ -26,6 +26,7 @@ class Service:
         self.daemon = daemon
         self.phase = "ready" if daemon is not None else phase
         self.metrics = metrics if metrics is not None else (daemon.metrics if daemon is not None else None)
+        self.cluster: Any = None  # cluster.Ownership with [bus] ownership: streams live in Redis
 
 
 SERVICE_KEY = web.AppKey("service", Service)
@@ -93,6 +94,11 @@ async def json_body(request: web.Request) -> Any:
             content_type="application/json",
         ) from None
 
+
+
+def cluster_of(request: web.Request) -> Any:
+    """The replica's cluster.Ownership, or None when it runs alone (no [bus], or ownership off)."""
+    return request.app[SERVICE_KEY].cluster
 
 
 def daemon_of(request: web.Request) -> Daemon:

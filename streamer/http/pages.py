@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import weakref
 from pathlib import Path
 
 from aiohttp import web
 
-from streamer.http.common import daemon_of
+from streamer.http.common import cluster_of, daemon_of
 from streamer.http.guard import public, requires
 from streamer.pipeline.daemon import STREAM_ID, StreamNotFound, StreamRuntime
 from streamer.types import Frame
 
-__all__ = ["add_web_routes", "STATIC_DIR"]
+__all__ = ["STATIC_DIR", "add_web_routes"]
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -104,22 +105,58 @@ def encode_jpeg(frame: Frame, quality: int = THUMBNAIL_QUALITY) -> bytes:
 @requires("viewer", stream="id")
 async def thumbnail(request: web.Request) -> web.Response:
     stream_id = request.match_info["id"]
+    headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
     try:
         rt: StreamRuntime = daemon_of(request).get(stream_id)
     except StreamNotFound:
-        return _json_error(404, "not_found", f"no stream {stream_id!r}")
+        cluster = cluster_of(request)
+        if cluster is None:
+            return _json_error(404, "not_found", f"no stream {stream_id!r}")
+        from streamer.cluster import RequestFailed
+
+        try:  # captioned by another replica: its owner has the frames
+            data = await cluster.ask_owner(stream_id, "thumbnail")
+        except RequestFailed as exc:
+            return _json_error(exc.status, exc.code, exc.message)
+        return web.Response(body=data, content_type="image/jpeg", headers=headers)
     frame = rt.ring.latest
     if frame is None:
         return _json_error(404, "no_frame", f"stream {stream_id!r} has no frame yet")
-    cache = request.app[_THUMBS_KEY]
+    data = await _jpeg_of(request.app[_THUMBS_KEY], rt, frame)
+    return web.Response(body=data, content_type="image/jpeg", headers={**headers, "X-Frame-Seq": str(frame.seq)})
+
+
+async def _jpeg_of(cache: weakref.WeakKeyDictionary, rt: StreamRuntime, frame) -> bytes:
+    """The stream's newest frame as JPEG, encoded once per frame (off the loop)."""
     cached = cache.get(rt)
     if cached is not None and cached[0] is frame:
-        data = cached[1]
-    else:
-        data = await asyncio.get_running_loop().run_in_executor(None, encode_jpeg, frame)
-        cache[rt] = (frame, data)
-    return web.Response(
-        body=data,
-        content_type="image/jpeg",
-        headers={"Cache-Control": "no-store", "X-Frame-Seq": str(frame.seq), "X-Content-Type-Options": "nosniff"},
-    )
+        return cached[1]
+    data = await asyncio.get_running_loop().run_in_executor(None, encode_jpeg, frame)
+    cache[rt] = (frame, data)
+    return data
+
+
+def owner_handlers(daemon) -> dict:
+    """What a stream's owner answers for other replicas (cluster/requests.py): its thumbnail and
+    its live details."""
+    from streamer.cluster import RequestFailed
+
+    cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def runtime(stream_id: str) -> StreamRuntime:
+        try:
+            return daemon.get(stream_id)
+        except StreamNotFound:
+            raise RequestFailed(404, "not_found", f"no stream {stream_id!r}") from None
+
+    async def thumbnail_of(stream_id: str) -> bytes:
+        rt = runtime(stream_id)
+        frame = rt.ring.latest
+        if frame is None:
+            raise RequestFailed(404, "no_frame", f"stream {stream_id!r} has no frame yet")
+        return await _jpeg_of(cache, rt, frame)
+
+    async def describe(stream_id: str) -> bytes:
+        return json.dumps(runtime(stream_id).describe()).encode()
+
+    return {"thumbnail": thumbnail_of, "describe": describe}

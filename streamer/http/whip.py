@@ -7,8 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
-from streamer.http.common import daemon_of, error_response
+from streamer.cluster import NotOwner
+from streamer.http.common import cluster_of, daemon_of, error_response
 from streamer.http.guard import read_body, refuse, requires
 from streamer.pipeline.daemon import AtCapacity, StreamConfig, StreamExists, StreamNotFound
 
@@ -28,9 +30,18 @@ async def whip_offer(request: web.Request) -> web.Response:
         offer = raw.decode("utf-8")
     except UnicodeDecodeError:
         return error_response(400, "bad_offer", "the offer is not UTF-8 text")
+    cluster = cluster_of(request)
     try:
         config = StreamConfig.from_dict({"id": stream_id, **_stream_params(request.query)})
+        if cluster is not None:
+            # The publisher's replica owns a WHIP stream (no failover): not one owned elsewhere.
+            await cluster.claim_whip(stream_id)
         rt, answer = await daemon.add_whip_stream(config, offer)
+    except NotOwner as exc:
+        return error_response(409, "exists", str(exc))
+    except (RedisError, OSError) as exc:
+        return error_response(503, "bus_unreachable", f"the stream set lives in Redis, which does not answer now "
+                                                      f"({type(exc).__name__})")
     except StreamExists as exc:  # a live or connecting session, or a pulled stream of that id
         return error_response(409, "exists", str(exc))
     except AtCapacity as exc:

@@ -3,8 +3,9 @@
 A `FrameSource` opens its `SourceSpec` with PyAV in a dedicated thread, decodes
 frames, and posts each one to the loop with `call_soon_threadsafe`. Given a
 `SlotGate` it converts to RGB only the frames the sampler will choose (plus
-thumbnails) and posts those, and ticks where the sampler needs time to move on;
-without one it converts and posts every frame. It never
+thumbnails) and posts those, and ticks where the sampler needs time to move on,
+and lets the decoder skip the non-reference frames (most B-frames) that no slot
+can take; without one it converts and posts every frame. It never
 waits for the consumer. When the connection breaks (open error, decode error,
 end of a live stream, or a stall seen by the watchdog on the loop) it
 reconnects with capped exponential backoff, keeping `Frame.seq` and
@@ -20,6 +21,7 @@ after the tick. Opening and scaling are shared with decode.py.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import math
@@ -159,6 +161,9 @@ class SourceSpec:
     max_retries: int | None = None  # consecutive failed attempts before FAILED; None: forever
     short_side: int | None = None  # downscale so the shorter side is at most this
     hwaccel: str | None = None  # FFmpeg hardware decoder device ("cuda": NVDEC); software where unavailable
+    # Media time the first frame must come after (a stream taken over from another replica goes on
+    # from its timeline); None: the source's own pts.
+    start_after: float | None = None
     ffmpeg_options: Mapping[str, str] = field(default_factory=dict, hash=False)  # override FFmpeg input options
     # Called in the decode thread before every connect (sources added over HTTP): raises
     # ValueError when the destination is no longer allowed (a name now resolving to loopback).
@@ -259,6 +264,7 @@ class SourceStats:
     frames: int = 0  # delivered to on_frame with an image
     dropped: int = 0  # decoded, but dropped because the loop fell behind
     unconverted: int = 0  # decoded, never converted to RGB: no sampler slot (or thumbnail) needed it
+    skipped: int = 0  # never decoded: non-reference frames no slot or thumbnail could take
     decode_errors: int = 0  # packets the decoder rejected (skipped)
     reconnects: int = 0  # connection attempts after the first
     last_frame_wall_time: float | None = None  # time.time() of the newest delivered frame
@@ -273,17 +279,26 @@ class _Timeline:
     (reordering) are dropped.
     """
 
-    def __init__(self) -> None:
-        self.last: float | None = None
+    def __init__(self, start_after: float | None = None) -> None:
+        self.last: float | None = start_after  # set: the first connection is spliced after it too
         self.interval = 1 / 30
         self._shift: float | None = None
         self._prev_raw: float | None = None
+        self.segment = 0  # counts splices: a raw pts means something else in each segment
 
     def new_segment(self, interval: float | None) -> None:
         if interval and 1e-4 < interval < 10:
             self.interval = interval
         self._shift = None
         self._prev_raw = None
+        self.segment += 1
+
+    def predict(self, raw: float) -> float | None:
+        """The media time a frame at `raw` will get in this segment; None before the segment's
+        first frame fixes its offset, or for a time that would start a new segment."""
+        if self._shift is None or self._prev_raw is None or raw < self._prev_raw - DISCONTINUITY:
+            return None
+        return raw + self._shift
 
     def place(self, raw: float | None) -> float | None:
         """Media time for a frame, or None to drop it (its time goes backwards)."""
@@ -291,6 +306,7 @@ class _Timeline:
             raw = self._prev_raw + self.interval  # live demuxers omit a few timestamps
         elif raw is not None and self._prev_raw is not None and raw < self._prev_raw - DISCONTINUITY:
             self._shift = None  # the source restarted its clock (looping server, camera reboot): splice
+            self.segment += 1
         if raw is None:
             pts = self.last + self.interval if self.last is not None else 0.0
         else:
@@ -302,6 +318,71 @@ class _Timeline:
             return None
         self.last = pts
         return pts
+
+
+class _NonrefSkips:
+    """Where the decoder may skip a frame (`skip_frame = NONREF`, set packet by packet): frames
+    the gate will certainly not convert (`SlotGate.needless`) need not be decoded at all when
+    no other frame refers to them. The decoder alone knows which those are (H.264/HEVC
+    non-reference pictures: most B-frames) and skips only them, so every frame it does decode
+    is bit-identical to a full decode.
+
+    `needless` wants a frame on each side of the packet's that is certain to be offered:
+    packets decoded without leave to skip serve as those. In decode order a B-frame comes after
+    both frames it sits between, so B-frames find both; in a stream without them every packet
+    is the newest, and nothing is skipped (nor could be: every frame is a reference).
+    """
+
+    KEEP = 64  # certain frames remembered (raw pts, this segment); B-frame runs are far shorter
+
+    def __init__(self, gate: SlotGate, timeline: _Timeline) -> None:
+        self._gate = gate
+        self._timeline = timeline
+        self._segment = timeline.segment
+        self._certain: list[float] = []  # sorted raw pts of frames the decoder will hand out
+        self._allowed: set[int] = set()  # packet pts (stream ticks) given leave to skip, fate unknown
+        self.skipped = 0
+
+    def allow(self, packet: av.Packet) -> bool:
+        """Whether the decoder may skip this packet's frame (it does if it is a non-reference one)."""
+        if packet.pts is None or packet.time_base is None:
+            return False
+        raw = float(packet.pts * packet.time_base)
+        timeline = self._timeline
+        if timeline.segment != self._segment:  # new connection or spliced clock: raw pts start over
+            self._segment = timeline.segment
+            self._certain.clear()
+        certain = self._certain
+        i = bisect.bisect_left(certain, raw)
+        placed = timeline.predict(raw)
+        if placed is not None and 0 < i < len(certain) and certain[i] != raw:
+            shift = placed - raw
+            if self._gate.needless(placed, certain[i - 1] + shift, certain[i] + shift):
+                self._allowed.add(packet.pts)
+                if len(self._allowed) > self.KEEP:  # fates lost across a splice: count them now
+                    self._allowed.discard(min(self._allowed))
+                    self.skipped += 1
+                return True
+        certain.insert(i, raw)
+        if len(certain) > self.KEEP:
+            del certain[0]
+        return False
+
+    def decoded(self, pts: int | None) -> None:
+        """A frame came out (presentation order): if it had leave to skip, it was a reference frame;
+        those with leave before it that never came out were skipped."""
+        if not self._allowed or pts is None:
+            return
+        self._allowed.discard(pts)
+        gone = [p for p in self._allowed if p < pts]
+        self._allowed.difference_update(gone)
+        self.skipped += len(gone)
+
+    def end(self) -> None:
+        """End of a connection: the decoder has handed out all it will (a file's last, empty packet
+        drained it; a broken connection's frames with leave to skip are lost either way)."""
+        self.skipped += len(self._allowed)
+        self._allowed.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,10 +428,14 @@ class FrameSource(StateReporter):
     `gate`: the `SlotGate` of the sampler these frames feed (used by the decode
     thread only); the source then converts only what it lets through and also
     hands on ticks (`sampler.is_tick`). None: every frame is converted.
+    `skip_nonref` (with a gate): the decoder skips non-reference frames the gate
+    would never convert (`_NonrefSkips`; B-frames, mostly), which saves decoding
+    them and changes no frame that is handed on.
     """
 
     def __init__(
-        self, spec: SourceSpec, on_frame: OnFrame, on_state: OnState | None = None, *, gate: SlotGate | None = None
+        self, spec: SourceSpec, on_frame: OnFrame, on_state: OnState | None = None, *, gate: SlotGate | None = None,
+        skip_nonref: bool = True,
     ) -> None:
         self.spec = spec
         self.gate = gate
@@ -368,7 +453,8 @@ class FrameSource(StateReporter):
         self._abandon = threading.Event()  # the watchdog saw a stall: drop this connection
         # Written by the thread only.
         self._seq = 0
-        self._timeline = _Timeline()
+        self._timeline = _Timeline(spec.start_after)
+        self._skips = _NonrefSkips(gate, self._timeline) if gate is not None and skip_nonref else None
         self._connected = False
         self._progress = 0.0  # monotonic time of the last frame (or of the connection)
         self._posted = 0
@@ -398,6 +484,7 @@ class FrameSource(StateReporter):
             decode_errors=self._decode_errors,
             reconnects=self._reconnects,
             unconverted=self._unconverted,
+            skipped=self._skips.skipped if self._skips is not None else 0,
             last_frame_wall_time=self._last_wall,
         )
 
@@ -569,6 +656,8 @@ class FrameSource(StateReporter):
                 return ended if ended is None else (_relay_refused(relayed) or ended)
             finally:
                 self._release_held()
+                if self._skips is not None:
+                    self._skips.end()
                 self._connected = False
                 container.close()
         finally:
@@ -639,11 +728,16 @@ class FrameSource(StateReporter):
 
     def _decoded(self, container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.VideoFrame]:
         codec = stream.codec_context
+        skips, skipping = self._skips, False
         while True:
             try:
                 for packet in container.demux(stream):
                     if self._stop_event.is_set() or self._abandon.is_set():
                         return
+                    if skips is not None and (allow := skips.allow(packet)) is not skipping:
+                        # Read per packet (frame threads copy it with each packet they take).
+                        codec.skip_frame = "NONREF" if allow else "DEFAULT"
+                        skipping = allow
                     try:
                         frames = codec.decode(packet)
                     except av.error.FFmpegError as exc:
@@ -651,6 +745,9 @@ class FrameSource(StateReporter):
                         self._decode_errors += 1
                         log.debug("packet rejected", extra={"stream": self.stream_id, "reason": self._clean(str(exc))})
                         continue
+                    if skips is not None:
+                        for av_frame in frames:
+                            skips.decoded(av_frame.pts)
                     yield from frames
                 return
             except av.error.ExitError:

@@ -5,12 +5,15 @@ Location to end) lives in the server; this module only turns an SDP offer into
 an answer and the received video track into Frames.
 
 DTLS role: when the offer leaves it open (`a=setup:actpass`) the session
-answers `a=setup:passive` and is the DTLS server. As a client aiortc offers
-only ECDHE-ECDSA suites, which a publisher with an RSA certificate
-(GStreamer's webrtcbin) cannot accept ("no shared cipher"); as a server it
-accepts both kinds of peer. An offer that says `passive` makes us the client:
-that works with ECDSA publishers (browsers), and fails against RSA ones with
-the reason in the state detail.
+answers `a=setup:passive` and is the DTLS server, which accepts publishers
+with ECDSA (browsers) and RSA (GStreamer's webrtcbin) certificates alike. An
+offer that says `passive` makes us the DTLS client. aiortc's client offers
+only ECDHE-ECDSA suites, which a server with an RSA certificate cannot accept
+("no shared cipher"); importing this module therefore wraps aiortc's DTLS
+context creation so that it also offers the ECDHE-RSA twin of each suite
+(`_offer_rsa_suites_as_client`), and refuses to import when aiortc's shape
+changed. A handshake that still fails is reported in one line, with
+OpenSSL's reason, in the state detail and the log.
 
 Receive path: aiortc decodes RTP in its own thread into an unbounded queue.
 One task drains that queue as fast as frames come, keeping only the newest
@@ -27,6 +30,8 @@ import collections
 import concurrent.futures
 import contextlib
 import contextvars
+import functools
+import inspect
 import logging
 import re
 import secrets
@@ -34,11 +39,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import aiortc
 import av
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc import sdp as aiortc_sdp
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcdtlstransport import RTCCertificate
+from OpenSSL import SSL
 
 from streamer.errors import VideoError
 from streamer.ingest.base import OnState, StateReporter
@@ -77,6 +85,88 @@ def _parse_offer(offer_sdp: str) -> aiortc_sdp.SessionDescription:
     if not any(m.direction in (None, "sendrecv", "sendonly") for m in video):
         raise WhipError("offer does not send video (its video sections are recvonly or inactive)")
     return description
+
+
+# -- DTLS suites: meet an RSA server when we are the client ------------------------------
+
+_ECDSA_SUITE = "ECDHE-ECDSA-"
+_RSA_SUITE = "ECDHE-RSA-"
+
+
+def _with_rsa_twins(suites: list[str]) -> list[str]:
+    """The (D)TLS 1.2 suites in `suites`, each ECDHE-ECDSA one followed by its ECDHE-RSA twin
+    (TLS 1.3 names are left out: they belong to set_ciphersuites, and DTLS 1.2 has none)."""
+    out: list[str] = []
+    for suite in suites:
+        if suite.startswith("TLS_") or suite in out:
+            continue
+        out.append(suite)
+        if suite.startswith(_ECDSA_SUITE):
+            twin = _RSA_SUITE + suite[len(_ECDSA_SUITE):]
+            if twin not in suites:
+                out.append(twin)
+    return out
+
+
+def _offer_rsa_suites_as_client() -> None:
+    """Make every DTLS context aiortc creates offer ECDHE-RSA suites besides its ECDHE-ECDSA ones.
+
+    Why: aiortc (checked with 1.16) builds each context in the private
+    `RTCCertificate._create_ssl_context(self, srtp_profiles)` with an ECDHE-ECDSA-only
+    cipher list. As the DTLS server that is all its own ECDSA key can use; but as the
+    client (the offer said setup:passive) the suite must suit the *server's* certificate,
+    and an RSA one (GStreamer's webrtcbin) finds no shared cipher. Our client certificate
+    stays ECDSA, which an RSA server accepts. As a server OpenSSL never picks an RSA suite
+    for an ECDSA key, so that side is unchanged. aiortc has no public way to set the list.
+
+    Idempotent. Raises RuntimeError, at import and so at daemon startup, when aiortc's shape
+    changed (no such method, another signature, or a context that still offers no RSA suite):
+    loudly, rather than RSA publishers failing one by one later.
+    """
+    create = getattr(RTCCertificate, "_create_ssl_context", None)
+    if getattr(create, "offers_rsa_suites", False):
+        return
+    version = getattr(aiortc, "__version__", "?")
+    try:
+        parameters = list(inspect.signature(create).parameters) if callable(create) else None
+    except (TypeError, ValueError):
+        parameters = None
+    if parameters != ["self", "srtp_profiles"]:
+        raise RuntimeError(
+            f"aiortc {version}: RTCCertificate._create_ssl_context(self, srtp_profiles) not found "
+            f"(got {parameters}); streamer.ingest.whip wraps it so that WHIP publishers with RSA "
+            "certificates can connect when the daemon is the DTLS client: install a tested aiortc (1.16)"
+        )
+    assert create is not None
+    from aiortc.rtcdtlstransport import SRTP_PROFILES
+
+    def offered(context: SSL.Context) -> list[str]:  # a context cannot change once a Connection used it
+        return SSL.Connection(context).get_cipher_list()
+
+    try:
+        certificate = RTCCertificate.generateCertificate()
+        suites = ":".join(_with_rsa_twins(offered(create(certificate, SRTP_PROFILES)))).encode()
+    except Exception as exc:
+        raise RuntimeError(f"aiortc {version}: cannot build its DTLS context to read its suites ({exc})") from exc
+
+    @functools.wraps(create)
+    def create_with_rsa_suites(self: RTCCertificate, srtp_profiles: list) -> SSL.Context:
+        context = create(self, srtp_profiles)
+        context.set_cipher_list(suites)
+        return context
+
+    create_with_rsa_suites.offers_rsa_suites = True  # type: ignore[attr-defined]
+    # Check that it takes: a context made as aiortc makes one offers RSA suites (and ECDSA ones still).
+    try:
+        now = offered(create_with_rsa_suites(certificate, SRTP_PROFILES))
+    except Exception as exc:
+        raise RuntimeError(f"aiortc {version}: cannot offer the suites {suites.decode()!r} ({exc})") from exc
+    if not any(s.startswith(_RSA_SUITE) for s in now) or not any(s.startswith(_ECDSA_SUITE) for s in now):
+        raise RuntimeError(f"aiortc {version}: its DTLS context would offer {now}, not ECDHE-ECDSA and ECDHE-RSA suites")
+    RTCCertificate._create_ssl_context = create_with_rsa_suites  # type: ignore[method-assign]
+
+
+_offer_rsa_suites_as_client()
 
 
 _ACTIVE = re.compile(r"^a=setup:active(?=\r?$)", re.MULTILINE)
@@ -313,9 +403,6 @@ class WhipSession(StateReporter):
                 return f"ICE failed: no candidate pair answered ({local} local, {remote} remote candidates)"
             if dtls.state == "failed":
                 why = self._dtls_error or "DTLS handshake failed"
-                if self._dtls_role == "client":
-                    why += ("; the offer said setup:passive, so the daemon was the DTLS client, which offers only "
-                            "ECDHE-ECDSA suites: a publisher with an RSA certificate must offer setup:actpass")
                 return f"DTLS failed as {self._dtls_role or 'unknown role'}: {why}"
         return "WebRTC connection failed"
 
@@ -344,9 +431,7 @@ class WhipSession(StateReporter):
             return f"{ice_part}, DTLS failed as {role}: {self._dtls_error}"
         dtls_part = {
             "new": "DTLS not started",
-            "connecting": f"DTLS handshake as {role} not finished" + (
-                "; the offer said setup:passive: a publisher with an RSA certificate must offer setup:actpass"
-                if role == "client" else ""),
+            "connecting": f"DTLS handshake as {role} not finished",
             "connected": "DTLS connected, no video frame yet",
         }.get(dtls.state, f"DTLS {dtls.state}")
         return f"{ice_part}, {dtls_part}"

@@ -134,6 +134,9 @@ class _StatsCollector(Collector):
             ("streamer_source_reconnects", "Connection attempts after the first", "reconnects"),
             ("streamer_source_frames_unconverted",
              ("Frames decoded but never converted to RGB (no sampler slot or thumbnail needed them)"), "unconverted"),
+            ("streamer_source_frames_skipped",
+             "Frames never decoded: non-reference frames (B-frames, mostly) no sampler slot or thumbnail could take",
+             "skipped"),
         ):
             family = CounterMetricFamily(name, help_, labels=["stream"])
             for stream_id, s in sorted(sources.items()):

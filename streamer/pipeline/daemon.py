@@ -25,7 +25,7 @@ from streamer.pipeline.sampler import SlotGate
 from streamer.pipeline.scheduler import Scheduler, SchedulerConfig
 from streamer.publish.hub import CaptionHub
 from streamer.security.policy import CheckedSource
-from streamer.types import Caption, Window
+from streamer.types import Caption, StreamResume, Window
 
 __all__ = ["STREAM_ID", "StreamConfig", "StreamRuntime", "DaemonConfig", "Daemon", "StreamExists", "StreamNotFound", "AtCapacity"]
 
@@ -174,16 +174,18 @@ class Daemon:
         self.last_batch_error = f"{type(exc).__name__}: {exc}"
 
     # -- streams ----------------------------------------------------------------
-    async def add_stream(self, config: StreamConfig, checked: CheckedSource | None = None) -> StreamRuntime:
+    async def add_stream(self, config: StreamConfig, checked: CheckedSource | None = None, *,
+                         resume: StreamResume | None = None) -> StreamRuntime:
         """Start pulling a stream. Raises StreamExists, AtCapacity, or ValueError for a bad URL.
 
         `checked`: what the source policy allowed for a URL from HTTP (what to open, the FFmpeg
-        protocol whitelist, the destination check); None for the operator's own sources."""
+        protocol whitelist, the destination check); None for the operator's own sources.
+        `resume`: go on from another replica's index and media timeline (a stream taken over)."""
         if not config.url:
             raise ValueError("a pulled stream needs a 'url' (WHIP streams are created by POST /whip/{id})")
         async with self._lock:
             self._check_new(config.id)
-            rt = self._runtime(config)
+            rt = self._runtime(config, resume.next_index if resume else 0)
             spec = SourceSpec(
                 stream_id=config.id,
                 url=checked.url if checked is not None else config.url,
@@ -196,6 +198,7 @@ class Daemon:
                 stall_timeout=config.stall_timeout,
                 short_side=self.engine.frame_short_side,
                 hwaccel=config.hwaccel,
+                start_after=resume.media_after if resume else None,
             )  # raises SourceSpecError (a ValueError) for unknown schemes, missing files
             # The gate mirrors this stream's sampler: only frames it will choose are converted.
             rt.source = FrameSource(spec, rt.on_frame, rt.on_state, gate=SlotGate(rt.sampler.config))
@@ -303,11 +306,11 @@ class Daemon:
         self.metrics.forget_stream(stream_id)
         log.info("stream removed", extra={"stream": stream_id, "detail": detail})
 
-    def _runtime(self, config: StreamConfig) -> StreamRuntime:
+    def _runtime(self, config: StreamConfig, first_index: int = 0) -> StreamRuntime:
         return StreamRuntime(
             config, frames=self.engine.num_frames, ring_capacity=self.config.ring_capacity,
             submit=self.scheduler.submit, publish_state=self.hub.publish_state, metrics=self.metrics,
-            spawn=self.supervisor.spawn,
+            spawn=self.supervisor.spawn, first_index=first_index,
         )
 
     def get(self, stream_id: str) -> StreamRuntime:
@@ -331,7 +334,7 @@ class Daemon:
             rt.last_caption = caption
             self.metrics.captioned.labels(stream=caption.stream_id).inc()
             self.metrics.latency.labels(stream=caption.stream_id).observe(caption.latency)
-            self.hub.publish_caption(caption)
+            self.hub.publish_caption(caption, shown=rt.stabilizer.offer(caption))
 
     # -- one-off requests (HTTP JSON APIs) -----------------------------------
     async def caption_windows(self, windows: list[Window], max_new_tokens: int | None = None) -> list[Caption]:

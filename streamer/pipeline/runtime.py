@@ -13,6 +13,7 @@ from streamer.ingest.base import Source
 from streamer.ops.metrics import DaemonMetrics
 from streamer.pipeline.ring import FrameRing
 from streamer.pipeline.sampler import SamplerConfig, WindowSampler
+from streamer.publish.stabilizer import CaptionStabilizer
 from streamer.security.redact import redact_url
 from streamer.types import Caption, Frame, Window
 
@@ -36,9 +37,11 @@ class StreamRuntime:
         publish_state: Callable[[str, str, str | None], None],
         metrics: DaemonMetrics,
         spawn: Callable[[str, Callable[[], Any]], asyncio.Task],
+        first_index: int = 0,
     ) -> None:
         self.config = config
-        self.sampler = WindowSampler(SamplerConfig(config.window, config.frames or frames, config.hop), config.id)
+        self.sampler = WindowSampler(SamplerConfig(config.window, config.frames or frames, config.hop), config.id,
+                                     first_index)
         self.ring = FrameRing(ring_capacity)
         self._submit = submit
         self._publish_state = publish_state
@@ -50,6 +53,7 @@ class StreamRuntime:
         self.windows = 0
         self.captions = 0
         self.last_caption: Caption | None = None
+        self.stabilizer = CaptionStabilizer.for_stream(config)  # which caption overlays show (`shown`)
         self.created = time.time()
         self._task: asyncio.Task | None = None
 
@@ -101,6 +105,7 @@ class StreamRuntime:
             "captions": self.captions,
             "last_caption": last.text if last else None,
             "last_caption_end": last.end if last else None,
+            "shown_caption": self.stabilizer.shown_text,
         }
 
 

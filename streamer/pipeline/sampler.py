@@ -33,6 +33,7 @@ from streamer.types import Frame, Window, tick
 __all__ = ["SamplerConfig", "WindowSampler", "SlotGate", "GateDecision", "Act", "tick", "is_tick"]
 
 _EPS = 1e-9
+_MARGIN = 1e-6  # SlotGate.needless: wider than _EPS and float noise in pts, narrower than any frame interval
 
 
 def is_tick(frame: Frame) -> bool:
@@ -72,9 +73,12 @@ class SamplerConfig:
 class WindowSampler:
     """Turns a stream of frames (increasing pts) into overlapping windows."""
 
-    def __init__(self, config: SamplerConfig, stream_id: str = "") -> None:
+    def __init__(self, config: SamplerConfig, stream_id: str = "", first_index: int = 0) -> None:
+        """`first_index`: the index of the first window (a stream taken over from another replica
+        goes on from the last index it published)."""
         self.config = config
         self.stream_id = stream_id
+        self.first_index = first_index
         self._t0: float | None = None
         self._last: Frame | None = None
         self._last_image: Frame | None = None  # newest frame that is not a tick
@@ -135,7 +139,7 @@ class WindowSampler:
         if any(is_tick(f) for f in frames):
             return []
         self._emitted += 1
-        return [Window(self.stream_id, self._next_window, tuple(frames))]
+        return [Window(self.stream_id, self.first_index + self._next_window, tuple(frames))]
 
     def _complete_windows(self) -> list[Window]:
         n = self.config.frames
@@ -148,7 +152,7 @@ class WindowSampler:
             if any(is_tick(f) for f in frames):
                 self.skipped += 1  # frames were lost and a tick is all a slot has: no image to caption
             else:
-                out.append(Window(self.stream_id, self._next_window, frames))
+                out.append(Window(self.stream_id, self.first_index + self._next_window, frames))
                 self._emitted += 1
             self._next_window += 1
         # Forget slots that no future window can use.
@@ -259,6 +263,31 @@ class SlotGate:
         self._decided_at_last = self._next_slot
         self._last = pts
         return GateDecision(held, Act.CONVERT if convert else Act.HOLD)
+
+    def needless(self, pts: float, before: float, after: float) -> bool:
+        """True when a frame at `pts` will certainly not be converted, given that frames at
+        `before` and `after` (before < pts < after) will be offered as well: its source may then
+        let the decoder skip it, if no other frame needs it (a non-reference frame). False
+        whenever that is not certain.
+
+        A slot takes the frame nearest its centre, ties to the earlier, so with `before` and
+        `after` offered, `pts` can be taken only by a centre in ((before + pts) / 2,
+        (pts + after) / 2] (frames in between only narrow that). Removing a frame no slot takes
+        changes no other choice. It must not be due as a thumbnail either: conversions only move
+        the last converted time forward, so under `refresh` from it now means under it then.
+        """
+        if self._t0 is None or self._last_converted is None or not before < pts < after:
+            return False
+        if self._last is not None and pts <= self._last:
+            return False  # not ahead of what was offered: leave such frames to the usual rules
+        if self.refresh is not None and pts - self._last_converted >= self.refresh - _MARGIN:
+            return False
+        step = self.config.step
+        low, high = (before + pts) / 2 - _MARGIN, (pts + after) / 2 + _MARGIN
+        slot = math.floor((high - self._t0) / step - 0.5)  # the last slot whose centre is <= high
+        if _centre(self._t0, slot + 1, step) <= high:  # float rounding in floor(): be sure
+            return False
+        return slot < 0 or _centre(self._t0, slot, step) <= low
 
     def release(self) -> bool:
         """End of a connection: True when the held frame must be converted and handed on now."""

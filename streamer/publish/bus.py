@@ -45,7 +45,10 @@ import asyncio
 import json
 import logging
 import math
+import os
 import random
+import re
+import socket
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -64,9 +67,21 @@ from streamer.publish.hub import CaptionHub, HubMessage
 from streamer.publish.protocol import encode
 from streamer.types import Caption, StateChange
 
-__all__ = ["APPEND_LUA", "FENCED", "BusConfig", "CaptionBus", "Fence", "Gap", "redacted"]
+__all__ = ["APPEND_LUA", "FENCED", "RESTORE_LUA", "BusConfig", "CaptionBus", "Fence", "Gap", "redacted"]
 
 log = logging.getLogger(__name__)
+
+# A Redis that lost its data (restarted without persistence) has neither the lease nor the stream's
+# fencing counter (never deleted otherwise): the holder it forgot gets its lease back. Whoever
+# acquired first since then made the counter exist again, so a later restore is refused.
+RESTORE_LUA = """
+local function restore(lease, counter, value, ttl, token)
+  if redis.call('EXISTS', lease) == 1 or redis.call('EXISTS', counter) == 1 then return false end
+  redis.call('SET', counter, token)
+  redis.call('SET', lease, value, 'PX', ttl)
+  return true
+end
+"""
 
 # INCR the stream's counter, XADD with that seq as the entry id, register the stream id.
 # KEYS: 1 the stream, 2 its counter, 3 the set of stream ids, 4 the index stream.
@@ -76,22 +91,30 @@ log = logging.getLogger(__name__)
 # Fencing (stream ownership, publish/lease.py), optional: KEYS[5] the stream's lease, ARGV[5] the
 # value the publisher holds it with ("<replica>:<token>"). Checked first: when the lease is not held
 # with exactly that value (expired, or another replica's), nothing is appended or counted and the
-# script returns FENCED, so a paused or partitioned ex-owner publishes nothing.
-APPEND_LUA = """
-if KEYS[5] and redis.call('GET', KEYS[5]) ~= ARGV[5] then return 'FENCED' end
+# script returns FENCED, so a paused or partitioned ex-owner publishes nothing. Optional with it:
+# KEYS[6] the fencing counter, ARGV[7] the lease ttl in ms, ARGV[8] the token: a Redis that lost its
+# data (no lease, no counter) gets the lease back (RESTORE_LUA) instead of refusing its owner.
+# ARGV[6], optional: the publishing replica's id, stored beside the message as field `r` (not part of
+# the protocol message): the owner's sinks take only their own messages, so they run once (hub.py).
+APPEND_LUA = RESTORE_LUA + """
+if KEYS[5] and redis.call('GET', KEYS[5]) ~= ARGV[5] then
+  if not (KEYS[6] and restore(KEYS[5], KEYS[6], ARGV[5], ARGV[7], ARGV[8])) then return 'FENCED' end
+end
 local seq = redis.call('INCR', KEYS[2])
 local floor = tonumber(ARGV[4])
 if seq < floor then
   seq = floor
   redis.call('SET', KEYS[2], seq)
 end
-local ok = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'm', ARGV[2])
+local fields = {'m', ARGV[2]}
+if ARGV[6] and ARGV[6] ~= '' then fields = {'m', ARGV[2], 'r', ARGV[6]} end
+local ok = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], seq .. '-0', unpack(fields))
 if type(ok) == 'table' and ok.err then
   -- the counter is behind the stream (it was deleted or restored on its own): go on after the stream
   local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
   seq = tonumber(string.match(last[1][1], '^(%d+)')) + 1
   redis.call('SET', KEYS[2], seq)
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'm', ARGV[2])
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], seq .. '-0', unpack(fields))
 end
 if redis.call('SADD', KEYS[3], ARGV[1]) == 1 then
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', 1000, '*', 'id', ARGV[1])
@@ -112,13 +135,23 @@ FENCED = b"FENCED"  # the append script's answer when the publisher's lease is n
 
 
 class Fence(Protocol):
-    """What the append script checks: the lease key and the value we hold it with (a StreamLease)."""
+    """What the append script checks: the lease key and the value we hold it with (a StreamLease),
+    and what restores it in a Redis that lost its data."""
 
     @property
     def key(self) -> str: ...
 
     @property
     def value(self) -> str: ...
+
+    @property
+    def fence_key(self) -> str: ...
+
+    @property
+    def ttl_ms(self) -> int: ...
+
+    @property
+    def token(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -132,6 +165,17 @@ class BusConfig:
     connect_timeout: float = 2.0
     reconnect_max: float = 5.0
     block: float = 1.0  # XREAD BLOCK: how long one read waits for news
+    # Stream ownership (cluster/ownership.py): the stream set lives in Redis and each stream is
+    # captioned by the one replica holding its lease.
+    ownership: bool = True
+    replica_id: str | None = None  # None: STREAMER_REPLICA_ID, else "<hostname>-<pid>" (default_replica_id())
+    lease_ttl: float = 5.0  # a dead owner's streams are taken over within this + one window
+    max_owned_streams: int = 64  # streams this replica captions at most
+    request_timeout: float = 5.0  # a request routed to a stream's owner (thumbnail, details) waits this long
+
+    def replica(self) -> str:
+        """This replica's id on the bus."""
+        return self.replica_id or default_replica_id()
 
     @classmethod
     def from_section(cls, section: Any) -> BusConfig:
@@ -151,6 +195,13 @@ class Gap:
     to_seq: int
 
 
+def default_replica_id() -> str:
+    """STREAMER_REPLICA_ID, else "<hostname>-<pid>" (a Kubernetes pod's hostname is its name), cut to
+    what a replica id may hold."""
+    raw = os.environ.get("STREAMER_REPLICA_ID") or f"{socket.gethostname()}-{os.getpid()}"
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", raw)[-64:] or f"replica-{os.getpid()}"
+
+
 def redacted(url: str) -> str:
     """The URL for logs: host, port and database, never the password."""
     parts = urlsplit(url)
@@ -165,6 +216,7 @@ class CaptionBus:
         self.config = config
         self.hub = hub
         self.metrics = metrics  # DaemonMetrics, or None
+        self.replica_id = config.replica()
         p = config.key_prefix
         self._set_key, self._index_key = f"{p}streams", f"{p}index"
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -187,7 +239,8 @@ class CaptionBus:
         self._outbox_ready = asyncio.Event()
         self._overflowing = False  # the outbox is dropping (logged once per episode)
         self._published: dict[str, int] = {}  # stream -> last seq this replica appended
-        self._fences: dict[str, tuple[str, str]] = {}  # stream -> (lease key, our value): appends are checked
+        self._fences: dict[str, tuple[str, str, str, int, int]] = {}  # stream -> the lease's (key, value,
+        # fencing counter, ttl ms, token): appends are checked
         self._read_pos: dict[str, int] = {}  # stream -> last seq the reader delivered
         self._index_pos: bytes | str | None = None
         self._progress = asyncio.Event()  # something was appended or delivered (for flush)
@@ -247,7 +300,7 @@ class CaptionBus:
         if lease is None:
             self._fences.pop(stream_id, None)
         else:
-            self._fences[stream_id] = (lease.key, lease.value)
+            self._fences[stream_id] = (lease.key, lease.value, lease.fence_key, lease.ttl_ms, lease.token)
             self._warned.discard(f"fenced:{stream_id}")  # a new lease: a later refusal is news again
 
     async def flush(self, timeout: float) -> None:
@@ -292,6 +345,17 @@ class CaptionBus:
             if len(entries) < count or last_seq is None:
                 return
             start = last_seq + 1
+
+    async def last_caption(self, stream_id: str, look_back: int = 64) -> Caption | None:
+        """The newest caption of a stream on the bus (among its last `look_back` messages), or None:
+        where a new owner continues the stream's index and media timeline. Raises redis errors."""
+        async with self._op():
+            entries = await self._redis.xrevrange(self._key(stream_id), count=look_back)
+        for entry_id, fields in entries:
+            m = self._message(stream_id, entry_id, fields)
+            if m is not None and isinstance(m.payload, Caption):
+                return m.payload
+        return None
 
     async def close(self) -> None:
         """After the supervisor cancelled the tasks: close the connections (idempotent)."""
@@ -351,11 +415,12 @@ class CaptionBus:
             for m in batch:
                 sid = m.stream_id
                 keys = [self._key(sid), self._seq_key(sid), self._set_key, self._index_key]
-                args: list[str | int] = [sid, encode(m.data), self.config.retention, self._published.get(sid, 0) + 1]
                 fence = self._fences.get(sid)
+                args: list[str | int] = [sid, encode(m.data), self.config.retention, self._published.get(sid, 0) + 1,
+                                         fence[1] if fence is not None else "", self.replica_id]
                 if fence is not None:
-                    keys.append(fence[0])
-                    args.append(fence[1])
+                    keys += [fence[0], fence[2]]
+                    args += [fence[3], fence[4]]
                 await self._append(keys=keys, args=args, client=pipe)
             results = await pipe.execute(raise_on_error=False)
         for r in results:
@@ -457,7 +522,13 @@ class CaptionBus:
         except (ValueError, TypeError, KeyError) as exc:
             self._bad(sid, str(exc)[:200])
             return None
-        return HubMessage(payload, 0, stable, bus_seq=seq)
+        origin = fields.get(b"r")
+        shown = data.get("shown", True)  # the stabilizer's flag (older entries have none: shown)
+        if not isinstance(shown, bool):
+            self._bad(sid, "shown must be a boolean")
+            return None
+        return HubMessage(payload, 0, stable, bus_seq=seq, shown=shown,
+                          origin=origin.decode("utf-8", "replace")[:64] if isinstance(origin, bytes) else None)
 
     def _bad(self, sid: str, why: str) -> None:
         self._count("bad_entry")

@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from streamer.publish.hub import REASON_SLOW, CaptionHub, HubMessage, Subscription, SubscriptionClosed
+from streamer.types import Caption
 
 __all__ = ["HubConsumer", "Spawn"]
 
 log = logging.getLogger(__name__)
 
 Spawn = Callable[[str, Callable[[], Any]], asyncio.Task]
+_RECENT = 4096  # captions remembered against the bus's rare duplicates (a re-sent batch is recent)
 
 
 class HubConsumer:
@@ -31,6 +34,7 @@ class HubConsumer:
     consumer_name = "sink"
 
     def _init_consumer(self) -> None:
+        self._recent: OrderedDict[tuple, None] = OrderedDict()  # captions read from the bus, newest last
         self._hub: CaptionHub | None = None
         self._sub: Subscription | None = None
         self._consumer: asyncio.Task | None = None
@@ -59,6 +63,25 @@ class HubConsumer:
     def _on_message(self, message: HubMessage) -> None:
         raise NotImplementedError
 
+    def _ours(self, m: HubMessage) -> bool:
+        """With a bus, a sink runs once in the cluster: it takes only what this replica published
+        (every replica reads every stream back from the bus, for its clients), and each caption once
+        (the bus is at least once: a batch cut off by a lost connection is appended again)."""
+        bus = self._hub.bus if self._hub is not None else None
+        if bus is None or m.bus_seq is None:
+            return True  # alone, or not from the bus
+        if m.origin != bus.replica_id:
+            return False
+        if isinstance(m.payload, Caption):
+            p = m.payload
+            key = (p.stream_id, p.index, p.emit_time)
+            if key in self._recent:
+                return False
+            self._recent[key] = None
+            if len(self._recent) > _RECENT:
+                self._recent.popitem(last=False)
+        return True
+
     def _subscribe(self) -> Subscription:
         assert self._hub is not None
         return self._hub.subscribe(self.streams, only_changes=self.only_changes, replay=False)
@@ -78,6 +101,8 @@ class HubConsumer:
             self._handle(message)
 
     def _handle(self, message: HubMessage) -> None:
+        if not self._ours(message):
+            return
         try:
             self._on_message(message)
         except Exception:

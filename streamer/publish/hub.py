@@ -11,8 +11,12 @@ to its socket, and closes the socket when the subscription closes (see
 - Drop policy: a subscriber whose queue is full is closed with reason
   "slow consumer" and its pending messages are dropped, so one stuck client
   never delays publishing or the other subscribers.
-- `stable`: a caption whose text equals the previous caption of its stream is
-  sent with stable=True. Subscribers with only_changes=True (the default) skip
+- `shown`: whether a caption is the one its stream's stabilizer shows
+  (publish/stabilizer.py; always True with `stabilize = "off"`). Every
+  caption is published either way; overlays and subtitle files follow the
+  shown ones.
+- `stable`: a caption whose text (and `shown`) equals the previous caption of
+  its stream is sent with stable=True. Subscribers with only_changes=True (the default) skip
   it when they were already sent that text for that stream, so a client is
   never left without the current caption (after subscribing late, or when its
   replayed history starts with a stable caption).
@@ -52,6 +56,8 @@ REASON_SHUTDOWN = "server shutdown"
 class BusLink(Protocol):
     """What the hub needs of a bus (publish/bus.py's CaptionBus)."""
 
+    replica_id: str  # stored with each message this replica appends (HubMessage.origin when read back)
+
     def offer(self, m: HubMessage) -> None: ...  # take a message to append; never blocks
 
     async def flush(self, timeout: float) -> None: ...  # wait until what was offered came back
@@ -69,14 +75,17 @@ class HubMessage:
     """One published message: the typed payload every sink consumes, and its wire form
     (`data`, `encoded`), each built once on first use and shared by every subscriber."""
 
-    __slots__ = ("payload", "stable", "seq", "bus_seq", "_data", "_encoded")
+    __slots__ = ("_data", "_encoded", "bus_seq", "origin", "payload", "seq", "shown", "stable")
 
     def __init__(self, payload: Caption | StateChange, seq: int, stable: bool = False, *,
-                 bus_seq: int | None = None, data: dict[str, Any] | None = None) -> None:
+                 bus_seq: int | None = None, data: dict[str, Any] | None = None, origin: str | None = None,
+                 shown: bool = True) -> None:
         self.payload = payload
         self.stable = stable
+        self.shown = shown  # the caption its stream's stabilizer shows (always True for states)
         self.seq = seq  # publish order, breaks ties in replay
         self.bus_seq = bus_seq  # the stream's sequence number on the bus (the wire's `seq`); None without a bus
+        self.origin = origin  # the replica that published it, for a message read from the bus (else None)
         self._data = data  # the wire form when it came from the bus (built from payload otherwise)
         self._encoded: str | None = None
 
@@ -99,7 +108,7 @@ class HubMessage:
         """The protocol message as a dict (docs/protocol.md). Do not modify it: it is shared."""
         if self._data is None:
             p = self.payload
-            self._data = caption_message(p, self.stable) if isinstance(p, Caption) else state_message(p)
+            self._data = caption_message(p, self.stable, self.shown) if isinstance(p, Caption) else state_message(p)
             if self.bus_seq is not None:
                 self._data["seq"] = self.bus_seq
         return self._data
@@ -307,7 +316,7 @@ class CaptionHub:
         self._subs: set[Subscription] = set()
         self._captions: dict[str, deque[HubMessage]] = {}
         self._states: dict[str, HubMessage] = {}
-        self._last_text: dict[str, str] = {}
+        self._last_text: dict[str, tuple[str, bool]] = {}  # stream -> (text, shown) of its last caption
         self._ended: set[str] = set()  # streams between end_stream() and forget_stream()
         self._seq = itertools.count()
         self._closed = False
@@ -360,14 +369,17 @@ class CaptionHub:
             sub._offer_replay(self._history(sub.streams))
         return sub
 
-    def publish_caption(self, caption: Caption) -> None:
-        """Encode once, keep in history, offer to every matching subscriber. Never blocks."""
+    def publish_caption(self, caption: Caption, shown: bool = True) -> None:
+        """Encode once, keep in history, offer to every matching subscriber. Never blocks.
+
+        `shown`: the stream's stabilizer shows this caption. A caption that becomes shown with the
+        text of the one before it is not `stable`: clients that skip repeats must still get it."""
         if self._closed or caption.stream_id in self._ended:
             return
         sid = caption.stream_id
-        stable = self._last_text.get(sid) == caption.text
-        self._last_text[sid] = caption.text
-        self._emit(HubMessage(caption, next(self._seq), stable))
+        stable = self._last_text.get(sid) == (caption.text, shown)
+        self._last_text[sid] = (caption.text, shown)
+        self._emit(HubMessage(caption, next(self._seq), stable, shown=shown))
 
     def publish_state(self, stream_id: str, state: str, detail: str | None = None, *, at: float | None = None) -> None:
         """Encode once, remember as the stream's latest state, offer to matching subscribers.

@@ -36,7 +36,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from streamer.config import STREAM_ID
-from streamer.publish.bus import BusConfig, redacted
+from streamer.publish.bus import RESTORE_LUA, BusConfig, redacted
 
 __all__ = ["LeaseManager", "StreamLease"]
 
@@ -59,9 +59,14 @@ redis.call('SET', KEYS[1], ARGV[1] .. ':' .. token, 'NX', 'PX', ARGV[2])
 return token
 """
 
-# KEYS: 1 the lease. ARGV: 1 our value, 2 ttl in ms. 1 when renewed, 0 when not ours (any more).
-RENEW_LUA = """
+# KEYS: 1 the lease, 2 the fencing counter. ARGV: 1 our value, 2 ttl in ms, 3 our token.
+# 1 when renewed, 0 when not ours (any more). A Redis that lost its data (restarted without
+# persistence: the counter, never deleted otherwise, is gone too) gets our lease back, as the
+# bus's append script does (bus.RESTORE_LUA): the holder it forgot stands, and a replica that
+# acquired first since then has made the counter exist again, so this one is refused.
+RENEW_LUA = RESTORE_LUA + """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if restore(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then return 1 end
 return 0
 """
 
@@ -83,6 +88,8 @@ class StreamLease:
         self.key = key
         self.token = token
         self.value = f"{manager.replica_id}:{token}"
+        self.fence_key = manager.fence_key(stream_id)  # the stream's fencing counter
+        self.ttl_ms = manager.ttl_ms
         self.renewed_at = acquired_at  # loop time the last successful renewal was *sent* (expiry >= this + ttl)
         self.lost: str | None = None  # why it was lost; None while held
         self.released = False
@@ -106,7 +113,7 @@ class StreamLease:
         m = self._manager
         sent = asyncio.get_running_loop().time()
         async with m._op(self):
-            ok = await m._renew(keys=[self.key], args=[self.value, m.ttl_ms])
+            ok = await m._renew(keys=[self.key, self.fence_key], args=[self.value, m.ttl_ms, self.token])
         if int(ok) == 1:
             self.renewed_at = sent
             return True

@@ -108,7 +108,8 @@ One caption for one window of one stream.
 ```json
 {"v": 1, "type": "caption", "stream_id": "cam1", "index": 42, "start": 42.0, "end": 44.5,
  "text": "a man is riding a bike", "confidence": -0.31, "model": "microsoft/git-base-vatex",
- "capture_time": 1764050000.12, "emit_time": 1764050000.85, "latency": 0.73, "stable": false}
+ "capture_time": 1764050000.12, "emit_time": 1764050000.85, "latency": 0.73, "stable": false,
+ "shown": true}
 ```
 
 - `stream_id` (string), `index` (integer, per-stream window counter).
@@ -120,10 +121,20 @@ One caption for one window of one stream.
 - `capture_time` (number): when the newest frame of the window arrived.
 - `emit_time` (number): when the caption was produced.
 - `latency` (number): `emit_time - capture_time`, at least 0, in seconds.
-- `stable` (bool): true when `text` equals the previous caption of the same
-  stream. Subscriptions skip a stable caption when the client already has its
-  text, so most clients never see `"stable": true` live; a replayed history
-  may start with one.
+- `stable` (bool): true when `text` (and `shown`) equals the previous caption
+  of the same stream. Subscriptions skip a stable caption when the client
+  already has its text, so most clients never see `"stable": true` live; a
+  replayed history may start with one.
+- `shown` (bool): true when this is the caption to display now. With the
+  stream's `stabilize = "hold"` (the default), a caption whose text differs
+  from the one on display is `"shown": false` until that text has come
+  `stabilize_windows` windows in a row (2 by default), beats the displayed
+  text's confidence by `stabilize_margin`, or the displayed text has not come
+  for `stabilize_windows + 1` windows; the caption that does it is the first
+  `"shown": true` with the new text. Overlays and subtitle files (vtt, srt)
+  follow the shown captions and keep the last shown text through unshown
+  ones; every caption is still sent, so a client that wants the raw stream
+  ignores the field. Always true with `stabilize = "off"`.
 
 - `seq` (integer, only when the daemon runs with a bus, `[bus]` in its
   config): the message's sequence number in its stream, 1, 2, 3, ... over
@@ -350,13 +361,14 @@ def _dumps(obj: dict[str, Any]) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
-def caption_message(caption: Caption, stable: bool) -> dict[str, Any]:
+def caption_message(caption: Caption, stable: bool, shown: bool = True) -> dict[str, Any]:
     """The `caption` message as a JSON-ready dict (non-finite numbers as None)."""
     msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": "caption"}
     msg.update(caption.to_dict())
     for key in ("start", "end", "confidence", "capture_time", "emit_time", "latency"):
         msg[key] = _finite_or_none(msg[key])
     msg["stable"] = bool(stable)
+    msg["shown"] = bool(shown)
     return msg
 
 
@@ -377,8 +389,8 @@ def encode(message: dict[str, Any]) -> str:
     return _dumps(message)
 
 
-def encode_caption(caption: Caption, stable: bool) -> str:
-    return _dumps(caption_message(caption, stable))
+def encode_caption(caption: Caption, stable: bool, shown: bool = True) -> str:
+    return _dumps(caption_message(caption, stable, shown))
 
 
 def encode_state(stream_id: str, state: str, detail: str | None, time: float) -> str:

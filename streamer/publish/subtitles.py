@@ -24,6 +24,11 @@ its caption's start and ends where the next one starts, identical
 consecutive texts merge, one cue is held back until its end is known (so a
 tailing player is one caption behind), and `close()` flushes it.
 
+vtt and srt follow the *shown* captions (the stream's stabilizer, the
+message's `shown`): a caption held back by it writes no cue, so the shown
+text's cue runs on until the next shown caption starts, as an overlay shows
+it. jsonl keeps every caption, with its `shown` flag.
+
 One timeline per stream, across restarts
 ----------------------------------------
 Files are opened for appending, never truncated. Each file's *floor* is the
@@ -48,8 +53,8 @@ the stream was removed and added again); the held cue is flushed first.
 - srt: cue numbers continue from the last number in the file.
 - jsonl: one caption per line, `Caption.to_dict()` with `start`/`end`
   shifted, non-finite numbers as `null`, plus `"offset"`: the shift applied
-  (so `start - offset` is the source's media time). Every caption is written,
-  repeats included.
+  (so `start - offset` is the source's media time), and `"shown"`. Every
+  caption is written, repeats and captions the stabilizer held back included.
 - A file whose last line was cut off (a crash mid-write) gets the newline(s)
   it needs before the first new cue.
 
@@ -158,7 +163,7 @@ class SubtitleOutputs(HubConsumer):
         self.captions_written = 0  # captions the writer thread handled
         self.dropped = 0  # captions dropped because the writer thread was too far behind
         self.errors = 0  # file errors (each logged once per stream until it writes again)
-        self._queue: queue.Queue[Caption | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[Caption, bool] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._init_consumer()
         self._closed = False
@@ -176,8 +181,9 @@ class SubtitleOutputs(HubConsumer):
         self._start_consuming(hub, spawn)
         log.info("subtitle outputs started", extra={"dir": str(self.directory), "formats": list(self.formats)})
 
-    def submit(self, caption: Caption) -> None:
-        """Queue one caption for the writer thread. Never blocks; call it from one thread (the loop)."""
+    def submit(self, caption: Caption, shown: bool = True) -> None:
+        """Queue one caption for the writer thread. Never blocks; call it from one thread (the loop).
+        `shown`: the stream's stabilizer shows it (vtt and srt write only shown captions)."""
         if self._closed or self._thread is None:
             return
         if self.streams is not None and caption.stream_id not in self.streams:
@@ -187,7 +193,7 @@ class SubtitleOutputs(HubConsumer):
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("subtitle writer behind: captions dropped", extra={"dropped": self.dropped})
             return
-        self._queue.put_nowait(caption)
+        self._queue.put_nowait((caption, shown))
 
     async def close(self, timeout: float = 10.0, force: bool = False) -> None:
         """Write what is queued, flush every held cue, close the files (idempotent).
@@ -211,19 +217,20 @@ class SubtitleOutputs(HubConsumer):
     def _on_message(self, message: HubMessage) -> None:
         caption = message.payload
         if isinstance(caption, Caption) and math.isfinite(caption.start) and math.isfinite(caption.end):
-            self.submit(caption)  # a caption without finite media times has no place on a timeline
+            self.submit(caption, message.shown)  # a caption without finite media times has no place on a timeline
 
     # -- writer thread ---------------------------------------------------------
     def _run(self) -> None:
         while True:
-            caption = self._queue.get()
-            if caption is None:
+            item = self._queue.get()
+            if item is None:
                 break
+            caption, shown = item
             files = self._files.get(caption.stream_id)
             if files is None:
                 files = self._files[caption.stream_id] = _StreamFiles(self, caption.stream_id)
             try:
-                files.write(caption)
+                files.write(caption, shown)
             except Exception:  # a bug must not end the thread: the other streams go on
                 log.exception("subtitle writer failed on a caption", extra={"stream": caption.stream_id})
             self.captions_written += 1
@@ -262,7 +269,7 @@ class _StreamFiles:
         if not self.valid:
             log.error("stream id cannot name a file; no subtitle files for it", extra={"stream": stream_id})
 
-    def write(self, caption: Caption) -> None:
+    def write(self, caption: Caption, shown: bool = True) -> None:
         if not self.valid:
             return
         last = self.last
@@ -277,7 +284,9 @@ class _StreamFiles:
                 continue
             if shifted.start < f.skip_before:
                 continue  # reopened after an error, and this caption is older than what it holds
-            self._guard(f, self._write_one, f, shifted)
+            if not shown and f.fmt != "jsonl":
+                continue  # held back by the stabilizer: the shown cue runs on
+            self._guard(f, self._write_one, f, shifted, shown)
 
     def close(self) -> None:
         self._end_segment()
@@ -330,13 +339,14 @@ class _StreamFiles:
             f.writer = self._new_writer(f)
         return True
 
-    def _write_one(self, f: _File, caption: Caption) -> None:
+    def _write_one(self, f: _File, caption: Caption, shown: bool = True) -> None:
         if f.fmt == "jsonl":
             data = caption.to_dict()
             for key in ("start", "end", "confidence", "capture_time", "emit_time", "latency"):
                 if not math.isfinite(data[key]):
                     data[key] = None
             data["offset"] = round(self.offset, 6)
+            data["shown"] = shown
             f.handle.write(json.dumps(data, ensure_ascii=False, allow_nan=False) + "\n")
             f.handle.flush()
             self._wrote(f)

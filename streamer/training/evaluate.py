@@ -19,7 +19,16 @@ from dataclasses import dataclass, field
 from streamer.engine import Engine
 from streamer.types import Frame, Window
 
-__all__ = ["EvalResult", "evaluate", "coco_scores", "synthetic_clips", "manifest_clips"]
+__all__ = [
+    "EvalResult",
+    "answer_questions",
+    "coco_scores",
+    "evaluate",
+    "evaluate_questions",
+    "manifest_clips",
+    "question_windows",
+    "synthetic_clips",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +56,7 @@ class EvalResult:
 def _parts(caption: str) -> dict[str, str]:
     """count, size, colour, shape, event of a world caption ('' where missing)."""
     words = caption.split()
-    get = lambda i: words[i] if len(words) > i else ""  # noqa: E731
+    get = lambda i: words[i] if len(words) > i else ""
     return {"count": get(0), "size": get(1), "colour": get(2), "shape": get(3).rstrip("s"), "event": words[-1] if words else ""}
 
 
@@ -135,3 +144,82 @@ def evaluate(
         parts[key] = sum(_parts(r)[key] == _parts(c)[key] for r, c in zip(references, candidates)) / n
     wrong = [{"reference": r, "caption": c} for r, c in zip(references, candidates) if r != c][:10]
     return EvalResult(n, exact, parts, coco_scores(references, candidates), n / max(engine_seconds, 1e-9), wrong)
+
+
+# -- questions (GIT-VQA style: the question is the text prefix after [CLS]) ----------------------------------
+
+
+def question_windows(count: int, seed: int, frames: int, size: int, *, live: bool = False) -> Iterator[tuple[list, object]]:
+    """(frames, WindowTruth) of held-out windows: clean clips drawn as `synthetic_clips`
+    draws them, or (`live`) windows of live-rendered scenes (H.264, the daemon's resize)."""
+    import numpy as np
+
+    from streamer.training.world import WindowTruth, clip, random_scene
+
+    if live:
+        from streamer.training.train import live_windows
+
+        yield from itertools.islice(live_windows(seed, frames, size), count)
+        return
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        start = float(rng.uniform(0.0, 4.0))
+        scene = random_scene(rng, start=start)
+        first = scene.objects[0]
+        truth = WindowTruth(len(scene.objects), first.size, first.colour, first.shape, scene.event)
+        yield clip(scene, frames=frames, start=start, size=size), truth
+
+
+def answer_questions(engine: Engine, items: list[tuple[list, str]], max_new_tokens: int = 4) -> list[str]:
+    """The answer to each (window frames, question): `model.generate(pixel_values, input_ids=[CLS] + question)`,
+    the generated text after the question. Questions of one length go in one batch (no padding needed)."""
+    import torch
+
+    from streamer.engine.preprocess import preprocess_frames
+
+    if engine.model is None:
+        raise ValueError("questions need the transformers backend (the model itself)")
+    tokenizer = engine.tokenizer
+    prefixes = [[tokenizer.cls_token_id, *tokenizer(q, add_special_tokens=False).input_ids] for _, q in items]
+    answers = [""] * len(items)
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(prefixes):
+        by_length.setdefault(len(ids), []).append(i)
+    for group in by_length.values():
+        for chunk in (group[k : k + 64] for k in range(0, len(group), 64)):
+            images = [img for i in chunk for img in items[i][0]]
+            pixels = preprocess_frames(images, engine.spec, engine.device, engine.dtype)
+            pixels = pixels.view(len(chunk), engine.num_frames, *pixels.shape[1:])
+            input_ids = torch.tensor([prefixes[i] for i in chunk], device=engine.device)
+            with torch.inference_mode():
+                out = engine.model.generate(pixel_values=pixels, input_ids=input_ids, max_new_tokens=max_new_tokens,
+                                            do_sample=False)
+            texts = tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+            for i, text in zip(chunk, texts):
+                answers[i] = " ".join(text.split())
+    return answers
+
+
+def evaluate_questions(engine: Engine, windows: Iterator[tuple[list, object]], *, seed: int = 0) -> dict:
+    """Accuracy per question kind (world.QUESTION_KINDS) on windows with known truth:
+    every window is asked one question of each kind (`labelled_questions`)."""
+    import numpy as np
+
+    from streamer.training.world import QUESTION_KINDS, labelled_questions
+
+    rng = np.random.default_rng(seed)
+    asked: list[tuple[str, list, str, str]] = []
+    for frames, truth in windows:
+        for kind, question, answer in labelled_questions(truth, rng):  # type: ignore[arg-type]
+            asked.append((kind, frames, question, answer))
+    if not asked:
+        raise ValueError("no windows to ask about")
+    got = answer_questions(engine, [(frames, q) for _, frames, q, _ in asked])
+    accuracy = {}
+    for kind in QUESTION_KINDS:
+        rows = [g == a for (k, _, _, a), g in zip(asked, got) if k == kind]
+        accuracy[kind] = round(sum(rows) / len(rows), 4)
+    yes_no = [g == a for (k, _, _, a), g in zip(asked, got) if k in ("yes", "no")]
+    accuracy["yes/no"] = round(sum(yes_no) / len(yes_no), 4)
+    wrong = [{"question": q, "answer": a, "got": g} for (_, _, q, a), g in zip(asked, got) if g != a][:10]
+    return {"windows": len(asked) // len(QUESTION_KINDS), "accuracy": accuracy, "wrong": wrong}

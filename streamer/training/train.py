@@ -1,8 +1,14 @@
 """`streamer train`: fine-tune or train a GIT captioner on (clip, caption) pairs.
 
-Data: the synthetic world (`--data synthetic`), or a JSON Lines manifest of
+Data: the synthetic world (`--data synthetic`: clean clips), the world as a
+live stream delivers it mixed with questions (`--data live`: what the bundled
+model is trained on, see `live_world_examples`), or a JSON Lines manifest of
 `{"path": ..., "start": s, "end": s, "caption": ...}` rows (frames are spread
 over [start, end] the way the live sampler would pick them).
+
+An example's text is a caption, or an answer after its question: questions
+are the text prefix after [CLS] (GIT-VQA style) and only the answer's tokens
+count in the loss.
 
 A plain loop (AdamW, warm-up + cosine decay, gradient clipping, bf16
 autocast on a GPU); progress and loss on a terminal bar or in log lines;
@@ -16,14 +22,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import random
 import shutil
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,8 +37,9 @@ import torch
 from streamer.engine.loader import load_model, resolve_device
 from streamer.engine.preprocess import PreprocessSpec, preprocess_frames
 from streamer.errors import StreamerError
+from streamer.training.loop import Progress, cosine_schedule, optimizer_step, save_checkpoint, save_training_state
 
-__all__ = ["TrainConfig", "train", "synthetic_examples", "manifest_examples"]
+__all__ = ["TrainConfig", "manifest_examples", "synthetic_examples", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +48,7 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     out: str
     model: str = "new"  # "new": a fresh small GIT with the world vocabulary; else a GIT checkpoint
-    data: str = "synthetic"  # or a manifest .jsonl
+    data: str = "synthetic"  # "synthetic" (clean world clips), "live" (live-like windows + questions) or a manifest .jsonl
     steps: int = 3000
     batch_size: int = 32
     lr: float = 1e-3
@@ -59,9 +66,11 @@ class TrainConfig:
     world: str = "full"  # synthetic data: "full", or "simple" (one kind of object: only the event varies)
     reversed_twins: bool = False  # synthetic data: each clip is followed by itself backwards, opposite event
     fixed_positions: bool = False  # ViT position embeddings frozen (model="new": set to random unit vectors x 8)
+    vision_lr_scale: float = 1.0  # the vision tower's learning rate, relative to `lr` (fine-tuning: below 1)
 
 
-Example = tuple[list[np.ndarray], str]
+Example = tuple[list[np.ndarray], str]  # frames, caption
+QAExample = tuple[list[np.ndarray], str, str]  # frames, answer, question (the prefix the answer follows)
 
 
 SIMPLE_SUBJECT = ("square", "white", "big")
@@ -86,6 +95,132 @@ def synthetic_examples(
         yield frames_, scene.caption
         if reversed_twins:
             yield frames_[::-1], scene.reversed_caption
+
+
+@dataclass(frozen=True)
+class LiveLook:
+    """How a camera and the daemon deliver one synthetic scene."""
+
+    width: int
+    height: int
+    fps: int
+    crf: int  # x264 constant rate factor: 18 (clean) .. 36 (blocky at these sizes)
+    content: tuple[int, int]  # (w, h) of the picture inside the frame; smaller: letterbox / pillarbox bars
+
+    def view(self) -> dict:
+        """What of the scene the model sees after the engine's centre crop, for `Scene.truth_for_window`."""
+        from streamer.training.world import centre_crop_view
+
+        return centre_crop_view(self.width, self.height, self.content)
+
+
+_FRAME_SIZES = ((64, 64), (96, 96), (128, 128), (128, 96), (160, 120), (160, 90), (192, 108), (96, 128), (112, 84))
+
+
+def random_look(rng: np.random.Generator) -> LiveLook:
+    width, height = _FRAME_SIZES[rng.integers(len(_FRAME_SIZES))]
+    content = (width, height)
+    if rng.random() < 0.15:  # a picture of another shape inside the frame, with black bars
+        if width > height:  # pillarbox: a 1:1 .. 4:3 picture in a wider frame
+            content = (min(width, int(height * rng.uniform(1.0, 1.34))) // 2 * 2, height)
+        else:  # letterbox: a wide picture in a square or portrait frame
+            content = (width, int(width * rng.uniform(0.56, 0.85)) // 2 * 2)
+    fps = int(rng.choice([10, 12, 15, 24, 25, 30]))
+    return LiveLook(width, height, fps, int(rng.integers(18, 37)), content)
+
+
+def render_live(scene, look: LiveLook, seconds: float, short_side: int) -> list[tuple[float, Any]]:
+    """(pts, decoded frame) of a scene rendered at the look's size and rate,
+    encoded with libx264 and decoded back, as a camera stream arrives."""
+    from fractions import Fraction
+
+    import av
+
+    enc = av.CodecContext.create("libx264", "w")
+    enc.width, enc.height, enc.pix_fmt = look.width, look.height, "yuv420p"
+    enc.time_base, enc.framerate = Fraction(1, look.fps), Fraction(look.fps)
+    enc.thread_count = 1
+    enc.options = {"preset": "veryfast", "tune": "zerolatency", "g": str(2 * look.fps), "crf": str(look.crf)}
+    dec = av.CodecContext.create("h264", "r")
+    dec.thread_count = 1
+    decoded = []
+    cw, ch = look.content
+    top, left = (look.height - ch) // 2, (look.width - cw) // 2
+    for i in range(int(seconds * look.fps)):
+        img = np.zeros((look.height, look.width, 3), np.uint8)
+        img[top : top + ch, left : left + cw] = scene.frame(i / look.fps, ch, cw)
+        frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+        frame.pts = i
+        for packet in enc.encode(frame):
+            decoded.extend(dec.decode(packet))
+    for packet in enc.encode(None):
+        decoded.extend(dec.decode(packet))
+    decoded.extend(dec.decode(None))
+    return [(i / look.fps, f) for i, f in enumerate(decoded)]
+
+
+def live_windows(seed: int, frames: int = 6, short_side: int = 64, window: float = 3.0, per_scene: int = 8):
+    """(frames, WindowTruth) of windows cut at random phases from live-rendered
+    scenes (`random_live_scene`, `random_look`): H.264 at camera quality, then
+    the daemon's own decode-time resize (`to_rgb`); the engine's centre crop is
+    left to the training loop's preprocessing, as in the daemon. Windows with
+    nothing in view are kept at 1 in 4 (they would be a third otherwise)."""
+    from streamer.media.decode import to_rgb
+    from streamer.training.world import NOTHING, random_live_scene, window_times
+
+    rng = np.random.default_rng(seed)
+    seconds = 8.0
+    while True:
+        scene = random_live_scene(rng, seconds)
+        look = random_look(rng)
+        decoded = render_live(scene, look, seconds, short_side)
+        pts = np.array([t for t, _ in decoded])
+        rgb: dict[int, np.ndarray] = {}  # converted once, only the frames a window picks (as the daemon does)
+        view = look.view()
+        starts = rng.uniform(0.0, seconds - window, per_scene)
+        if scene.event in ("appears", "disappears"):  # half of them see the change happen (else it is rare)
+            near = rng.uniform(scene.event_time - window + 0.3, scene.event_time - 0.3, per_scene // 2)
+            starts[: per_scene // 2] = np.clip(near, 0.0, seconds - window)
+        for start in starts:
+            truth = scene.truth_for_window(start, start + window, frames, **view)
+            if truth.event == NOTHING and rng.random() > 0.25:
+                continue
+            picked = [int(np.abs(pts - t).argmin()) for t in window_times(start, start + window, frames)]
+            for i in picked:
+                if i not in rgb:
+                    rgb[i] = to_rgb(decoded[i][1], short_side)
+            yield [rgb[i] for i in picked], truth
+
+
+# What the bundled model trains on (`--data live`), per example:
+LIVE_SHARE = 0.45  # a live-like window (else a clean clip of the world, as `streamer eval` draws them)
+QUESTION_SHARE = 0.4  # a question about the window (else its caption)
+
+
+def live_world_examples(seed: int, frames: int = 6, size: int = 64, short_side: int = 64):
+    """Captions and questions on live-like windows and clean world clips, each
+    followed by its reversed twin (frames backwards, the opposite event), so
+    that the direction stays learned from frame order."""
+    from streamer.training.world import WindowTruth, clip, labelled_questions, random_scene
+
+    rng = np.random.default_rng(seed)
+    live = live_windows(seed + 1, frames, short_side)
+    while True:
+        if rng.random() < LIVE_SHARE:
+            frames_, truth = next(live)
+        else:
+            start = float(rng.uniform(0.0, 4.0))
+            scene = random_scene(rng, start=start)
+            frames_ = clip(scene, frames=frames, start=start, size=size)
+            first = scene.objects[0]
+            truth = WindowTruth(len(scene.objects), first.size, first.colour, first.shape, scene.event)
+        for imgs, t in ((frames_, truth), (frames_[::-1], truth.reversed())):
+            if rng.random() < QUESTION_SHARE:
+                questions = labelled_questions(t, rng)
+                _, question, answer = questions[int(rng.integers(len(questions)))]
+                yield imgs, answer, question
+            else:
+                yield imgs, t.caption
 
 
 def read_manifest(path: str) -> list[tuple[str, float, float, str]]:
@@ -163,9 +298,48 @@ def _build_or_load(config: TrainConfig, device: torch.device):
     else:
         loaded = load_model(config.model, str(device), "float32")
         model, tokenizer, processor = loaded.model, loaded.tokenizer, loaded.image_processor
+        if config.data in ("synthetic", "live"):
+            from streamer.training.world import world_vocabulary
+
+            missing = set(world_vocabulary()) - set(tokenizer.get_vocab())
+            if missing:
+                log.warning("widening the vocabulary", extra={"new_words": len(missing), "model": config.model})
+                model, tokenizer = widen_vocabulary(model, tokenizer, world_vocabulary())
     if config.fixed_positions:
         model.git.image_encoder.vision_model.embeddings.position_embedding.weight.requires_grad_(False)
     return model, tokenizer, processor
+
+
+def widen_vocabulary(model, tokenizer, words: list[str]):
+    """A word tokenizer with `words` added, and the model's input embeddings and
+    output layer widened to it: rows of known words copied (they keep what was
+    learned), new rows drawn small around the mean of the known ones."""
+    from streamer.engine.fresh import word_tokenizer
+
+    new_tok = word_tokenizer(set(tokenizer.get_vocab()) | set(words))
+    old_vocab, new_vocab = tokenizer.get_vocab(), new_tok.get_vocab()
+    old_in = model.git.embeddings.word_embeddings.weight.detach()
+    old_out_w, old_out_b = model.output.weight.detach(), model.output.bias.detach()
+    n = len(new_tok)
+    generator = torch.Generator().manual_seed(0)
+    new_in = old_in.mean(0) + 0.02 * torch.randn(n, old_in.shape[1], generator=generator)
+    new_out_w = old_out_w.mean(0) + 0.02 * torch.randn(n, old_out_w.shape[1], generator=generator)
+    new_out_b = torch.full((n,), float(old_out_b.min()))  # new words start unlikely
+    for word, i in new_vocab.items():
+        if word in old_vocab:
+            j = old_vocab[word]
+            new_in[i], new_out_w[i], new_out_b[i] = old_in[j], old_out_w[j], old_out_b[j]
+    model.git.embeddings.word_embeddings = torch.nn.Embedding(n, old_in.shape[1], padding_idx=new_tok.pad_token_id)
+    model.git.embeddings.word_embeddings.weight.data.copy_(new_in)
+    model.output = torch.nn.Linear(old_out_w.shape[1], n).to(old_out_w.device)
+    model.output.weight.data.copy_(new_out_w)
+    model.output.bias.data.copy_(new_out_b)
+    model.config.vocab_size = n
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(model.config, key, new_vocab[{"pad_token_id": "[PAD]", "bos_token_id": "[CLS]", "eos_token_id": "[SEP]"}[key]])
+        if model.generation_config is not None:
+            setattr(model.generation_config, key, getattr(model.config, key))
+    return model.to(old_in.device), new_tok
 
 
 def _latest_checkpoint(out: Path) -> Path | None:
@@ -196,79 +370,69 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
     spec = PreprocessSpec.from_processor(processor)
     frames = int(model.config.num_image_with_embedding or 1)
     size = spec.crop_hw[0] if spec.crop_hw else 64
+    examples: Iterator[Example | QAExample]
     if config.data == "synthetic":
         examples = synthetic_examples(
             config.seed + start_step, frames=frames, size=size, world=config.world, reversed_twins=config.reversed_twins
         )
+    elif config.data == "live":
+        examples = live_world_examples(config.seed + start_step, frames=frames, size=size, short_side=spec.short_side or size)
     else:
         examples = manifest_examples(config.data, frames, spec.short_side, config.seed + start_step)
 
-    decay, no_decay = [], []
+    # (vision tower?, weight decay?) -> parameters. A lower rate for the tower (`vision_lr_scale`) lets a
+    # fine-tune teach the decoder new words without wiping what the tower learned (shape went from 95% to
+    # chance in 250 steps at 5e-4 for the whole model; see streamer/models/world-git/README.md).
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "embedding" in name else decay).append(p)
+        vision = name.startswith("git.image_encoder.")
+        groups.setdefault((vision, not (p.ndim < 2 or "embedding" in name)), []).append(p)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=config.lr
+        [{"params": params, "weight_decay": config.weight_decay if decays else 0.0,
+          "lr": config.lr * (config.vision_lr_scale if vision else 1.0)}
+         for (vision, decays), params in sorted(groups.items())],
+        lr=config.lr,
     )
 
-    def lr_at(step: int) -> float:
-        if step < config.warmup:
-            return (step + 1) / config.warmup
-        progress_frac = (step - config.warmup) / max(1, config.steps - config.warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_frac)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    scheduler = cosine_schedule(optimizer, config.warmup, config.steps)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
-    bar = None
-    if progress and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=config.steps, initial=start_step, unit="step", desc="train")
-    started = time.monotonic()
-    ema_loss = None
+    shown = Progress(config.steps, start_step, show=progress, desc="train", log_every=config.log_every, log=log)
     for step in range(start_step, config.steps):
         batch = [next(examples) for _ in range(config.batch_size)]
-        pixels = preprocess_frames([img for clip_frames, _ in batch for img in clip_frames], spec, device, torch.float32)
+        pixels = preprocess_frames([img for ex in batch for img in ex[0]], spec, device, torch.float32)
         pixels = pixels.view(len(batch), frames, *pixels.shape[1:])
         if frames == 1:
             pixels = pixels[:, 0]
-        enc = tokenizer([text for _, text in batch], padding=True, return_tensors="pt").to(device)
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        enc, labels = _text_batch(tokenizer, batch, device)
         with autocast:
             loss = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, pixel_values=pixels, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        value = float(loss.detach())
-        ema_loss = value if ema_loss is None else 0.95 * ema_loss + 0.05 * value
         done = step + 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{ema_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        elif done % config.log_every == 0 or done == config.steps:
-            log.warning(
-                "training",
-                extra={"step": done, "steps": config.steps, "loss": round(ema_loss, 4),
-                       "elapsed_s": round(time.monotonic() - started, 1)},
-            )
+        shown.update(done, optimizer_step(loss, model, optimizer, scheduler), float(scheduler.get_last_lr()[0]))
         if done % config.save_every == 0 and done < config.steps:
-            # written aside, then renamed: a run killed mid-save leaves no half checkpoint
-            tmp = out / f".checkpoint-{done}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            _save(tmp, model, tokenizer, processor, config, done, optimizer, scheduler)
-            tmp.rename(out / f"checkpoint-{done}")
-    if bar is not None:
-        bar.close()
+            save_checkpoint(out, done, partial(_save, model=model, tokenizer=tokenizer, processor=processor,
+                                               config=config, step=done, optimizer=optimizer, scheduler=scheduler))
+    shown.close()
     model.eval()
     _save(out, model, tokenizer, processor, config, config.steps, None, None)
     for old in [*out.glob("checkpoint-*"), *out.glob(".checkpoint-*.tmp")]:
         shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _text_batch(tokenizer, batch, device: torch.device):
+    """Token ids and labels; a question's [CLS] and words are context, not targets."""
+    texts = [ex[1] if len(ex) == 2 else f"{ex[2]} {ex[1]}" for ex in batch]
+    enc = tokenizer(texts, padding=True, return_tensors="pt").to(device)
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    for row, ex in enumerate(batch):
+        if len(ex) == 3:
+            prefix = 1 + len(tokenizer(ex[2], add_special_tokens=False).input_ids)  # [CLS] + question
+            labels[row, :prefix] = -100
+    return enc, labels
 
 
 def _save(path: Path, model, tokenizer, processor, config: TrainConfig, step: int, optimizer, scheduler) -> None:
@@ -279,6 +443,4 @@ def _save(path: Path, model, tokenizer, processor, config: TrainConfig, step: in
     (path / "training_args.json").write_text(
         json.dumps({**asdict(config), "step": step, "command": " ".join(sys.argv)}, indent=2) + "\n"
     )
-    if optimizer is not None:
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   path / "training_state.pt")
+    save_training_state(path, step, optimizer, scheduler)

@@ -17,7 +17,27 @@ from fractions import Fraction
 
 import numpy as np
 
-__all__ = ["COLOURS", "SHAPES", "Obj", "Scene", "random_scene", "clip", "render_video", "demo_scenes", "write_video", "world_vocabulary"]
+__all__ = [
+    "COLOURS",
+    "NOTHING",
+    "QUESTION_KINDS",
+    "SHAPES",
+    "STILL",
+    "Obj",
+    "Scene",
+    "WindowTruth",
+    "centre_crop_view",
+    "clip",
+    "demo_scenes",
+    "labelled_questions",
+    "questions_for",
+    "random_live_scene",
+    "random_scene",
+    "render_video",
+    "window_times",
+    "world_vocabulary",
+    "write_video",
+]
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -30,8 +50,12 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.24, "big": 0.40}  # side / diameter as a fraction of the frame height
 MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 EVENTS = tuple(MOTIONS) + ("appears", "disappears")
+STILL = "still"  # the event of a window whose objects do not move ("a big red circle is still")
+NOTHING = "nothing"  # the caption of a window with no object in view
+LIVE_EVENTS = EVENTS + (STILL,)
 # what each event looks like with the frames played backwards
-REVERSED = {"left": "right", "right": "left", "up": "down", "down": "up", "appears": "disappears", "disappears": "appears"}
+REVERSED = {"left": "right", "right": "left", "up": "down", "down": "up", "appears": "disappears", "disappears": "appears",
+            STILL: STILL, NOTHING: NOTHING}
 BACKGROUNDS = ("black", "gray", "noise")
 
 _PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
@@ -56,18 +80,70 @@ class Scene:
     event_time: float = 0.0  # appears / disappears: when (seconds)
     seed: int = 0
     noise: np.ndarray | None = field(default=None, repr=False, compare=False)
+    wrap: bool = True  # objects leaving one edge come back at the other; False: they leave the frame
 
     @property
     def caption(self) -> str:
+        """The caption of the scene's event (of a window that sees it; see `caption_for_window`)."""
         first = self.objects[0]
-        n = len(self.objects)
-        noun = first.shape if n == 1 else _PLURAL[first.shape]
-        subject = f"{'a' if n == 1 else 'two'} {first.size} {first.colour} {noun}"
-        if self.event in MOTIONS:
-            verb = "moves" if n == 1 else "move"
-            return f"{subject} {verb} {_direction_phrase(self.event)}"
-        verb = self.event if n == 1 else self.event[:-1]  # appears -> appear
-        return f"{subject} {verb}"
+        return WindowTruth(len(self.objects), first.size, first.colour, first.shape, self.event).caption
+
+    def truth_for_window(
+        self, start: float, end: float, frames: int = 6, view: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0),
+        aspect: float = 1.0,
+    ) -> WindowTruth:
+        """What a window [start, end) of this scene shows, judged on the frames a
+        sampler picks (slot centres) and the part of the frame the model sees.
+
+        `view` is that part as (x0, y0, x1, y1) in scene coordinates (the engine's
+        centre crop of a wide frame sees less than the whole width) and `aspect`
+        the rendered width / height. An object counts as in view when at least a
+        quarter of its width and height is inside. The rules, in order: nothing in
+        view in any frame -> NOTHING; the object turns up or goes within the window
+        -> appears / disappears; objects that do not move -> STILL; else the
+        direction of motion, whether the object crosses, enters or leaves the view.
+        """
+        times = window_times(start, end, frames)
+        seen = [[self._in_view(obj, t, view, aspect) for t in times] for obj in self.objects]
+        in_view = [obj for obj, s in zip(self.objects, seen) if any(s)]
+        if not in_view:
+            first = self.objects[0]
+            return WindowTruth(0, first.size, first.colour, first.shape, NOTHING)
+        first = in_view[0]
+        if self.event in ("appears", "disappears"):
+            shown = [any(s[j] for s in seen) for j in range(len(times))]
+            if self.event == "appears" and not shown[0] and shown[-1]:
+                event = "appears"
+            elif self.event == "disappears" and shown[0] and not shown[-1]:
+                event = "disappears"
+            else:
+                event = STILL  # before or after the change: an object standing there
+        elif first.vx == 0 and first.vy == 0:
+            event = STILL
+        else:
+            event = self.event
+        return WindowTruth(len(in_view), first.size, first.colour, first.shape, event)
+
+    def caption_for_window(self, start: float, end: float, frames: int = 6, **view) -> str:
+        """The ground-truth caption of the window [start, end) (see `truth_for_window`):
+        the training data, the held-out clips and the live evaluation all use it."""
+        return self.truth_for_window(start, end, frames, **view).caption
+
+    def _position(self, obj: Obj, t: float) -> tuple[float, float]:
+        x, y = obj.x + obj.vx * t, obj.y + obj.vy * t
+        return (x % 1.0, y % 1.0) if self.wrap else (x, y)
+
+    def _in_view(self, obj: Obj, t: float, view: tuple[float, float, float, float], aspect: float) -> bool:
+        if not self.visible(t):
+            return False
+        x, y = self._position(obj, t)
+        ry = SIZES[obj.size] / 2  # radius in frame heights
+        rx = ry / aspect  # in frame widths
+        x0, y0, x1, y1 = view
+        x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, 1.0), min(y1, 1.0)
+        inside_x = min(x + rx, x1) - max(x - rx, x0)
+        inside_y = min(y + ry, y1) - max(y - ry, y0)
+        return inside_x >= 0.5 * rx and inside_y >= 0.5 * ry
 
     @property
     def reversed_caption(self) -> str:
@@ -86,10 +162,56 @@ class Scene:
         if not self.visible(t):
             return img
         for obj in self.objects:
-            cx = (obj.x + obj.vx * t) % 1.0 * width  # wraps: long scenes keep moving
-            cy = (obj.y + obj.vy * t) % 1.0 * height
-            _draw(img, obj.shape, COLOURS[obj.colour], cx, cy, SIZES[obj.size] * height)
+            x, y = self._position(obj, t)  # wraps by default: long scenes keep moving
+            _draw(img, obj.shape, COLOURS[obj.colour], x * width, y * height, SIZES[obj.size] * height)
         return img
+
+
+@dataclass(frozen=True)
+class WindowTruth:
+    """What one window shows: the parts of its caption and the answers to questions about it."""
+
+    count: int  # objects in view; 0: nothing (the other fields then name the scene's object)
+    size: str
+    colour: str
+    shape: str
+    event: str  # one of LIVE_EVENTS, or NOTHING
+
+    @property
+    def caption(self) -> str:
+        if self.count == 0 or self.event == NOTHING:
+            return NOTHING
+        n = self.count
+        noun = self.shape if n == 1 else _PLURAL[self.shape]
+        subject = f"{'a' if n == 1 else 'two'} {self.size} {self.colour} {noun}"
+        if self.event in MOTIONS:
+            verb = "moves" if n == 1 else "move"
+            return f"{subject} {verb} {_direction_phrase(self.event)}"
+        if self.event == STILL:
+            return f"{subject} {'is' if n == 1 else 'are'} still"
+        verb = self.event if n == 1 else self.event[:-1]  # appears -> appear
+        return f"{subject} {verb}"
+
+    def reversed(self) -> WindowTruth:
+        """What the window shows with its frames played backwards."""
+        return replace(self, event=REVERSED[self.event])
+
+
+def centre_crop_view(width: int, height: int, content: tuple[int, int] | None = None) -> dict:
+    """`view` and `aspect` for `Scene.truth_for_window` of a scene rendered at
+    width x height (or as a `content` (w, h) picture centred in that frame, with
+    bars) and seen through the engine's centre crop of the short side, which
+    cuts the sides off a wide frame: `scene.caption_for_window(s, e, **centre_crop_view(128, 96))`."""
+    cw, ch = content or (width, height)
+    side = min(width, height)
+    x0, y0 = (cw - side) / (2 * cw), (ch - side) / (2 * ch)
+    return {"view": (x0, y0, 1 - x0, 1 - y0), "aspect": cw / ch}
+
+
+def window_times(start: float, end: float, frames: int = 6) -> list[float]:
+    """The media times a window sampler takes frames at: the centres of `frames` equal slots."""
+    step = (end - start) / frames
+    return [start + (j + 0.5) * step for j in range(frames)]
 
 
 def _direction_phrase(event: str) -> str:
@@ -164,6 +286,41 @@ def random_scene(
     return Scene(tuple(objects), event, background, event_time, seed=int(rng.integers(2**31)))
 
 
+def random_live_scene(rng: np.random.Generator, seconds: float = 8.0) -> Scene:
+    """A scene as a live camera would show it for `seconds`: any speed from slow
+    motion to the world's fastest (0.05-0.4 frame per second, 0.15-1.2 per 3 s
+    window), still scenes, objects starting anywhere (entering, leaving, partly
+    outside the frame), wrapping around or leaving for good, an appear or
+    disappear at any time. Windows of it are captioned by `caption_for_window`."""
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    colour = list(COLOURS)[rng.integers(len(COLOURS))]
+    size = list(SIZES)[rng.integers(len(SIZES))]
+    event = LIVE_EVENTS[rng.choice(len(LIVE_EVENTS), p=[0.14, 0.14, 0.14, 0.14, 0.13, 0.13, 0.18])]
+    count = 1 if rng.random() < 0.7 else 2
+    speed = float(np.exp(rng.uniform(np.log(0.05), np.log(0.4))))
+    dx, dy = MOTIONS.get(event, (0, 0))
+    wrap = bool(rng.random() < 0.5)
+    if wrap or not (dx or dy):
+        along = rng.uniform(0.0, 1.0)
+    else:  # make sure the window range sees it: start it somewhere it will cross in the scene
+        travel = speed * seconds
+        along = rng.uniform(-0.2, 1.2) if travel > 1.4 else rng.uniform(0.5 - travel, 0.5 + 0.3)
+        along = along if dx + dy > 0 else 1.0 - along
+    objects = []
+    for i in range(count):
+        lane = (i + 0.5) / count + rng.uniform(-0.05, 0.05) if count > 1 else rng.uniform(0.2, 0.8)
+        if dy:
+            x, y = lane, along
+        elif dx:
+            x, y = along, lane
+        else:
+            x, y = rng.uniform(0.15, 0.85), lane
+        objects.append(Obj(shape, colour, size, x, y, dx * speed, dy * speed))
+    background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    event_time = rng.uniform(0.5, seconds - 0.5) if event in ("appears", "disappears") else 0.0
+    return Scene(tuple(objects), event, background, event_time, seed=int(rng.integers(2**31)), wrap=wrap)
+
+
 def clip(scene: Scene, frames: int = 6, duration: float = 3.0, start: float = 0.0, size: int = 64) -> list[np.ndarray]:
     """The frames a window sampler picks from [start, start+duration): slot centres."""
     step = duration / frames
@@ -207,10 +364,61 @@ def write_video(path: str, frames: list[np.ndarray], fps: int = 15) -> str:
     return path
 
 
+# Questions (GIT-VQA style: the question is the text prefix after [CLS], the
+# answer follows it). Phrasings vary so that a user's wording still works.
+QUESTION_KINDS = ("colour", "shape", "count", "direction", "yes", "no")
+_ASK = {
+    "colour": ("what colour is it ?", "what color is it ?", "what colour are they ?", "what color are they ?"),
+    "shape": ("what shape is it ?", "what shape are they ?"),
+    "count": ("how many are there ?", "how many shapes are there ?"),
+    "direction": ("which way does it move ?", "which way do they move ?", "where does it move ?"),
+}
+NONE = "none"  # the answer about a window with nothing in view
+
+
+def labelled_questions(truth: WindowTruth | Scene, rng: np.random.Generator | None = None) -> list[tuple[str, str, str]]:
+    """(kind, question, answer) for one window, one of each kind in QUESTION_KINDS:
+    colour, shape, count ("one", "two", "none"), direction (left/right/up/down, or
+    "still" for objects that do not move) and "is there a <colour> <shape> ?" once
+    with the answer yes and once with no (a wrong colour, shape or both)."""
+    if isinstance(truth, Scene):
+        first = truth.objects[0]
+        truth = WindowTruth(len(truth.objects), first.size, first.colour, first.shape, truth.event)
+    rng = rng or np.random.default_rng(0)
+    pick = lambda options: options[int(rng.integers(len(options)))]
+    empty = truth.count == 0 or truth.event == NOTHING
+    direction = truth.event if truth.event in MOTIONS else STILL
+    out = [
+        ("colour", pick(_ASK["colour"]), NONE if empty else truth.colour),
+        ("shape", pick(_ASK["shape"]), NONE if empty else truth.shape),
+        ("count", pick(_ASK["count"]), NONE if empty else ("one" if truth.count == 1 else "two")),
+        ("direction", pick(_ASK["direction"]), NONE if empty else direction),
+    ]
+    other_colour = pick([c for c in COLOURS if c != truth.colour])
+    other_shape = pick([s for s in SHAPES if s != truth.shape])
+    wrong = pick([(other_colour, truth.shape), (truth.colour, other_shape), (other_colour, other_shape)])
+    if not empty:
+        out.append(("yes", f"is there a {truth.colour} {truth.shape} ?", "yes"))
+    else:  # nothing to say yes to: ask about what the scene would show
+        out.append(("yes", f"is there a {truth.colour} {truth.shape} ?", "no"))
+    out.append(("no", f"is there a {wrong[0]} {wrong[1]} ?", "no"))
+    return out
+
+
+def questions_for(truth: WindowTruth | Scene, rng: np.random.Generator | None = None) -> list[tuple[str, str]]:
+    """(question, answer) pairs about a window (or a scene's event), one per QUESTION_KINDS."""
+    return [(q, a) for _, q, a in labelled_questions(truth, rng)]
+
+
 def world_vocabulary() -> list[str]:
-    words = {"a", "two", "to", "the", "moves", "move"}
+    """Every word of the world's captions, questions and answers."""
+    words = {"a", "two", "to", "the", "moves", "move", "is", "are", STILL, NOTHING}
     words |= set(COLOURS) | set(SIZES) | set(SHAPES) | set(_PLURAL.values())
     words |= {"left", "right", "up", "down", "appears", "appear", "disappears", "disappear"}
+    for phrasings in _ASK.values():
+        for question in phrasings:
+            words |= set(question.split())
+    words |= {"there", "yes", "no", "one", NONE}
     return sorted(words)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import tempfile
 import time
@@ -26,6 +27,9 @@ def trusting_policy():
     return SourcePolicy(media_dirs=(tempfile.gettempdir(),), network=NetworkPolicy(allow=("127.0.0.0/8",)))
 
 
+_REPLICAS = itertools.count(1)
+
+
 class Running:
     def __init__(self, port: int, daemon) -> None:
         self.port, self.daemon = port, daemon
@@ -41,6 +45,8 @@ async def running_daemon(
     """`serve()` in this loop, as `streamer serve` runs it; `sinks`: raw ("outputs"/"webhooks", table) pairs;
     `bus`: a BusConfig (replicas sharing captions through Redis)."""
     server = server_config or ServerConfig(port=0)
+    if bus is not None and bus.replica_id is None:  # replicas in one process: hostname-pid would be shared
+        bus = dataclasses.replace(bus, replica_id=f"replica-{next(_REPLICAS)}")
     if server.sources is None:
         server = dataclasses.replace(server, sources=trusting_policy())
     config = ServeConfig(

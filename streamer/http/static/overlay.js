@@ -204,7 +204,13 @@
         helloAt = received;
         setState("connected");
       } else if (msg.type === "caption" && msg.stream_id === streamId && typeof msg.text === "string") {
-        showCaption(msg.text, msg.emit_time, received);
+        // The stream's stabilizer: a caption it holds back ("shown": false) leaves the shown one on screen,
+        // and keeps it from fading, since the stream is live. No field (an older daemon): every caption shows.
+        if (msg.shown === false) {
+          if (current !== null) armFade();
+        } else {
+          showCaption(msg.text, msg.emit_time, received);
+        }
       } else if (msg.type === "state" && msg.stream_id === streamId && typeof msg.state === "string") {
         body.dataset.streamState = msg.state.replace(/[^a-z_-]/gi, "").slice(0, 32);
         // A stopped stream sends nothing more: its last caption fades as usual; without fading, clear now.

@@ -1,0 +1,89 @@
+"""What the caption and speech trainers share: the schedule, the optimizer step, progress, checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["Progress", "cosine_schedule", "optimizer_step", "save_checkpoint", "save_training_state"]
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine down to 5% of the peak learning rate."""
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        frac = (step - warmup) / max(1, steps - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+
+
+def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler) -> float:
+    """Backward, clip the gradient norm at 1, step; the loss as a float."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach())
+
+
+class Progress:
+    """A smoothed loss, shown on a progress bar on a terminal, else logged every `log_every` steps."""
+
+    def __init__(self, steps: int, start_step: int, *, show: bool, desc: str, log_every: int,
+                 log: logging.Logger) -> None:
+        self.steps, self.log_every, self.log = steps, log_every, log
+        self.ema_loss: float | None = None
+        self.started = time.monotonic()
+        self._bar: Any = None
+        if show and sys.stderr.isatty():
+            from tqdm import tqdm  # type: ignore[import-untyped]
+
+            self._bar = tqdm(total=steps, initial=start_step, unit="step", desc=desc)
+
+    @property
+    def elapsed(self) -> float:
+        return round(time.monotonic() - self.started, 1)
+
+    def update(self, done: int, loss: float, lr: float) -> None:
+        self.ema_loss = loss if self.ema_loss is None else 0.95 * self.ema_loss + 0.05 * loss
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{self.ema_loss:.3f}", lr=f"{lr:.2e}")
+        elif done % self.log_every == 0 or done == self.steps:
+            self.log.warning("training", extra={"step": done, "steps": self.steps, "loss": round(self.ema_loss, 4),
+                                                "elapsed_s": self.elapsed})
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def save_checkpoint(out: Path, done: int, save: Callable[[Path], None]) -> Path:
+    """`save(dir)` into `out/checkpoint-{done}`, written aside and then renamed: a run killed mid-save
+    leaves no half checkpoint."""
+    tmp = out / f".checkpoint-{done}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    final = out / f"checkpoint-{done}"
+    tmp.rename(final)
+    return final
+
+
+def save_training_state(path: Path, step: int, optimizer: Any, scheduler: Any) -> None:
+    """What a resumed run needs besides the weights (nothing for a finished model: optimizer None)."""
+    if optimizer is not None:
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   path / "training_state.pt")

@@ -119,9 +119,10 @@ class SpeechEngine:
         self._generation = copy.deepcopy(model.generation_config)
         self._generation.output_scores = True
         self._generation.return_dict_in_generate = True
-        self._generation.max_length = None
-        limit = model.config.max_target_positions - 4  # the prompt tokens count too
-        self._generation.max_new_tokens = min(config.max_new_tokens, limit)
+        # One length limit, counted with the prompt tokens (<|startoftranscript|>... ~4): Whisper's generate
+        # sets max_length from the model anyway, and warns on every call when max_new_tokens is set too.
+        self._generation.max_new_tokens = None
+        self._generation.max_length = min(model.config.max_target_positions, config.max_new_tokens + 4)
         self._generate_kwargs: dict[str, Any] = {}
         if getattr(self._generation, "is_multilingual", False) and getattr(self._generation, "lang_to_id", None):
             self._generate_kwargs.update(language=config.language, task="transcribe")

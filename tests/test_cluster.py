@@ -315,6 +315,11 @@ async def test_the_stream_set_lives_in_redis_and_its_entries_meet_the_source_pol
             refused = await until(evil_state, 15, "the forged stream to be refused")
             assert "not allowed" in refused["detail"] or "lavfi" in refused["detail"]
             assert "evil" not in a.daemon.streams and "evil" not in b.daemon.streams
+            counted = []
+            for d in (a, b):  # the refusal is counted where it happened (the owner)
+                async with http.get(f"{d.http}/metrics") as resp:
+                    counted.append('streamer_bus_errors_total{op="stream_refused"} 1.0' in await resp.text())
+            assert counted.count(True) == 1
             # the same over HTTP: refused before anything is registered
             async with http.post(f"{b.http}/streams", json={"id": "evil2", "url": "lavfi:testsrc2"}) as resp:
                 assert resp.status == 403

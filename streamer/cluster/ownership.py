@@ -287,6 +287,7 @@ class Ownership:
                     log.error("ownership: Redis unreachable, retrying (owned streams go on until their leases "
                               "run out)", extra={"bus": redacted(self.config.url), "error": why})
                 self._problem = f"Redis unreachable ({why})"
+                self._count("ownership")
                 positions = {}
                 attempt += 1
                 await asyncio.sleep(min(0.1 * 2 ** (attempt - 1), self.config.reconnect_max) * random.uniform(0.8, 1))
@@ -371,10 +372,14 @@ class Ownership:
 
     async def _take(self, entry: RegistryEntry, lease: StreamLease) -> None:
         sid = entry.config.id
+        try:
+            last = await self.bus.last_caption(sid)
+        except _UNREACHABLE:
+            await lease.release()  # not started: let the next look (here or elsewhere) take it whole
+            raise
         self._owned[sid] = lease
         self._entries[sid] = entry
         self.bus.fence(sid, lease)
-        last = await self.bus.last_caption(sid)
         resume = StreamResume.after(last, time.time()) if last is not None else None
         from streamer.security.policy import SourceRefused
 
@@ -387,6 +392,7 @@ class Ownership:
             # Held, not released: another replica would refuse it the same way, over and over.
             why = f"{type(exc).__name__}: {exc}"
             self._refused[sid] = why
+            self._count("stream_refused")
             log.error("stream not started by its owner", extra={"stream": sid, "origin": entry.origin, "error": why})
             self.daemon.hub.publish_state(sid, "failed", why)
             return
@@ -454,10 +460,16 @@ class Ownership:
     def _task_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
+            self._count("ownership_task")
             log.error("ownership task failed", exc_info=task.exception())
 
     def _op(self, waits: float = 0.0) -> Any:
         return asyncio.timeout(waits + self.config.connect_timeout + 1.0)
+
+    def _count(self, op: str) -> None:
+        """Failures are counted beside the bus's (`streamer_bus_errors_total{op=...}`)."""
+        if self.metrics is not None:
+            self.metrics.bus_errors.labels(op=op).inc()
 
 
 def _status(raw: Any) -> dict[str, Any] | None:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The main job: install, then caption a live synthetic stream end to end
 # (ingest -> ring buffer -> sampler -> engine -> WebSocket) and print the captions.
+# With espeak-ng and sox installed (deploy/apt-packages.txt) a voice narrates each
+# scene and the speech cues are printed beside the captions; --no-speech: captions only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/install.sh >&2

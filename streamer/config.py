@@ -47,6 +47,10 @@ __all__ = [
     "CaptionVideoRequest",
     "CaptionVideosRequest",
     "CaptionFramesRequest",
+    "AskRequest",
+    "WatchConfig",
+    "WatchRequest",
+    "MAX_QUESTION_CHARS",
     "parse_duration",
     "validate",
     "describe_error",
@@ -131,6 +135,11 @@ class StreamConfig(_Strict):
     stabilize: Literal["off", "hold"] = "hold"
     stabilize_windows: Annotated[StrictInt, Field(ge=1, le=32)] = 2
     stabilize_margin: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)] | None = None
+    # How far back questions can look (`at`): the last windows' image-token caches kept per stream.
+    history: _duration(0, 600) = 30.0
+    # Speech in the caption track (speech/): transcribing a microphone has privacy and legal weight and
+    # costs CPU, so it is off unless the operator turns it on; "only": speech cues, no visual captions.
+    speech: Literal["off", "on", "only"] = "off"
 
     @model_validator(mode="after")
     def _check_hwaccel(self) -> StreamConfig:
@@ -159,9 +168,26 @@ class ModelSection(_Strict):
     cache_frames: Annotated[StrictInt, Field(ge=0, le=100_000)] = 512
     vision_batch: Annotated[StrictInt, Field(ge=1, le=1024)] = 32
     greedy: Literal["auto", "compact", "masked"] = "auto"
+    # Image keys/values kept per captioned live window, so a question about it costs only its own tokens
+    # (engine/cache.py ImageKVCache): at most this many windows and bytes for the whole daemon.
+    kv_cache_windows: Annotated[StrictInt, Field(ge=0, le=100_000)] = 256
+    kv_cache_bytes: Annotated[StrictInt, Field(ge=0, le=1 << 40)] = 1 << 30
     # the ONNX backends take an exported directory as `id`, or export the model once (streamer export)
     backend: Literal["torch", "onnxruntime", "openvino"] = "torch"
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class SpeechSection(_Strict):
+    """[speech]: the speech model for streams with `speech = "on" | "only"` (loaded once, when the first
+    such stream starts). model: a Whisper checkpoint (hub id or local directory); none: openai/whisper-small
+    when cached or reachable, else the tiny bundled streamer/world-whisper."""
+
+    model: Annotated[StrictStr, Field(min_length=1, max_length=512)] | None = None
+    device: Annotated[StrictStr, Field(pattern=r"^(auto|cpu|cuda(:\d{1,2})?|mps)$")] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    language: Annotated[StrictStr, Field(pattern=r"^[a-z]{2,3}$")] = "en"
+    batch_size: Annotated[StrictInt, Field(ge=1, le=64)] = 8  # utterances per model call
+    queue: Annotated[StrictInt, Field(ge=1, le=10_000)] = 32  # utterances waiting, all streams; oldest dropped past it
 
 
 class ServerSection(_Strict):
@@ -206,6 +232,9 @@ class LimitsSection(_Strict):
     max_inflight_requests: Annotated[StrictInt, Field(ge=1, le=10_000)] = 8  # one-shot /v1/caption/* at once
     max_image_pixels: Annotated[StrictInt, Field(ge=64 * 64, le=1 << 30)] = 3840 * 2160  # per image or video frame,
     # checked before decoding and again at the size the model resizes it to
+    # Watches (pipeline/watches.py): each asks a question every `every` seconds; README has what a stream carries.
+    max_watches: Annotated[StrictInt, Field(ge=0, le=10_000)] = 64  # on this daemon, all streams together
+    max_watches_per_stream: Annotated[StrictInt, Field(ge=0, le=1000)] = 8
 
 
 class _TokenTable(_Strict):
@@ -284,6 +313,7 @@ class BusSection(_Strict):
 
 
 OUTPUT_FORMATS = ("vtt", "srt", "jsonl")
+SPEECH_OUTPUTS = ("cues", "off")  # [outputs] speech: speech cues in the subtitle files, or not
 
 
 def _stream_list(value: Any) -> Any:
@@ -318,6 +348,8 @@ class OutputsSection(_Strict):
     dir: Annotated[StrictStr, BeforeValidator(_non_blank), Field(max_length=4096)]
     formats: Annotated[list[StrictStr], BeforeValidator(_formats)] = list(OUTPUT_FORMATS)
     streams: StreamFilter = None
+    # speech cues (streams with speech on) in the same vtt/srt cues as the scene captions, and as jsonl lines
+    speech: Literal["cues", "off"] = "cues"
 
 
 class WebhookSection(_Strict):
@@ -331,12 +363,73 @@ class WebhookSection(_Strict):
     retries: Annotated[StrictInt, Field(ge=0, le=20)] = 3
     backoff: _duration(0, 600) = 0.5
     timeout: _duration(0, 600, low_open=True) = 5.0
+    types: Annotated[list[Annotated[StrictStr, Field(max_length=32)]], Field(max_length=8)] = []  # opt-in events
+
+
+# -- questions and watches (issue #13) -------------------------------------------
+MAX_QUESTION_CHARS = 512  # the engine's limit too (engine/prompts.py), which also checks the model's positions
+_WATCH_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+
+
+def _question(value: str) -> str:
+    if not value.strip():
+        raise ValueError("the question is empty")
+    if len(value) > MAX_QUESTION_CHARS:
+        raise ValueError(f"the question is {len(value)} characters long; at most {MAX_QUESTION_CHARS}")
+    return value
+
+
+_Question = Annotated[StrictStr, AfterValidator(_question)]
+
+
+def _watch_on(value: str) -> str:
+    """`on`: a word compared case-insensitively, or a regular expression written /.../ (checked here)."""
+    if not value.strip():
+        raise ValueError("must be a non-empty string")
+    if value.startswith("/") and value.endswith("/") and len(value) >= 2:
+        try:
+            re.compile(value[1:-1], re.IGNORECASE)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+    return value
+
+
+def _watch_id(value: str) -> str:
+    if not _WATCH_ID.match(value):
+        raise ValueError("a watch id is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return value
+
+
+class WatchRequest(_Strict):
+    """`POST /streams/{id}/watches`: a question re-asked on the stream's newest window every `every`;
+    the watch is on while the answer matches `on` (held for `hold` asks in a row)."""
+
+    question: _Question
+    every: _duration(0.1, 3600) = 2.0  # at least the stream's hop (checked against the stream)
+    on: Annotated[StrictStr, Field(min_length=1, max_length=256), AfterValidator(_watch_on)] = "yes"
+    hold: Annotated[StrictInt, Field(ge=1, le=100)] = 2
+    id: Annotated[StrictStr, AfterValidator(_watch_id)] | None = None  # default: w1, w2, ...
+
+
+class WatchConfig(WatchRequest):
+    """[[watches]] in streamer.toml: a watch on one stream of the daemon (or of the cluster: its owner asks)."""
+
+    stream: StreamId
+
+
+class AskRequest(_Strict):
+    """`POST /streams/{id}/ask`: a question about the stream's newest window, or the one at media time `at`."""
+
+    question: _Question
+    max_new_tokens: Annotated[StrictInt, Field(ge=1, le=256)] | None = None
+    at: Annotated[float, Field(strict=True, allow_inf_nan=False)] | None = None
 
 
 class FileConfig(_Strict):
     """streamer.toml as a whole."""
 
     model: ModelSection = ModelSection()
+    speech: SpeechSection = SpeechSection()
     server: ServerSection = ServerSection()
     limits: LimitsSection = LimitsSection()
     streams: list[StreamConfig] = []
@@ -346,6 +439,7 @@ class FileConfig(_Strict):
     # checked table by table in publish/sinks.py (errors name "[outputs]" / "[[webhooks]] #N")
     outputs: Any = None
     webhooks: Any = None
+    watches: list[WatchConfig] = []  # [[watches]]: questions re-asked on a live stream (pipeline/watches.py)
 
 
 # -- JSON caption APIs --------------------------------------------------------
@@ -355,6 +449,7 @@ _TokenLimit = Annotated[StrictInt, Field(ge=1, le=256)]
 class _CaptionRequest(_Strict):
     # `max_length` is the seed's name, kept as an alias; `max_new_tokens` is the name everywhere else.
     max_new_tokens: _TokenLimit | None = Field(default=None, validation_alias="max_length")
+    question: _Question | None = None  # each window's result then carries `answer` (issue #13)
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @model_validator(mode="before")

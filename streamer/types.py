@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["Caption", "Frame", "FrameKey", "SpeechCue", "StateChange", "StreamResume", "Window", "tick"]
+__all__ = [
+    "EVENT_TYPES", "Answer", "Caption", "Chapter", "Frame", "FrameKey", "SpeechCue", "StateChange", "StreamEvent",
+    "StreamResume", "WatchEvent", "Window", "tick",
+]
 
 FrameKey = tuple[str, int]
 
@@ -128,8 +131,23 @@ class StreamResume:
         return cls(last.index + 1, last.end + max(0.0, now - last.capture_time))
 
 
+class _Event:
+    """What the opt-in message records share: their wire `type` and their replay time."""
+
+    __slots__ = ()
+    kind: ClassVar[str]
+    emit_time: float
+
+    @property
+    def time(self) -> float:
+        return self.emit_time
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.kind, **dataclasses.asdict(self)}  # type: ignore[call-overload]
+
+
 @dataclass(frozen=True, slots=True)
-class SpeechCue:
+class SpeechCue(_Event):
     """What was said in one utterance (speech/engine.py), on the same media clock as captions."""
 
     stream_id: str
@@ -146,7 +164,66 @@ class SpeechCue:
         """Utterance end -> cue (includes the VAD's wait for silence)."""
         return max(0.0, self.emit_time - self.capture_time)
 
+    kind: ClassVar[str] = "speech"
+
     def to_dict(self) -> dict[str, Any]:
-        data = {"type": "speech", **dataclasses.asdict(self)}
+        data = _Event.to_dict(self)  # not super(): slots=True makes a new class, which breaks its cell
         data["latency"] = round(self.latency, 4)
         return data
+
+
+# Messages beside captions and states. A WebSocket client or webhook gets them only when it
+# asks for their type (`types`), so that v1 clients see no change (docs/protocol.md).
+
+
+@dataclass(frozen=True, slots=True)
+class Answer(_Event):
+    """The answer to a question about one window of a stream (`POST /streams/{id}/ask`, `ask` over WS)."""
+
+    stream_id: str
+    index: int  # the window asked about
+    start: float  # its media time span, seconds
+    end: float
+    question: str
+    answer: str
+    confidence: float  # mean log-probability of the answer's tokens (<= 0)
+    model: str
+    request_id: str | None = None  # the asker's, echoed (WebSocket)
+    emit_time: float = 0.0  # wall clock: answer produced
+
+    kind: ClassVar[str] = "answer"
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent(_Event):
+    """A watch's state changed (and held for its `hold` asks): its question's answer now matches
+    (`on`) or no longer does (`off`)."""
+
+    watch_id: str
+    stream_id: str
+    question: str
+    state: str  # "on" | "off"
+    answer: str
+    start: float  # media time span of the window that settled the change
+    end: float
+    emit_time: float = 0.0
+
+    kind: ClassVar[str] = "watch"
+
+
+@dataclass(frozen=True, slots=True)
+class Chapter(_Event):
+    """A closed chapter of a stream's caption timeline: a lasting stretch of one scene."""
+
+    stream_id: str
+    index: int  # per stream, from 0
+    start: float  # media time, seconds
+    end: float
+    title: str
+    emit_time: float = 0.0
+
+    kind: ClassVar[str] = "chapter"
+
+
+StreamEvent = Answer | WatchEvent | Chapter | SpeechCue
+EVENT_TYPES: tuple[str, ...] = ("answer", "watch", "chapter", "speech")  # opt-in message types

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -11,6 +12,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tests.support.media import moving_square, write_video
 from tests.support.models import save_git_checkpoint, tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _streamer_logger_as_found():
+    """A test that runs the CLI in this process (`streamer.cli.main`) gets its `setup_logging`: a handler on
+    that test's captured stderr, level WARNING and no propagation. Put the logger back afterwards, so that
+    later tests' `caplog` sees streamer's records and nothing writes to a closed stream."""
+    logger = logging.getLogger("streamer")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 @pytest.fixture(scope="session")

@@ -141,7 +141,7 @@ async def test_failing_engine_batches_are_counted_and_make_the_daemon_not_ready(
         failed_twice = asyncio.Event()
         loop = asyncio.get_running_loop()
 
-        def broken_prepare(windows):  # engine thread
+        def broken_prepare(windows, **options):  # engine thread
             nonlocal failures
             failures += 1
             if failures >= 3:  # the 2nd failure has been counted once the 3rd batch starts

@@ -13,19 +13,23 @@ from streamer.publish.protocol import (
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     SCHEMA,
+    Ask,
     Ping,
     ProtocolError,
     Subscribe,
     Unsubscribe,
     apply_subscription,
+    encode,
     encode_caption,
     encode_error,
+    encode_event,
     encode_hello,
     encode_pong,
     encode_state,
+    event_message,
     parse_client_message,
 )
-from streamer.types import Caption
+from streamer.types import Answer, Caption, Chapter, SpeechCue, WatchEvent
 
 CAPTION = Caption(
     stream_id="cam1",
@@ -46,7 +50,7 @@ def test_public_api() -> None:
         "Subscribe", "Unsubscribe", "Ping", "ClientMessage", "parse_client_message",
         "apply_subscription", "caption_message", "state_message", "encode",
         "encode_caption", "encode_state", "encode_hello", "encode_error", "encode_pong",
-        "encode_gap", "parse_since",
+        "encode_gap", "parse_since", "event_message", "parse_types", "Ask", "encode_event",
     }  # fmt: skip
     assert PROTOCOL_VERSION == 1
 
@@ -102,6 +106,10 @@ def test_state_hello_error_pong_messages() -> None:
         ('{"type": "ping"}', Ping()),
         ('{"v": 1, "type": "ping", "id": 12, "future_field": [1, 2]}', Ping()),
         (b'{"type": "subscribe", "streams": ["caf\xc3\xa9"]}', Subscribe(frozenset({"café"}))),
+        ('{"type": "ask", "request_id": "q1", "stream_id": "cam1", "question": "what colour is it ?"}',
+         Ask("q1", "cam1", "what colour is it ?")),
+        ('{"type": "ask", "request_id": "7", "stream_id": "c", "question": "q", "at": 3, "max_new_tokens": 8}',
+         Ask("7", "c", "q", 3.0, 8)),
     ],
 )
 def test_valid_client_messages(frame: str | bytes, expected: object) -> None:
@@ -127,6 +135,9 @@ def test_valid_client_messages(frame: str | bytes, expected: object) -> None:
         ('{"type": "pong"}', "unknown_type"),
         ('{"v": 2, "type": "ping"}', "unsupported_version"),
         ('{"v": true, "type": "ping"}', "unsupported_version"),
+        ('{"type": "ask", "stream_id": "c", "question": "q"}', "bad_message"),
+        ('{"type": "ask", "request_id": "", "stream_id": "c", "question": "q"}', "bad_message"),
+        ('{"type": "ask", "request_id": 5, "stream_id": "c", "question": "q"}', "bad_message"),
     ],
 )
 def test_invalid_client_messages(frame: str | bytes, code: str) -> None:
@@ -136,6 +147,37 @@ def test_invalid_client_messages(frame: str | bytes, code: str) -> None:
     assert info.value.message
     # The error goes straight back to the client.
     assert json.loads(encode_error(info.value.code, info.value.message))["code"] == code
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"stream_id": "../etc", "question": "q"},
+        {"question": "q"},
+        {"stream_id": "c", "question": "   "},
+        {"stream_id": "c", "question": ["q"]},
+        {"stream_id": "c", "question": "q" * 513},
+        {"stream_id": "c", "question": "q", "at": True},
+        {"stream_id": "c", "question": "q", "at": "3"},
+        {"stream_id": "c", "question": "q", "max_new_tokens": 0},
+        {"stream_id": "c", "question": "q", "max_new_tokens": 2.5},
+    ],
+)
+def test_a_bad_ask_is_refused_with_its_request_id(fields: dict) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_client_message(json.dumps({"type": "ask", "request_id": "r9", **fields}))
+    assert info.value.code == "bad_message" and info.value.request_id == "r9"
+    error = json.loads(encode_error(info.value.code, info.value.message, info.value.request_id))
+    assert error["request_id"] == "r9" and error["type"] == "error"
+    with pytest.raises(ProtocolError, match="non-finite|JSON|finite"):  # NaN is not JSON a client may send
+        parse_client_message('{"type": "ask", "request_id": "r", "stream_id": "c", "question": "q", "at": NaN}')
+
+
+def test_the_answer_to_an_ask_is_the_answer_message() -> None:
+    answer = Answer("cam1", 41, 40.0, 43.0, "what colour is it ?", "red", float("-inf"), "m", "q1", 2.0)
+    sent = json.loads(encode_event(answer))
+    assert sent["type"] == "answer" and sent["request_id"] == "q1" and sent["confidence"] is None
+    assert sent == {"v": 1, **answer.to_dict(), "confidence": None}
 
 
 def test_oversized_messages_are_rejected_by_bytes_not_characters() -> None:
@@ -193,17 +235,23 @@ def test_schema_examples_match_what_the_code_sends_and_accepts() -> None:
         "state": encode_state("cam1", "stalled", None, 1.0),
         "error": encode_error("bad_message", "x"),
         "pong": encode_pong(),
+        # opt-in messages: built from the records the daemon publishes
+        "speech": encode(event_message(SpeechCue("cam1", 12.4, 14.1, "two red circles move up", -0.12, "m", 1.0, 1.5))),
+        "answer": encode(event_message(Answer("cam1", 41, 40.0, 43.0, "what colour is it ?", "red", -0.05, "m", "q1", 2.0))),
+        "watch": encode(event_message(WatchEvent("w1", "cam1", "is there a red circle ?", "on", "yes", 61.0, 64.0, 3.0))),
+        "chapter": encode(event_message(Chapter("cam1", 3, 96.0, 130.5, "two small red triangles move down", 4.0))),
     }
     assert set(server) == set(produced)
     for kind, text in produced.items():
         assert set(server[kind]) == set(json.loads(text)), kind  # same fields, documented
-    assert {e["type"] for e in client} == {"subscribe", "unsubscribe", "ping"}
+    assert {e["type"] for e in client} == {"subscribe", "unsubscribe", "ping", "ask"}
     for example in client:
         parse_client_message(json.dumps(example))
 
 
 def test_schema_documents_every_error_code() -> None:
-    codes = {"too_large", "bad_json", "bad_message", "unknown_type", "unsupported_version", "bad_request"}
+    codes = {"too_large", "bad_json", "bad_message", "unknown_type", "unsupported_version", "bad_request",
+             "not_found", "out_of_history", "busy", "engine_failed", "unavailable"}
     for code in codes:
         assert f"`{code}`" in SCHEMA
 

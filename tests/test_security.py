@@ -64,12 +64,14 @@ ROUTE_ROLES = {
     ("GET", "/healthz"): None, ("GET", "/readyz"): None, ("GET", "/metrics"): "viewer",
     ("GET", "/"): None, ("GET", "/overlay/{stream}"): None, ("GET", "/web"): None,
     ("GET", "/ws"): "viewer", ("GET", "/streams"): "viewer", ("GET", "/streams/{id}"): "viewer",
-    ("GET", "/streams/{id}/thumbnail.jpg"): "viewer",
+    ("GET", "/streams/{id}/thumbnail.jpg"): "viewer", ("GET", "/streams/{id}/chapters"): "viewer",
     ("POST", "/whip/{id}"): "publisher", ("DELETE", "/whip/{id}"): "publisher",
     ("DELETE", "/whip/{id}/{session}"): "publisher",
     ("POST", "/streams"): "operator", ("DELETE", "/streams/{id}"): "operator",
     ("POST", "/v1/caption/video"): "operator", ("POST", "/v1/caption/videos"): "operator",
     ("POST", "/v1/caption/frames"): "operator", ("GET", "/auth"): "admin",
+    ("POST", "/streams/{id}/ask"): "viewer", ("GET", "/streams/{id}/watches"): "viewer",
+    ("POST", "/streams/{id}/watches"): "operator", ("DELETE", "/streams/{id}/watches/{watch_id}"): "operator",
 }
 
 

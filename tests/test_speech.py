@@ -42,37 +42,12 @@ def _speak(text: str, voice: str) -> np.ndarray:
 
 def _write_clip(path: Path, seconds: float, track: np.ndarray | None, fps: int = 15) -> Path:
     """World scenes as H.264 and `track` (16 kHz float32) as AAC at 44.1 kHz, muxed by PyAV."""
-    import av
-
+    from streamer.media.encode import write_h264
     from streamer.training.world import demo_scenes, render_video
 
     scenes = demo_scenes(3, seed=7)
     frames = render_video([(s, seconds / len(scenes)) for s in scenes], fps=fps, height=96, width=128)
-    with av.open(str(path), "w") as out:
-        video = out.add_stream("libx264", rate=fps)
-        video.height, video.width, video.pix_fmt = 96, 128, "yuv420p"
-        video.options = {"preset": "veryfast", "crf": "23"}
-        audio = None
-        if track is not None:
-            audio = out.add_stream("aac", rate=44100)
-            audio.layout = "mono"
-        for i, img in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts = i
-            for packet in video.encode(frame):
-                out.mux(packet)
-        for packet in video.encode():
-            out.mux(packet)
-        if audio is not None:
-            src = av.AudioFrame.from_ndarray(track.reshape(1, -1).astype(np.float32), format="flt", layout="mono")
-            src.sample_rate, src.pts = SAMPLE_RATE, 0
-            resampler = av.AudioResampler(format="fltp", layout="mono", rate=44100)
-            for frame in resampler.resample(src) + resampler.resample(None):
-                for packet in audio.encode(frame):
-                    out.mux(packet)
-            for packet in audio.encode():
-                out.mux(packet)
-    return path
+    return Path(write_h264(path, frames, fps, crf=23, tune=None, audio=track, audio_rate=SAMPLE_RATE))
 
 
 def _caption(video: Path, tmp_path: Path, *extra: str) -> list[dict]:
@@ -272,8 +247,8 @@ def test_speech_training_checkpoints_resumes_and_reports_wer(tmp_path):
     optimizer state, a learning-curve point, a resumed run that goes on from it, and the held-out WER report."""
     from streamer.training.speech import SpeechTrainConfig, train_speech
 
-    base = dict(out=str(tmp_path / "run"), steps=4, batch_size=2, warmup=1, save_every=2, threads=1,
-                train_utterances=6, eval_utterances=2, seed=3)
+    base = {"out": str(tmp_path / "run"), "steps": 4, "batch_size": 2, "warmup": 1, "save_every": 2, "threads": 1,
+            "train_utterances": 6, "eval_utterances": 2, "seed": 3}
     out = train_speech(SpeechTrainConfig(**base), progress=False)
     assert (out / "checkpoint-2" / "training_state.pt").is_file() and not list(out.glob(".checkpoint-*"))
     curve = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]

@@ -20,6 +20,7 @@ import websockets
 
 from streamer.http import app as server_module
 from streamer.http.app import ServerConfig
+from tests.support.browser import eventually
 from tests.support.media import write_video
 from tests.test_daemon import add_stream, running_daemon
 
@@ -116,18 +117,6 @@ class CaptionLog:
 
     def texts(self, stream_id: str) -> set[str]:
         return {m["text"] for m in self.messages if m["type"] == "caption" and m["stream_id"] == stream_id}
-
-
-async def eventually(probe, timeout: float, what: str, interval: float = 0.1):
-    """Poll `probe()` (async) until it returns something truthy; fail with `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await probe()
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
 
 
 def watch_errors(page) -> list[str]:

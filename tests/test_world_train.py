@@ -232,7 +232,8 @@ def test_questions_have_the_window_s_answers_and_yes_no_is_balanced():
             answers[kind].append(answer)
         words = {k: a for k, _, a in asked}
         if truth.count:
-            assert words["colour"] == truth.colour and words["shape"] == truth.shape
+            assert words["colour"] == truth.colour and words["shape"] in truth.caption.split()
+            assert words["shape"].rstrip("s") == truth.shape  # as the caption says it: "circles" for two
             assert words["count"] == {1: "one", 2: "two"}[truth.count]
             assert truth.caption.split()[-1] in (words["direction"], "appears", "disappears") or words["direction"] == "still"
             assert words["yes"] == "yes"
@@ -263,7 +264,13 @@ def test_live_examples_go_through_h264_and_the_daemons_resize():
     shapes = {ex[0][0].shape for ex in examples}
     assert all(min(s[:2]) == 64 for s in shapes) and len(shapes) > 1  # short side 64, several aspect ratios
     questions = [ex for ex in examples if len(ex) == 3]
-    assert 40 < len(questions) < 120  # about 40%: captions and questions trained together
+    assert 60 < len(questions) < 140  # about half: captions and questions trained together
+    from streamer.engine.prompts import split_answer
+    from streamer.training.world import ANSWER_MARKER
+
+    for _, text, question in questions:  # the model says what it sees, then the answer after "so"
+        caption, answer = split_answer(text, ANSWER_MARKER)
+        assert caption and answer and ANSWER_MARKER not in caption.split() and len(answer.split()) == 1, text
     assert any(ex[1].endswith(" still") for ex in examples)  # still scenes, and objects standing after they appear
 
 
@@ -299,3 +306,17 @@ def test_widening_the_vocabulary_keeps_what_known_words_learned():
         assert torch.allclose(before[old_tok.convert_tokens_to_ids(word)], after[new_tok.convert_tokens_to_ids(word)], atol=1e-5)
     new_words = [new_tok.convert_tokens_to_ids(w) for w in ("yes", "still", "colour")]
     assert after[new_words].max() < after[new_tok.convert_tokens_to_ids("moves")] + 5  # new words start unlikely-ish
+
+
+def test_an_answer_is_read_after_the_models_marker():
+    from streamer.engine.prompts import answer_marker, split_answer
+
+    assert split_answer("a big red circle moves up so red", "so") == ("a big red circle moves up", "red")
+    assert split_answer("two small blue squares move left so two", "so")[1] == "two"
+    assert split_answer("a big red circle moves up", "so") == ("a big red circle moves up", "")  # ran out of tokens
+    assert split_answer("  yes  ", None) == ("", "yes")  # a hub VQA checkpoint: the whole text is the answer
+
+    class Config:
+        answer_marker = "so"
+
+    assert answer_marker(Config()) == "so" and answer_marker(object()) is None

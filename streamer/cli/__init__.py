@@ -1,4 +1,4 @@
-"""Command line: one module per command (`caption`, `train`, `eval`, `serve`, `tail`, `demo`, `export`).
+"""Command line: one module per command (`caption`, `train`, `eval`, `serve`, `tail`, `ask`, `demo`, `export`).
 
 Each command module has `add_parser(subparsers)` and its `run_*` function; a
 command imports torch (through the engine) only when it runs, so `--help` and
@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from streamer.cli import caption, demo, evaluate, export, serve, tail, train
+from streamer.cli import ask, caption, demo, evaluate, export, serve, tail, train
 from streamer.cli.common import parse_duration
 from streamer.errors import StreamerError
 from streamer.ops.logs import setup_logging
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamer", description="Real-time video captioning.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (caption, train, evaluate, serve, tail, demo, export):
+    for command in (caption, train, evaluate, serve, tail, ask, demo, export):
         command.add_parser(sub)
     return parser
 

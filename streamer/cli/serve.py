@@ -33,6 +33,8 @@ class ServeConfig:
     streams: tuple = field(default_factory=tuple)  # StreamConfig, ...
     sinks: tuple = ()  # raw ("outputs", table) / ("webhooks", [tables]) pairs; see sinks.py
     bus: Any = None  # BusConfig ([bus]): several replicas share captions through Redis; None: alone
+    watches: tuple = ()  # WatchConfig, ... ([[watches]]: pipeline/watches.py)
+    watch_limits: Any = None  # WatchLimits from [limits]; None: the defaults
 
 
 def load_config(path: str | None, args: argparse.Namespace | None = None) -> ServeConfig:
@@ -46,6 +48,7 @@ def load_config(path: str | None, args: argparse.Namespace | None = None) -> Ser
     from streamer.http.common import ServerConfig
     from streamer.pipeline.daemon import DaemonConfig
     from streamer.pipeline.scheduler import SchedulerConfig
+    from streamer.pipeline.speech import SpeechSettings
 
     data: dict[str, Any] = {}
     if path:
@@ -102,7 +105,8 @@ def load_config(path: str | None, args: argparse.Namespace | None = None) -> Ser
                           client_queue=limits.client_queue, max_failed_batches=limits.max_failed_batches,
                           restart_budget=limits.restart_budget, restart_window=limits.restart_window,
                           max_streams=limits.max_streams, max_whip_sessions=limits.max_whip_sessions,
-                          whip_connect_timeout=limits.whip_connect_timeout)
+                          whip_connect_timeout=limits.whip_connect_timeout,
+                          speech=SpeechSettings.from_section(parsed.speech, getattr(args, "speech_model", None)))
     engine = EngineConfig(**parsed.model.model_dump())
     sinks = tuple((k, data[k]) for k in ("outputs", "webhooks") if k in data)
     try:
@@ -116,7 +120,32 @@ def load_config(path: str | None, args: argparse.Namespace | None = None) -> Ser
         from streamer.publish.bus import BusConfig
 
         bus = BusConfig.from_section(parsed.bus)
-    return ServeConfig(engine, ServerConfig(**server_values), daemon, tuple(parsed.streams), sinks, bus)
+    return ServeConfig(engine, ServerConfig(**server_values), daemon, tuple(parsed.streams), sinks, bus,
+                       tuple(parsed.watches), _watch_limits(parsed))
+
+
+def _watch_limits(parsed):
+    """[limits] for watches; [[watches]] checked against them and their streams' hops (others come over HTTP)."""
+    from collections import Counter
+
+    from streamer.pipeline.watches import WatchLimits
+
+    limits = WatchLimits(parsed.limits.max_watches, parsed.limits.max_watches_per_stream)
+    hops = {s.id: s.hop for s in parsed.streams}
+    per_stream = Counter(w.stream for w in parsed.watches)
+    ids = Counter((w.stream, w.id) for w in parsed.watches if w.id is not None)
+    for i, w in enumerate(parsed.watches, 1):
+        if w.stream in hops and w.every < hops[w.stream]:
+            raise StreamerError(f"config: [[watches]] #{i}: every = {w.every:g} s is below stream {w.stream!r}'s "
+                                f"hop of {hops[w.stream]:g} s")
+        if per_stream[w.stream] > limits.max_per_stream:
+            raise StreamerError(f"config: [[watches]]: {per_stream[w.stream]} watches on stream {w.stream!r}, over "
+                                f"[limits] max_watches_per_stream = {limits.max_per_stream}")
+        if ids[(w.stream, w.id)] > 1:
+            raise StreamerError(f"config: [[watches]] #{i}: stream {w.stream!r} has two watches with id {w.id!r}")
+    if len(parsed.watches) > limits.max_watches:
+        raise StreamerError(f"config: {len(parsed.watches)} [[watches]], over [limits] max_watches = {limits.max_watches}")
+    return limits
 
 
 def _tokens(auth, flags: list[str]) -> tuple:
@@ -193,11 +222,15 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
 
     from streamer.engine import Engine
     from streamer.http.app import Service, build_app
+    from streamer.http.chapters import attach as attach_chapters
+    from streamer.http.chapters import owner_handler as chapters_owner_handler
     from streamer.http.guard import GuardedSite
     from streamer.ingest import SourceState
     from streamer.ops.metrics import DaemonMetrics
     from streamer.pipeline.daemon import Daemon
-    from streamer.publish.sinks import close_sinks, outputs_from_config
+    from streamer.pipeline.watches import attach_watches
+    from streamer.publish.chapters import ChapterSink
+    from streamer.publish.sinks import close_sinks, outputs_from_config, with_chapters
 
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
@@ -219,6 +252,8 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
     ownership = None  # cluster.Ownership, with [bus] ownership = true
     sinks: list = []
     app = build_app(service, config.server)
+    chapters = ChapterSink()  # one per daemon: `chapter` events, GET /streams/{id}/chapters, {id}.chapters.vtt
+    attach_chapters(app, chapters)
     # an idle kept-alive connection is closed after this (aiohttp's default is 75 s)
     keepalive = max(config.server.header_timeout, 15.0)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=keepalive)
@@ -254,11 +289,16 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
             bus = CaptionBus(config.bus, daemon.hub, metrics)
             bus.start(daemon.supervisor.spawn)
             daemon.readiness_checks.append(bus.problem)
-        sinks = outputs_from_config(dict(config.sinks))
+        sinks = with_chapters(outputs_from_config(dict(config.sinks)), chapters)
         for sink in sinks:
             await sink.start(daemon.hub, daemon.supervisor.spawn)
+        try:  # before the streams: a watch follows its stream from the first window
+            attach_watches(daemon, config.watch_limits, config.watches)
+        except ValueError as exc:  # a [[watches]] question the model cannot read
+            raise StreamerError(f"config: [[watches]]: {exc}") from None
         if bus is not None and config.bus.ownership:
             ownership = _start_ownership(config, daemon, bus, metrics)
+            ownership.handle("chapters", chapters_owner_handler(daemon, chapters))
             service.cluster = ownership
         else:
             for stream in config.streams:
@@ -311,6 +351,10 @@ def _start_ownership(config: ServeConfig, daemon, bus, metrics):
     ownership = Ownership(config.bus, daemon, bus, config.server.sources or SourcePolicy(), config.streams, metrics)
     for kind, handler in owner_handlers(daemon).items():
         ownership.handle(kind, handler)
+    from streamer.http.ask import owner_handlers as ask_handlers
+
+    for kind, handler in ask_handlers(daemon).items():  # questions and watches, with a JSON payload
+        ownership.handle(kind, handler, payload=True)
     ownership.start(daemon.supervisor.spawn)
     daemon.readiness_checks.append(ownership.problem)
     log.warning("stream ownership on the bus", extra={"replica": ownership.replica_id,
@@ -397,6 +441,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--host")
     srv.add_argument("--port", type=int)
     srv.add_argument("--stream", action="append", metavar="ID=URL", help="a stream to start with (repeatable)")
+    srv.add_argument("--speech-model", help="Whisper checkpoint for streams with speech on ([speech] model); "
+                     "default openai/whisper-small when cached or reachable, else the bundled streamer/world-whisper")
     srv.add_argument("--token", action="append", metavar="ROLE[:ID,ID]=TOKEN",
                      help="an API token: admin, operator, viewer or publisher, optionally limited to streams (repeatable)")
     srv.add_argument("--insecure-no-auth", action="store_true", help="serve a non-loopback address with no tokens")

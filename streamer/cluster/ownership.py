@@ -115,9 +115,12 @@ class Ownership:
         """Why this replica cannot take part now (for /readyz), or None."""
         return f"ownership: {self._problem}" if self._problem else None
 
-    def handle(self, kind: str, handler: Handler) -> None:
-        """Answer requests of `kind` for streams owned here (`handler(stream_id)`)."""
+    def handle(self, kind: str, handler: Handler, *, payload: bool = False) -> None:
+        """Answer requests of `kind` for streams owned here: `handler(stream_id)`, or with `payload`
+        `handler(stream_id, payload)` (the request's bytes, bounded: cluster/requests.py)."""
         self.requests.handlers[kind] = handler
+        if payload:
+            self.requests.payload_kinds.add(kind)
 
     async def close(self) -> None:
         """After the daemon drained: release every lease (the others take the streams at once),
@@ -224,15 +227,16 @@ class Ownership:
         replica, _, _ = raw.decode("utf-8", "replace").rpartition(":")
         return replica or None
 
-    async def ask_owner(self, stream_id: str, kind: str) -> bytes:
-        """A request answered by the stream's owner (here if it is this replica's). Raises
-        RequestFailed (status 404 no such stream/owner, 504 no answer in time)."""
+    async def ask_owner(self, stream_id: str, kind: str, payload: bytes | None = None) -> bytes:
+        """A request answered by the stream's owner (here if it is this replica's), with an optional
+        small `payload` for kinds that take one. Raises RequestFailed (status 404 no such
+        stream/owner, 413 payload too large, 504 no answer in time)."""
         if self.owns(stream_id):
-            return await self.requests.answer_locally(kind, stream_id)
+            return await self.requests.answer_locally(kind, stream_id, payload)
         owner = await self.owner_of(stream_id)
         if owner is None:
             raise RequestFailed(404, "no_owner", f"no replica captions stream {stream_id!r} now")
-        return await self.requests.ask(owner, kind, stream_id)
+        return await self.requests.ask(owner, kind, stream_id, payload)
 
     async def claim_whip(self, stream_id: str) -> StreamLease:
         """The lease for a WHIP stream published to this replica. Raises NotOwner when another

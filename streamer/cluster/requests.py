@@ -1,14 +1,15 @@
 """Requests that need a stream's owner, over Redis (a thumbnail, the live details of a stream).
 
 Each replica reads its own request stream `{p}rq:{replica}` (in the ownership loop's XREAD). A
-request is one entry: `id` (random), `kind`, `stream`. The owner answers by RPUSH to `{p}rp:{id}`
+request is one entry: `id` (random), `kind`, `stream`, and for kinds that take one a `payload` (a
+small JSON body: a question, at most `MAX_PAYLOAD` bytes). The owner answers by RPUSH to `{p}rp:{id}`
 (one element: a status line, a newline, the body) with a short expiry; the asker waits on that key
 with BLPOP, so the answer reaches the asker only, never the stream's bus. No answer within
 `request_timeout`: 504 with a clear message.
 
 Entries are hostile until checked (anyone with write access to Redis could add one): the kind must
-be one this replica answers, the stream id valid, the request id 32 hex digits; bodies are
-bounded; at most `_MAX_SERVING` requests are served at once, more are answered "busy".
+be one this replica answers, the stream id valid, the request id 32 hex digits; payloads and bodies
+are bounded, and a payload reaches only a handler registered to take one; at most `_MAX_SERVING` requests are served at once, more are answered "busy".
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from typing import Any
 
 from streamer.config import STREAM_ID
 
-__all__ = ["Handler", "OwnerRequests", "RequestFailed"]
+__all__ = ["MAX_PAYLOAD", "Handler", "OwnerRequests", "RequestFailed"]
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[str], Awaitable[bytes]]  # stream id -> body; raises RequestFailed
+Handler = Callable[..., Awaitable[bytes]]  # (stream id[, payload]) -> body; raises RequestFailed
+MAX_PAYLOAD = 16 * 1024  # a request's payload: a question and its options are far smaller
 _REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 _MAX_BODY = 4 * 1024 * 1024  # a thumbnail is far smaller
 _MAX_SERVING = 16
@@ -49,19 +51,24 @@ class OwnerRequests:
         self.timeout = timeout
         self._op = op  # a call's time limit (Ownership._op)
         self.handlers: dict[str, Handler] = {}
+        self.payload_kinds: set[str] = set()  # kinds whose handler takes (stream id, payload)
         self._serving = 0
 
     def key_of(self, replica_id: str) -> str:
         return f"{self._prefix}rq:{replica_id}"
 
-    async def ask(self, replica_id: str, kind: str, stream_id: str) -> bytes:
+    async def ask(self, replica_id: str, kind: str, stream_id: str, payload: bytes | None = None) -> bytes:
         """Send a request to `replica_id` and wait for its answer. Raises RequestFailed."""
+        if payload is not None and len(payload) > MAX_PAYLOAD:
+            raise RequestFailed(413, "too_large", f"the request is over the limit of {MAX_PAYLOAD} bytes")
         request_id = secrets.token_hex(16)
         reply_key = f"{self._prefix}rp:{request_id}"
+        fields: dict[str, Any] = {"id": request_id, "kind": kind, "stream": stream_id}
+        if payload is not None:
+            fields["payload"] = payload
         try:
             async with self._op():
-                await self._redis.xadd(self.key_of(replica_id), {"id": request_id, "kind": kind, "stream": stream_id},
-                                       maxlen=1000, approximate=True)
+                await self._redis.xadd(self.key_of(replica_id), fields, maxlen=1000, approximate=True)
             async with self._op(self.timeout):
                 answer = await self._redis.blpop([reply_key], timeout=max(0.01, self.timeout))
         except Exception as exc:  # noqa: BLE001 -- redis errors and our own time limit: one clear answer
@@ -77,16 +84,21 @@ class OwnerRequests:
         raise RequestFailed(int(status) if status.isdigit() and 400 <= int(status) < 600 else 502, code or "failed",
                             message[:500] or "the owner could not answer")
 
-    async def answer_locally(self, kind: str, stream_id: str) -> bytes:
+    async def answer_locally(self, kind: str, stream_id: str, payload: bytes | None = None) -> bytes:
         handler = self.handlers.get(kind)
         if handler is None:
             raise RequestFailed(400, "bad_request", f"unknown request {kind!r}")
+        if kind in self.payload_kinds:
+            return await handler(stream_id, payload or b"")
+        if payload is not None:
+            raise RequestFailed(400, "bad_request", f"request {kind!r} takes no payload")
         return await handler(stream_id)
 
     async def serve(self, fields: dict) -> None:
         """Answer one request entry (called for each entry of our request stream)."""
         request_id = _text(fields.get(b"id"))
         kind, stream_id = _text(fields.get(b"kind")), _text(fields.get(b"stream"))
+        payload = fields.get(b"payload")
         if request_id is None or not _REQUEST_ID.fullmatch(request_id):
             log.warning("owner request ignored: bad request id")
             return
@@ -98,7 +110,9 @@ class OwnerRequests:
         try:
             if kind is None or stream_id is None or not STREAM_ID.match(stream_id):
                 raise RequestFailed(400, "bad_request", "bad request")
-            body = await self.answer_locally(kind, stream_id)
+            if payload is not None and (not isinstance(payload, bytes) or len(payload) > MAX_PAYLOAD):
+                raise RequestFailed(413, "too_large", f"the request is over the limit of {MAX_PAYLOAD} bytes")
+            body = await self.answer_locally(kind, stream_id, payload)
             if len(body) > _MAX_BODY:
                 raise RequestFailed(502, "too_large", "answer too large")
             reply = b"ok\n" + body

@@ -12,6 +12,10 @@ the same modules to ONNX, so every backend computes the same thing.
     step     ids (B, 1), position (B, 1), image keys/values, text keys/values
              (B, H, t, d) -> logits (B, V), text keys/values (B, H, t+1, d).
 
+A text prefix (a question after [CLS]) is fed after BOS: `text_forward` takes
+k tokens per row at once with a causal `text_mask` (the torch backend's
+`extend`), or one per step through the unchanged step graph (the ONNX ones).
+
 GIT's attention mask lets image tokens see only each other, and text tokens
 see every image token and the text before them. So the decoder splits into an
 image part that does not depend on the text at all (plain unmasked attention,
@@ -31,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PrefillGraph", "StepGraph", "VisionGraph", "image_keys_values", "kv_names", "text_forward"]
+__all__ = [
+    "PrefillGraph", "StepGraph", "VisionGraph", "causal_text_mask", "image_keys_values", "kv_names", "text_forward",
+]
 
 
 def kv_names(prefix: str, layers: int) -> list[str]:
@@ -86,9 +92,11 @@ def text_forward(
     image_values: list[torch.Tensor],
     past_keys: list[torch.Tensor] | None,
     past_values: list[torch.Tensor] | None,
+    text_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """One text token per row through the decoder: logits of the next, and the
-    text keys/values with this token's appended."""
+    """Text tokens through the decoder: logits of the token after the last one, and
+    the text keys/values with these tokens' appended. One token per row needs no
+    mask (it sees all text before it); k tokens at once need `causal_text_mask`."""
     hidden = model.git.embeddings(input_ids=ids, position_ids=position)
     keys, values = [], []
     for index, layer in enumerate(model.git.encoder.layer):
@@ -102,13 +110,24 @@ def text_forward(
         values.append(v)
         image_k, image_v = image_keys[index], image_values[index]
         scale = 1.0 / math.sqrt(attn.attention_head_size)
-        scores = torch.cat([q @ image_k.transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1) * scale
+        text_scores = q @ k.transpose(-1, -2)
+        if text_mask is not None:
+            text_scores = text_scores + text_mask
+        scores = torch.cat([q @ image_k.transpose(-1, -2), text_scores], dim=-1) * scale
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         n_img = image_k.shape[2]
         context = probs[..., :n_img] @ image_v + probs[..., n_img:] @ v
         attended = layer.attention.output(_merge(attn, context), hidden)
         hidden = layer.output(layer.intermediate(attended), attended)
     return model.output(hidden[:, -1]), keys, values
+
+
+def causal_text_mask(new: int, total: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(new, total) additive mask for `new` tokens appended after `total - new` text tokens:
+    each sees the text before it and itself, never a later one (image tokens are always seen)."""
+    past = total - new
+    later = torch.arange(total, device=device)[None, :] > (past + torch.arange(new, device=device))[:, None]
+    return torch.zeros(new, total, dtype=dtype, device=device).masked_fill(later, torch.finfo(dtype).min)
 
 
 class VisionGraph(nn.Module):

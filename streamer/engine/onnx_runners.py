@@ -9,6 +9,8 @@ and feature cache are the same as for torch.
 
 - ONNX Runtime: the CPU execution provider; with a CUDA GPU (and a GPU build
   of onnxruntime) TensorRT and CUDA are tried first. fp32, or an int8 export.
+- Questions (a text prefix after BOS) feed their tokens one per step through
+  the step graph: the graphs need no prefix input, at a step's cost per token.
 - OpenVINO on the CPU: fp32, bf16 (its inference precision hint, run on AMX
   where the CPU has it) or f16, or an int8 export. OpenVINO picks bf16 on its
   own on AMX CPUs; fp32 is asked for explicitly so that `float32` means it.
@@ -121,6 +123,32 @@ class _OnnxRunner:
         feeds.update(zip(self._past_names, text))
         logits, *present = self._run("step", feeds)
         return torch.from_numpy(logits), (image, present)
+
+    def extend(self, ids: torch.Tensor, position: int, state: Any) -> tuple[torch.Tensor, Any]:
+        # the step graph takes one token per row: feed a prefix token by token
+        logits = None
+        for offset in range(ids.shape[1]):
+            logits, state = self.step(ids[:, offset : offset + 1].contiguous(), position + offset, state)
+        if logits is None:
+            raise ValueError("extend needs at least one token per row")
+        return logits, state
+
+    def split_rows(self, logits: torch.Tensor, state: Any, rows: list[int]) -> list[Any]:
+        image, text = state
+        return [(logits[r : r + 1].clone(), ([a[r : r + 1].copy() for a in image], [a[r : r + 1].copy() for a in text]))
+                for r in rows]
+
+    def join_rows(self, rows: Sequence[Any]) -> tuple[torch.Tensor, Any]:
+        if len(rows) == 1:
+            return rows[0]
+        logits = torch.cat([logits for logits, _ in rows])
+        image = [np.concatenate([row[1][0][i] for row in rows]) for i in range(len(rows[0][1][0]))]
+        text = [np.concatenate([row[1][1][i] for row in rows]) for i in range(len(rows[0][1][1]))]
+        return logits, (image, text)
+
+    def row_nbytes(self, row: Any) -> int:
+        logits, (image, text) = row
+        return int(logits.nbytes) + sum(int(a.nbytes) for a in (*image, *text))
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         raise NotImplementedError

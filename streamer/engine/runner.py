@@ -5,6 +5,12 @@ the feature cache, batching, greedy decoding, captions and stats. A runner
 does the three model calls of graphs.py on its own runtime and hands logits
 back as CPU or device torch tensors, so one greedy loop serves every backend.
 
+The state after `prefill` (BOS's logits, the image keys/values and BOS's text
+keys/values) depends on the window only, so a runner splits it into rows the
+engine keeps per window (the image-token cache, cache.py) and joins rows of
+any windows back into a batch: a question about a window already captioned
+starts from its row and runs only its own tokens (`extend`, then `step`).
+
 Runners: TorchRunner here; OrtRunner and OpenVinoRunner in onnx_runners.py
 (imported only when picked, so the daemon starts without onnxruntime or
 openvino installed).
@@ -17,7 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
-from streamer.engine.graphs import image_keys_values, image_tokens, text_forward
+from streamer.engine.graphs import causal_text_mask, image_keys_values, image_tokens, text_forward
 from streamer.engine.loader import LoadedModel
 
 __all__ = ["ModelInfo", "Runner", "TorchRunner", "special_ids"]
@@ -67,6 +73,23 @@ class Runner(Protocol):
         """The state of only these rows (rows that finished leave the batch)."""
         ...
 
+    def extend(self, ids: torch.Tensor, position: int, state: Any) -> tuple[torch.Tensor, Any]:
+        """Feed k tokens per row (B, k) at positions position..position+k-1 (a text prefix):
+        logits after the last, and the new state."""
+        ...
+
+    def split_rows(self, logits: torch.Tensor, state: Any, rows: list[int]) -> list[Any]:
+        """Copies of these rows of a prefill's output, one per window (kept in the image-token cache)."""
+        ...
+
+    def join_rows(self, rows: Sequence[Any]) -> tuple[torch.Tensor, Any]:
+        """Rows of `split_rows` (of any batches) -> (logits, state) of one batch, as `prefill` returns it."""
+        ...
+
+    def row_nbytes(self, row: Any) -> int:
+        """Memory held by one row."""
+        ...
+
 
 class TorchRunner:
     """graphs.py's functions on the loaded transformers model (CPU or CUDA, any dtype)."""
@@ -103,6 +126,32 @@ class TorchRunner:
     def keep_rows(self, state: Any, rows: list[int]) -> Any:
         index = torch.tensor(rows, device=self.device)
         return tuple([t.index_select(0, index) for t in part] for part in state)
+
+    def extend(self, ids: torch.Tensor, position: int, state: Any) -> tuple[torch.Tensor, Any]:
+        if ids.shape[1] == 1:
+            return self.step(ids, position, state)
+        image_k, image_v, text_k, text_v = state
+        new = ids.shape[1]
+        positions = torch.arange(position, position + new, device=ids.device).expand(ids.shape[0], new)
+        mask = causal_text_mask(new, position + new, image_k[0].dtype, ids.device)
+        logits, text_k, text_v = text_forward(self.model, ids, positions, image_k, image_v, text_k, text_v, mask)
+        return logits, (image_k, image_v, text_k, text_v)
+
+    def split_rows(self, logits: torch.Tensor, state: Any, rows: list[int]) -> list[Any]:
+        # clones: a row must not hold its whole batch's tensors alive (the cache counts its bytes)
+        return [(logits[r : r + 1].clone(), tuple([t[r : r + 1].clone() for t in part] for part in state)) for r in rows]
+
+    def join_rows(self, rows: Sequence[Any]) -> tuple[torch.Tensor, Any]:
+        if len(rows) == 1:
+            return rows[0]  # decoding only reads a state, never writes into it
+        logits = torch.cat([logits for logits, _ in rows])
+        parts = len(rows[0][1])
+        state = tuple([torch.cat([row[1][p][i] for row in rows]) for i in range(len(rows[0][1][p]))] for p in range(parts))
+        return logits, state
+
+    def row_nbytes(self, row: Any) -> int:
+        logits, state = row
+        return logits.nbytes + sum(t.nbytes for part in state for t in part)
 
 
 

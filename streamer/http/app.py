@@ -4,12 +4,14 @@ Routes:
   GET  /ws                      captions over WebSocket (docs/protocol.md); ?streams=a,b or ?streams=*
   GET  /streams                 list streams      POST /streams {id, url, ...}   add one
   GET  /streams/{id}            one stream        DELETE /streams/{id}           remove it
+  GET  /streams/{id}/chapters   its chapters (JSON; ?format=vtt: a WebVTT chapters track)
   POST /whip/{id}               WHIP: SDP offer in, 201 + SDP answer + Location /whip/{id}/{session}
   DELETE /whip/{id}/{session}   end that WHIP session     DELETE /whip/{id}   end whichever it is
   GET  /healthz  /readyz  /metrics  /auth (admin: who holds which role)
   POST /v1/caption/video        {"video": base64, "max_length": N}       one caption for a clip
   POST /v1/caption/videos       {"videos": [base64...], "max_length": N} one per clip, batched
   POST /v1/caption/frames       {"frames": [base64 image...], "max_length": N}
+  POST /streams/{id}/ask        a question about the stream; GET/POST /streams/{id}/watches, DELETE .../{watch_id}
 
 Who may call which route: guard.py and docs/SECURITY.md. Every error is JSON `{"error": {"code": ..., "message": ...}}` with a 4xx/5xx
 status; a bad request never disturbs other streams or clients.
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from streamer.http import oneshot, streams, whip, ws
+from streamer.http import ask, chapters, oneshot, streams, whip, ws
 from streamer.http.common import (
     CONFIG_KEY,
     SERVICE_KEY,
@@ -68,6 +70,7 @@ def build_app(service: Daemon | Service, config: ServerConfig | None = None) -> 
             web.get("/streams", streams.list_streams),
             web.post("/streams", streams.add_stream),
             web.get("/streams/{id}", streams.get_stream),
+            web.get("/streams/{id}/chapters", chapters.get_chapters),
             web.delete("/streams/{id}", streams.remove_stream),
             web.post("/whip/{id}", whip.whip_offer),
             web.delete("/whip/{id}", whip.whip_delete),
@@ -81,6 +84,7 @@ def build_app(service: Daemon | Service, config: ServerConfig | None = None) -> 
             web.post("/v1/caption/frames", oneshot.caption_frames),
         ]
     )
+    ask.add_routes(app)  # /streams/{id}/ask and /streams/{id}/watches (ask.py)
     app.on_shutdown.append(ws.close_sockets)
     add_web_routes(app)
     return app

@@ -88,7 +88,7 @@ class Security:
 
 
 SECURITY_KEY = web.AppKey("security", Security)
-PRINCIPAL_KEY = "streamer.principal"
+PRINCIPAL_KEY = web.RequestKey("streamer.principal", Principal)
 
 
 def principal_of(request: web.Request) -> Principal:

@@ -1,4 +1,7 @@
-"""Routes: POST /v1/caption/video, /v1/caption/videos, /v1/caption/frames (base64 in, captions out)."""
+"""Routes: POST /v1/caption/video, /v1/caption/videos, /v1/caption/frames (base64 in, captions out).
+
+With `question` each result also carries the model's `answer` about that clip (or frame list), its
+`answer_confidence` and the `question` as the model read it (issue #13)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import binascii
 import functools
 import io
 import itertools
+import math
 import time
 from typing import Any
 
@@ -86,7 +90,8 @@ def open_input_bytes(data: bytes):
     return container
 
 
-async def _caption_clips(request: web.Request, clips: list[bytes], max_length: int | None) -> list[dict]:
+async def _caption_clips(request: web.Request, clips: list[bytes], max_length: int | None,
+                         question: str | None = None) -> list[dict]:
     daemon = daemon_of(request)
     engine = daemon.engine
     loop = asyncio.get_running_loop()
@@ -98,8 +103,18 @@ async def _caption_clips(request: web.Request, clips: list[bytes], max_length: i
             await loop.run_in_executor(None, _clip_window, data, f"_clip{request_id}.{i}", engine.num_frames,
                                        engine.frame_short_side, request.app[CONFIG_KEY].max_image_pixels)
         )
-    captions = await daemon.caption_windows(windows, max_length)
-    return [_api_caption(c) for c in captions]
+    return await _results(daemon, windows, max_length, question)
+
+
+async def _results(daemon, windows: list[Window], max_new_tokens: int | None, question: str | None) -> list[dict]:
+    """Each window's caption, and with `question` its answer (asked alongside: one engine queue)."""
+    if question is None:
+        return [_api_caption(c) for c in await daemon.caption_windows(windows, max_new_tokens)]
+    captions, *answers = await asyncio.gather(daemon.caption_windows(windows, max_new_tokens),
+                                              *(daemon.ask_window(w, question, max_new_tokens) for w in windows))
+    return [{**_api_caption(c), "question": a.question, "answer": a.answer,
+             "answer_confidence": a.confidence if math.isfinite(a.confidence) else None}
+            for c, a in zip(captions, answers)]
 
 
 def _bounded(handler):
@@ -137,7 +152,7 @@ async def caption_video(request: web.Request) -> web.Response:
     body = await json_body(request)
     try:
         req = _request(CaptionVideoRequest, body)
-        (result,) = await _caption_clips(request, [_b64(req.video, "video")], req.max_new_tokens)
+        (result,) = await _caption_clips(request, [_b64(req.video, "video")], req.max_new_tokens, req.question)
     except TooManyPixels as exc:
         return refuse(request, 413, "too_many_pixels", str(exc))
     except ValueError as exc:
@@ -159,7 +174,7 @@ async def caption_videos(request: web.Request) -> web.Response:
         if len(req.videos) > limit:
             raise ValueError(f"at most {limit} videos per request")
         clips = [_b64(v, f"videos[{i}]") for i, v in enumerate(req.videos)]
-        results = await _caption_clips(request, clips, req.max_new_tokens)
+        results = await _caption_clips(request, clips, req.max_new_tokens, req.question)
     except TooManyPixels as exc:
         return refuse(request, 413, "too_many_pixels", str(exc))
     except ValueError as exc:
@@ -202,7 +217,7 @@ async def caption_frames(request: web.Request) -> web.Response:
         ]
         now, stream_id = time.time(), f"_frames{next(_REQUEST_IDS)}"
         frames = tuple(Frame(stream_id, i, float(i), img, now) for i, img in enumerate(images))
-        (caption,) = await daemon.caption_windows([Window(stream_id, 0, frames)], req.max_new_tokens)
+        (result,) = await _results(daemon, [Window(stream_id, 0, frames)], req.max_new_tokens, req.question)
     except TooManyPixels as exc:
         return refuse(request, 413, "too_many_pixels", str(exc))
     except ValueError as exc:
@@ -211,4 +226,4 @@ async def caption_frames(request: web.Request) -> web.Response:
         return error_response(503, "busy", str(exc))
     except EngineFailed as exc:
         return error_response(500, "engine_failed", str(exc))
-    return web.json_response(_api_caption(caption))
+    return web.json_response(result)

@@ -56,9 +56,10 @@ async def whip_offer(request: web.Request) -> web.Response:
 
 
 def _stream_params(query) -> dict[str, Any]:
-    """window, hop, stall_timeout, frames from the query string, as strings for the schema ("3s", "1.5", "6")."""
+    """window, hop, stall_timeout, frames, speech from the query string, as strings for the schema ("3s",
+    "1.5", "6", "on"): the publisher's own microphone may be transcribed when it asks (`?speech=on`)."""
     params: dict[str, Any] = {}
-    for name in ("window", "hop", "stall_timeout"):
+    for name in ("window", "hop", "stall_timeout", "speech"):
         if name in query:
             params[name] = query[name]
     if "frames" in query:

@@ -3,7 +3,8 @@
 Each connection runs three tasks, and the handler closes the socket once, for
 the first of them that ends:
 
-- read: client frames (subscribe, unsubscribe, ping; WebSocket pings and pongs);
+- read: client frames (subscribe, unsubscribe, ping, ask; WebSocket pings and pongs); an `ask` is
+  answered by a task of its own (at most MAX_ASKS_IN_FLIGHT per connection), so reading goes on;
 - forward: hub -> socket; a subscription whose queue fills (`client_queue`
   messages) is closed by the hub as a slow consumer;
 - watch: the heartbeat. `heartbeat` seconds after the client's last pong the
@@ -72,6 +73,9 @@ except ImportError:  # redis is a dependency; without it there is no bus, and no
     _RedisError = OSError  # type: ignore[misc,assignment]
 _BUS_ERRORS = (_RedisError, OSError)
 
+MAX_ASKS_IN_FLIGHT = 4  # questions one connection may have waiting for the engine
+_ASK_CODES = frozenset({"not_found", "out_of_history", "bad_request", "busy", "engine_failed"})  # else "unavailable"
+
 # Linux: bytes in a socket's send queue not sent yet, i.e. held back by the peer's closed window.
 _SIOCOUTQNSD = 0x894B
 
@@ -107,6 +111,10 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         if not bus.connected:
             return refuse(request, 503, "bus_unreachable", "the bus is unreachable: retry with the same 'since'",
                           headers={"Retry-After": "1"})
+    try:  # opt-in event types (answer, watch, chapter, speech), checked before the upgrade
+        types = protocol.parse_types(request.query.get("types", "").split(","))
+    except protocol.ProtocolError as exc:
+        return refuse(request, 400, "bad_request", exc.message)
     ws = web.WebSocketResponse(
         autoping=False,  # pongs are the heartbeat's evidence: _Client.read sees them (and answers pings)
         timeout=config.close_timeout,  # for the client's close frame after ours
@@ -121,7 +129,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     sockets.add(ws)
     streams = _limit(_initial_streams(request.query.get("streams")), allowed)
     only_changes = request.query.get("all", "0") not in ("1", "true")
-    sub = daemon.hub.subscribe(streams, only_changes=only_changes)
+    sub = daemon.hub.subscribe(streams, only_changes=only_changes, types=types)
     client = _Client(ws, sub, request, config, daemon.metrics, streams, allowed)
     client.resume = {sid: seq for sid, seq in since.items() if streams is None or sid in streams}
     client.bus = bus
@@ -155,6 +163,7 @@ class _Client:
         self._evidence: dict[str, Any] = {}  # what a verdict was based on, for its log line
         self.resume: dict[str, int] = {}  # `since`: stream -> the last seq the client has
         self.bus: Any = None  # CaptionBus, with `since`
+        self.asks: set[asyncio.Task] = set()  # questions waiting for their answers
 
     async def run(self) -> _Close:
         """Run until the client leaves or must be closed; return why (its close frame)."""
@@ -166,9 +175,9 @@ class _Client:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in tasks:
+            for task in tasks + list(self.asks):  # the client is gone: no engine time for its questions
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *self.asks, return_exceptions=True)
         verdicts = [t.result() for t in tasks if t in done and not t.cancelled() and t.exception() is None]
         for task in done:
             exc = None if task.cancelled() else task.exception()
@@ -248,6 +257,8 @@ class _Client:
                         await self.ws.send_str(protocol.encode_gap(sid, item.from_seq, item.to_seq))
                         continue
                     sent[sid] = item.bus_seq
+                    if item.kind not in ("caption", "state") and item.kind not in self.sub.types:
+                        continue  # an event type the client did not opt in to
                     if item.text is not None:
                         # as the subscription would: a repeat is skipped when the client has its text
                         if self.sub.only_changes and item.stable and last_text.get(sid) == item.text:
@@ -271,11 +282,48 @@ class _Client:
             message = protocol.parse_client_message(data)
             if isinstance(message, protocol.Ping):
                 await self.ws.send_str(protocol.encode_pong())
+            elif isinstance(message, protocol.Ask):
+                self._ask(message)
             else:
                 self.streams = _limit(protocol.apply_subscription(self.streams, message), self.allowed)
                 self.sub.update(self.streams)
+                if message.types is not None:
+                    add = isinstance(message, protocol.Subscribe)
+                    self.sub.update_types(self.sub.types | message.types if add else self.sub.types - message.types)
         except protocol.ProtocolError as exc:
-            await self.ws.send_str(protocol.encode_error(exc.code, exc.message))
+            await self.ws.send_str(protocol.encode_error(exc.code, exc.message, exc.request_id))
+
+    def _ask(self, message: protocol.Ask) -> None:
+        """Start answering a question (the reply comes later); ProtocolError when it cannot be asked here."""
+        if self.allowed is not None and message.stream_id not in self.allowed:
+            raise protocol.ProtocolError("not_found", f"no stream {message.stream_id!r} for this token",
+                                         message.request_id)
+        if len(self.asks) >= MAX_ASKS_IN_FLIGHT:
+            self.metrics.refused.labels(reason="max_ws_asks").inc()
+            raise protocol.ProtocolError("busy", f"{MAX_ASKS_IN_FLIGHT} questions of this connection are waiting "
+                                         "for their answers; ask again once one came", message.request_id)
+        task = asyncio.create_task(self._answer(message), name="ws-ask")
+        self.asks.add(task)
+        task.add_done_callback(self.asks.discard)
+
+    async def _answer(self, message: protocol.Ask) -> None:
+        from streamer.config import AskRequest
+        from streamer.http.ask import AskFailed, ask_stream
+
+        try:
+            request = AskRequest(question=message.question, at=message.at, max_new_tokens=message.max_new_tokens)
+            fields = await ask_stream(self.request.app, message.stream_id, request, message.request_id)
+            reply = protocol.encode({"v": protocol.PROTOCOL_VERSION, "type": "answer", **fields,
+                                     "request_id": message.request_id})
+        except AskFailed as exc:
+            code = exc.code if exc.code in _ASK_CODES else "unavailable"
+            reply = protocol.encode_error(code, exc.message, message.request_id)
+        except Exception as exc:  # the asker gets an error, the log the reason
+            log.exception("websocket ask failed", extra={"peer": self.request.remote, "stream": message.stream_id})
+            reply = protocol.encode_error("unavailable", f"the question could not be answered ({type(exc).__name__})",
+                                          message.request_id)
+        with contextlib.suppress(ConnectionError):
+            await self.ws.send_str(reply)
 
     def backlog(self) -> dict[str, int]:
         """What is waiting to reach the client: messages in its queue, bytes in the server's

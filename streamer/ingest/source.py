@@ -29,6 +29,7 @@ import os
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -40,6 +41,7 @@ import av.error
 import numpy as np
 
 from streamer.errors import VideoError
+from streamer.ingest.audio import AudioChunk, AudioClock, AudioDecoder, AudioQueue
 from streamer.ingest.base import OnState, StateReporter
 from streamer.ingest.state import Backoff, SourceState
 from streamer.media.decode import check_hwaccel, open_input, to_rgb
@@ -161,6 +163,9 @@ class SourceSpec:
     max_retries: int | None = None  # consecutive failed attempts before FAILED; None: forever
     short_side: int | None = None  # downscale so the shorter side is at most this
     hwaccel: str | None = None  # FFmpeg hardware decoder device ("cuda": NVDEC); software where unavailable
+    # Decode the first audio stream too (16 kHz mono, on the video's clock) into `FrameSource.audio`:
+    # for streams with speech. Off: no audio is decoded (nor, over RTSP, even received).
+    audio: bool = False
     # Media time the first frame must come after (a stream taken over from another replica goes on
     # from its timeline); None: the source's own pts.
     start_after: float | None = None
@@ -235,7 +240,7 @@ class SourceSpec:
                 # Socket I/O timeout in microseconds (FFmpeg 8 dropped `stimeout`);
                 # a backstop only, the watchdog acts at stall_timeout.
                 "timeout": str(int(max(self.open_timeout, self.stall_timeout) * 1_000_000)),
-                "allowed_media_types": "video",
+                "allowed_media_types": "video+audio" if self.audio else "video",
                 # Hand frames out as they arrive: the first pts is otherwise often missing.
                 "fflags": "nobuffer",
                 "flags": "low_delay",
@@ -268,6 +273,11 @@ class SourceStats:
     decode_errors: int = 0  # packets the decoder rejected (skipped)
     reconnects: int = 0  # connection attempts after the first
     last_frame_wall_time: float | None = None  # time.time() of the newest delivered frame
+    # Audio (streams with speech only; ingest/audio.py): seconds decoded, seconds dropped (the
+    # segmenter fell behind, or unplaceable), undecodable packets and undecodable audio streams.
+    audio_seconds: float = 0.0
+    audio_dropped: float = 0.0
+    audio_errors: int = 0
 
 
 class _Timeline:
@@ -285,6 +295,12 @@ class _Timeline:
         self._shift: float | None = None
         self._prev_raw: float | None = None
         self.segment = 0  # counts splices: a raw pts means something else in each segment
+
+    @property
+    def shift(self) -> float | None:
+        """Media time minus raw time in the current segment (None before its first frame): audio
+        of the same connection takes the same (ingest/audio.py AudioClock)."""
+        return self._shift
 
     def new_segment(self, interval: float | None) -> None:
         if interval and 1e-4 < interval < 10:
@@ -464,6 +480,11 @@ class FrameSource(StateReporter):
         self._unconverted = 0
         self._held: _Held | None = None
         self._anchor: tuple[float, float] | None = None  # (monotonic, pts) for pacing
+        # Audio for speech (spec.audio): decoded in this thread, read by the loop from `audio`.
+        self.audio: AudioQueue | None = AudioQueue(spec.stream_id) if spec.audio else None
+        self._audio_clock = AudioClock(self._timeline, self.audio) if self.audio is not None else None
+        self._audio_decoder: AudioDecoder | None = None
+        self._audio_paced: deque[AudioChunk] = deque()  # placed, waiting for the video's pace (files as live)
         # Written by the loop only.
         self._delivered = 0
         self._frames = 0
@@ -478,7 +499,11 @@ class FrameSource(StateReporter):
 
     @property
     def stats(self) -> SourceStats:
+        audio = self.audio.stats if self.audio is not None else None
         return SourceStats(
+            audio_seconds=audio.seconds if audio else 0.0,
+            audio_dropped=audio.dropped if audio else 0.0,
+            audio_errors=audio.errors if audio else 0,
             frames=self._frames,
             dropped=self._dropped,
             decode_errors=self._decode_errors,
@@ -656,6 +681,7 @@ class FrameSource(StateReporter):
                 return ended if ended is None else (_relay_refused(relayed) or ended)
             finally:
                 self._release_held()
+                self._end_audio()
                 if self._skips is not None:
                     self._skips.end()
                 self._connected = False
@@ -681,6 +707,7 @@ class FrameSource(StateReporter):
         stream.thread_type = "AUTO" if spec.kind == "file" else "SLICE"
         rate = stream.average_rate or stream.guessed_rate
         self._timeline.new_segment(1 / float(rate) if rate else None)
+        self._start_audio(container)
         self._progress = time.monotonic()
         self._connected = True
         frames = 0
@@ -696,6 +723,8 @@ class FrameSource(StateReporter):
                     ready, hold = self._gated(av_frame, pts)
                 if spec.paced and self._pace(pts):
                     return None
+                if self._audio_clock is not None:
+                    self._audio_ready(self._audio_clock.release(), pts)
                 arrival = time.time()
                 frames += 1
                 self._progress = time.monotonic()
@@ -729,11 +758,16 @@ class FrameSource(StateReporter):
     def _decoded(self, container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.VideoFrame]:
         codec = stream.codec_context
         skips, skipping = self._skips, False
+        audio = self._audio_decoder
+        streams = (stream, audio.stream) if audio is not None else (stream,)
         while True:
             try:
-                for packet in container.demux(stream):
+                for packet in container.demux(*streams):
                     if self._stop_event.is_set() or self._abandon.is_set():
                         return
+                    if audio is not None and packet.stream.index == audio.index:  # (a flush packet's stream_index is 0)
+                        self._audio_packet(audio, packet)
+                        continue
                     if skips is not None and (allow := skips.allow(packet)) is not skipping:
                         # Read per packet (frame threads copy it with each packet they take).
                         codec.skip_frame = "NONREF" if allow else "DEFAULT"
@@ -757,6 +791,62 @@ class FrameSource(StateReporter):
                     return
                 if not self.spec.resumable_reads:
                     raise
+
+    # -- audio (spec.audio), decode thread side ----------------------------------------
+
+    def _start_audio(self, container: av.container.InputContainer) -> None:
+        """A new connection: its first audio stream, if any, decoded beside the video."""
+        self._audio_decoder = None
+        if self.audio is None or self._audio_clock is None:
+            return
+        self._audio_clock.new_connection()
+        if not container.streams.audio:
+            # Not an error: many cameras have no microphone. Said once; the stream stays live.
+            self.audio.problem("none", "no audio stream: no speech cues for this stream", error=False,
+                               level=logging.INFO)
+            return
+        decoder = AudioDecoder(container.streams.audio[0], self.audio)
+        if decoder.usable:
+            self._audio_decoder = decoder
+
+    def _audio_packet(self, decoder: AudioDecoder, packet: av.Packet) -> None:
+        assert self._audio_clock is not None
+        now = time.time()
+        for samples, raw in decoder.decode(packet):
+            self._audio_ready(self._audio_clock.place(samples, raw, now), self._timeline.last)
+
+    def _audio_ready(self, chunks: list[AudioChunk], video_pts: float | None) -> None:
+        """Hand placed audio on: at once, or for a file played as live once the video's pace
+        reaches it (so that audio arrives when it is heard, as from a camera)."""
+        assert self.audio is not None
+        if not self.spec.paced:
+            if not self.spec.is_live:  # a file read as fast as possible: wait for the loop, lose nothing
+                while self.audio.queued_seconds > self.audio.max_seconds / 2:
+                    if self._stop_event.wait(0.005):
+                        return
+            for chunk in chunks:
+                self.audio.put(chunk)
+            return
+        self._audio_paced.extend(chunks)
+        now = time.time()
+        while self._audio_paced and (video_pts is None or self._audio_paced[0].pts <= video_pts):
+            chunk = self._audio_paced.popleft()
+            self.audio.put(AudioChunk(chunk.samples, chunk.pts, now))
+        while self._audio_paced and self._audio_paced[-1].end - self._audio_paced[0].pts > self.audio.max_seconds:
+            self.audio.put(self._audio_paced.popleft())  # far ahead of the video (a badly interleaved file)
+
+    def _end_audio(self) -> None:
+        """End of a connection: what the decoder and the pacing still hold goes on, then an end mark."""
+        if self.audio is None or self._audio_clock is None:
+            return
+        decoder, self._audio_decoder = self._audio_decoder, None
+        if decoder is not None and not self._stop_event.is_set():
+            now = time.time()
+            for samples, raw in decoder.flush():
+                self._audio_ready(self._audio_clock.place(samples, raw, now), self._timeline.last)
+        while self._audio_paced:
+            self.audio.put(self._audio_paced.popleft())
+        self.audio.end()
 
     def _gated(self, av_frame: av.VideoFrame, pts: float) -> tuple[list[_Ready], bool]:
         """What to hand on now (the held frame first), converting only what the gate asks

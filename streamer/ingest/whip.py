@@ -49,10 +49,12 @@ from aiortc.rtcdtlstransport import RTCCertificate
 from OpenSSL import SSL
 
 from streamer.errors import VideoError
+from streamer.ingest.audio import HOLD_SECONDS, ArrivalClock, AudioChunk, AudioQueue, Resampler
 from streamer.ingest.base import OnState, StateReporter
 from streamer.ingest.source import OnFrame, SourceStats
 from streamer.ingest.state import SourceState
 from streamer.media.decode import to_rgb
+from streamer.speech.vad import SAMPLE_RATE
 from streamer.types import Frame
 
 __all__ = ["WhipError", "WhipSession", "check_offer"]
@@ -60,6 +62,7 @@ __all__ = ["WhipError", "WhipSession", "check_offer"]
 log = logging.getLogger(__name__)
 
 KEEP_FRAMES = 2  # decoded frames waiting for conversion; older ones give way (newest wins)
+THUMBNAIL_EVERY = 1.0  # seconds of media between frames converted when no caption needs them (speech only)
 
 
 class WhipError(VideoError, ValueError):
@@ -240,7 +243,10 @@ class WhipSession(StateReporter):
     `keep`: decoded frames waiting for conversion (newest win). `first_seq`:
     where `Frame.seq` starts (a session replacing another on the same stream
     goes on from there). `convert`: av.VideoFrame -> RGB array, run in the
-    session's executor.
+    session's executor. `audio`: the publisher's audio track (Opus from OBS and
+    browsers) goes, 16 kHz mono on the video's clock, into `self.audio` (speech);
+    otherwise it is drained unread. `visual` False (speech only): no caption needs
+    frames, so one per THUMBNAIL_EVERY is converted (thumbnails, liveness).
     """
 
     def __init__(
@@ -255,8 +261,13 @@ class WhipSession(StateReporter):
         keep: int = KEEP_FRAMES,
         first_seq: int = 0,
         convert: Callable[[av.VideoFrame, int | None], np.ndarray] = to_rgb,
+        audio: bool = False,
+        visual: bool = True,
     ) -> None:
         self.stream_id = stream_id
+        self.visual = visual
+        self.audio: AudioQueue | None = AudioQueue(stream_id) if audio else None
+        self._audio_clock = ArrivalClock()
         self.id = secrets.token_urlsafe(16)  # names the session in its Location URL: unguessable
         self.short_side = short_side
         self.stall_timeout = stall_timeout
@@ -288,7 +299,10 @@ class WhipSession(StateReporter):
 
     @property
     def stats(self) -> SourceStats:
-        return SourceStats(frames=self._frames, dropped=self._dropped, last_frame_wall_time=self._last_wall)
+        audio = self.audio.stats if self.audio is not None else None
+        return SourceStats(frames=self._frames, dropped=self._dropped, last_frame_wall_time=self._last_wall,
+                           audio_seconds=audio.seconds if audio else 0.0, audio_dropped=audio.dropped if audio else 0.0,
+                           audio_errors=audio.errors if audio else 0)
 
     @property
     def next_seq(self) -> int:
@@ -307,6 +321,10 @@ class WhipSession(StateReporter):
         if self._pc is not None:
             raise WhipError("session already has an offer; start a new session to publish again")
         offer = _parse_offer(offer_sdp)
+        if self.audio is not None and not any(m.kind == "audio" for m in offer.media):
+            # Not an error (a camera without a microphone): said once, the stream goes live on its video.
+            self.audio.problem("none", "publisher sends no audio: no speech cues for this stream", error=False,
+                               level=logging.INFO)
         _tap_dtls_failures()
         # Seen by the connection tasks aiortc starts below (a task copies the context it is made in).
         context_token = _DTLS_FAILURE.set(self._on_dtls_failure)
@@ -365,6 +383,9 @@ class WhipSession(StateReporter):
         task.add_done_callback(self._tasks.discard)
 
     def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio" and self.audio is not None:
+            self._spawn(self._drain_audio(track), "whip-audio")
+            return
         if track.kind != "video":
             self._spawn(self._discard(track), f"whip-{track.kind}")
             return
@@ -451,6 +472,7 @@ class WhipSession(StateReporter):
                 self._dropped += 1
                 continue
             self._last_pts = pts
+            self._audio_clock.video(pts, time.time())
             if len(self._received) == self._received.maxlen:
                 self._dropped += 1  # conversion fell behind: the oldest waiting frame gives way
             self._received.append(_Received(av_frame, pts, time.time()))
@@ -460,6 +482,7 @@ class WhipSession(StateReporter):
 
     async def _convert_frames(self) -> None:
         loop = asyncio.get_running_loop()
+        thumbnail_at: float | None = None  # media time of the last frame converted (visual off)
         while True:
             if not self._received:
                 if self._track_ended:
@@ -468,6 +491,12 @@ class WhipSession(StateReporter):
                 await self._waiting.wait()
                 continue
             item = self._received.popleft()
+            if not self.visual:
+                if thumbnail_at is not None and item.pts - thumbnail_at < THUMBNAIL_EVERY:
+                    if self._state is not SourceState.LIVE:
+                        self._set_state(SourceState.LIVE, None)
+                    continue  # no caption wants it: not converted (nor counted as dropped)
+                thumbnail_at = item.pts
             try:
                 image = await loop.run_in_executor(self._executor, self._convert, item.av_frame, self.short_side)
             except RuntimeError as exc:
@@ -510,6 +539,47 @@ class WhipSession(StateReporter):
                 self._set_state(SourceState.STALLED, f"no video from the publisher for {self.stall_timeout:g} s")
             self._arrived.clear()
             await self._arrived.wait()
+
+    async def _drain_audio(self, track: MediaStreamTrack) -> None:
+        """The publisher's audio, resampled, on the video's clock (ArrivalClock), into `self.audio`.
+        Audio before the first video frame waits for it (HOLD_SECONDS at most, oldest given up)."""
+        assert self.audio is not None
+        queue = self.audio
+        resampler = Resampler(lambda was, now: queue.problem(
+            "format", "audio format changed mid-stream: resampling anew (counted; logged once)", error=False,
+            was=list(was), now=list(now)))
+        held: collections.deque[tuple[np.ndarray, float, float]] = collections.deque()
+        try:
+            while True:
+                try:
+                    frame = await track.recv()
+                except MediaStreamError:
+                    break
+                arrival = time.time()
+                if not isinstance(frame, av.AudioFrame) or frame.time is None:
+                    continue
+                try:
+                    pieces = resampler.push(frame)
+                except (av.error.FFmpegError, ValueError) as exc:
+                    queue.problem("resample", "audio cannot be resampled: no speech from this publisher (video goes on)",
+                                  reason=str(exc)[:200])
+                    break
+                held.extend((samples, raw, arrival) for samples, raw in pieces)
+                while held:
+                    samples, raw, at = held[0]
+                    seconds = len(samples) / SAMPLE_RATE
+                    pts = self._audio_clock.place(raw, at, seconds)
+                    if pts is None and self._audio_clock.video_origin is None:
+                        break  # no video yet: its clock is not known
+                    held.popleft()
+                    if pts is None:
+                        queue.dropped(seconds)  # behind what was placed already
+                    else:
+                        queue.put(AudioChunk(samples, pts, at))
+                while len(held) * 0.1 > HOLD_SECONDS:  # pieces of ~0.1 s: the oldest gives way
+                    queue.dropped(len(held.popleft()[0]) / SAMPLE_RATE)
+        finally:
+            queue.end()
 
     async def _discard(self, track: MediaStreamTrack) -> None:
         # Unread tracks queue frames without bound: drain audio we do not use.

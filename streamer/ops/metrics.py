@@ -30,7 +30,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 __all__ = ["CONTENT_TYPE", "DaemonMetrics"]
@@ -85,8 +85,44 @@ class DaemonMetrics:
         self.bus_dropped = Counter("streamer_bus_dropped", "Messages dropped before reaching the bus: its "
                                    "outage buffer was full (oldest first), or it closed with some waiting",
                                    registry=r)
+        self.questions = Counter("streamer_questions", "Questions asked (Daemon.ask, ask_window), by result: "
+                                 "answered, failed (the engine raised), busy (too much one-off work waiting), "
+                                 "invalid (empty or too long), out_of_history (`at` outside the history, or "
+                                 "nothing captioned yet), not_found (no such stream)", ["result"], registry=r)
+        for result in ("answered", "failed", "busy", "invalid", "out_of_history", "not_found"):
+            self.questions.labels(result=result)
         self.bus_buffered = Gauge("streamer_bus_buffered", "Messages waiting to be appended to the bus", registry=r)
-        self._per_stream = (self.frames, self.ring_dropped, self.captioned, self.windows_dropped, self.latency)
+        # watches (pipeline/watches.py): series per (stream, watch), removed with the watch
+        self.watch_state = Gauge("streamer_watch_state", "1 while a watch is on (its question's answer matches "
+                                 "`on`, held for `hold` asks), 0 while off", ["stream", "watch"], registry=r)
+        self.watch_changes = Counter("streamer_watch_changes", "Watch state changes published (watch events)",
+                                     ["stream", "watch"], registry=r)
+        self.watch_asks = Counter("streamer_watch_asks", "Questions watches asked, by result: ok, failed (the "
+                                  "ask raised: engine failed, busy, ...; retried next tick)",
+                                  ["stream", "watch", "result"], registry=r)
+        # speech (streams with speech on; pipeline/speech.py). Audio decoded and dropped: streamer_source_audio_*.
+        self.speech_segments = Counter("streamer_speech_segments", "Utterances the voice-activity segmenter closed",
+                                       ["stream"], registry=r)
+        self.speech_segments_dropped = Counter("streamer_speech_segments_dropped", "Utterances dropped untranscribed: "
+                                               "the speech worker fell behind (oldest first), its model failed to "
+                                               "load, or the daemon stopped", ["stream"], registry=r)
+        self.speech_cues = Counter("streamer_speech_cues", "Speech cues published", ["stream"], registry=r)
+        self.speech_latency = Histogram("streamer_speech_latency_seconds", "End of an utterance's audio arriving -> "
+                                        "its speech cue (includes the wait for silence)", ["stream"],
+                                        buckets=(0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10), registry=r)
+        self.speech_batch_seconds = Histogram("streamer_speech_batch_seconds", "Speech model time per batch",
+                                              buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8), registry=r)
+        self.speech_batches_failed = Counter("streamer_speech_batches_failed", "Speech batches that raised (their "
+                                             "utterances get no cue; video is not affected)", registry=r)
+        self._per_stream = (self.frames, self.ring_dropped, self.captioned, self.windows_dropped, self.latency,
+                            self.speech_segments, self.speech_segments_dropped, self.speech_cues, self.speech_latency)
+
+    def forget_watch(self, stream_id: str, watch_id: str) -> None:
+        """Remove a deleted watch's series."""
+        for metric, labels in ((self.watch_state, ()), (self.watch_changes, ()),
+                               (self.watch_asks, ("ok",)), (self.watch_asks, ("failed",))):
+            with contextlib.suppress(KeyError):
+                metric.remove(stream_id, watch_id, *labels)
 
     def set_state(self, stream_id: str, state: str) -> None:
         for s in self._states:
@@ -125,8 +161,25 @@ class _StatsCollector(Collector):
             ("streamer_engine_tokens_generated", "Caption tokens generated", stats.tokens_generated),
             ("streamer_engine_vision_seconds", "Seconds spent in the vision tower", stats.vision_seconds),
             ("streamer_engine_decode_seconds", "Seconds spent decoding captions", stats.decode_seconds),
+            ("streamer_engine_questions", "Questions answered by the engine", getattr(stats, "questions", 0)),
+            ("streamer_engine_question_seconds", ("Seconds spent answering questions (image part included when "
+             "recomputed)"), getattr(stats, "question_seconds", 0.0)),
+            ("streamer_engine_kv_hits", ("Questions whose window's image keys/values were kept (no vision, no "
+             "image prefill)"), getattr(stats, "kv_hits", 0)),
+            ("streamer_engine_kv_misses", ("Questions whose window's image keys/values were recomputed from its "
+             "frames"), getattr(stats, "kv_misses", 0)),
         ):
             yield CounterMetricFamily(name, help_, value=value)
+        hits, misses = getattr(stats, "kv_hits", 0), getattr(stats, "kv_misses", 0)
+        for name, help_, value in (
+            ("streamer_engine_kv_hit_ratio", ("Share of questions served from the image-token cache, since start "
+             "(0 before any question)"), hits / (hits + misses) if hits + misses else 0.0),
+            ("streamer_engine_kv_cache_windows", "Windows whose image keys/values are kept now",
+             getattr(stats, "kv_cache_windows", 0)),
+            ("streamer_engine_kv_cache_bytes", "Memory the kept image keys/values take now",
+             getattr(stats, "kv_cache_bytes", 0)),
+        ):
+            yield GaugeMetricFamily(name, help_, value=value)
         sources = self._source_stats()
         for name, help_, attr in (
             ("streamer_source_decode_errors", "Packets the decoder rejected (skipped)", "decode_errors"),
@@ -137,6 +190,12 @@ class _StatsCollector(Collector):
             ("streamer_source_frames_skipped",
              "Frames never decoded: non-reference frames (B-frames, mostly) no sampler slot or thumbnail could take",
              "skipped"),
+            ("streamer_source_audio_seconds", "Seconds of audio decoded for speech (streams with speech on)",
+             "audio_seconds"),
+            ("streamer_source_audio_dropped_seconds", ("Seconds of decoded audio dropped: the segmenter fell behind, "
+             "or it could not be placed on the video's clock"), "audio_dropped"),
+            ("streamer_source_audio_errors", ("Audio packets that did not decode, and audio streams that cannot be "
+             "decoded (unknown codec)"), "audio_errors"),
         ):
             family = CounterMetricFamily(name, help_, labels=["stream"])
             for stream_id, s in sorted(sources.items()):

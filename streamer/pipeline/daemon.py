@@ -4,12 +4,20 @@ One `StreamRuntime` per stream (runtime.py) owns its source, ring buffer,
 sampler and the task between them; the `Daemon` owns the streams, the shared scheduler (one
 engine for all streams), the caption hub and the metrics. Adding, removing
 or losing a stream never touches another stream's objects.
+
+Questions (`ask`) are about a stream's newest captioned window or one of its
+history (`StreamConfig.history`, pipeline/history.py): they go through the
+scheduler like one-off requests, and the engine answers them from the image
+keys/values it kept when it captioned the window (engine/cache.py), so a
+question costs only its own tokens. A window that leaves the history has its
+keys/values freed in the next plan.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 from collections.abc import Callable
@@ -20,14 +28,17 @@ from streamer.config import STREAM_ID, StreamConfig
 from streamer.ingest import FrameSource, SourceSpec, SourceState
 from streamer.ops.metrics import DaemonMetrics
 from streamer.ops.supervisor import Supervisor
+from streamer.pipeline.history import OutOfHistory
 from streamer.pipeline.runtime import StreamRuntime
 from streamer.pipeline.sampler import SlotGate
-from streamer.pipeline.scheduler import Scheduler, SchedulerConfig
+from streamer.pipeline.scheduler import EngineFailed, Scheduler, SchedulerBusy, SchedulerConfig
+from streamer.pipeline.speech import SpeechService, SpeechSettings, speech_only_gate
 from streamer.publish.hub import CaptionHub
 from streamer.security.policy import CheckedSource
-from streamer.types import Caption, StreamResume, Window
+from streamer.types import Answer, Caption, StreamResume, Window
 
-__all__ = ["STREAM_ID", "StreamConfig", "StreamRuntime", "DaemonConfig", "Daemon", "StreamExists", "StreamNotFound", "AtCapacity"]
+__all__ = ["STREAM_ID", "AtCapacity", "Daemon", "DaemonConfig", "OutOfHistory", "StreamConfig", "StreamExists",
+           "StreamNotFound", "StreamRuntime"]
 
 log = logging.getLogger(__name__)
 
@@ -60,23 +71,31 @@ class DaemonConfig:
     max_streams: int = 64
     max_whip_sessions: int = 16
     whip_connect_timeout: float = 15.0  # a WHIP session that has not connected by then is removed
+    speech: SpeechSettings = field(default_factory=SpeechSettings)  # for streams with speech on ([speech])
 
 
 class CaptionEngine(Protocol):
     model_name: str
     num_frames: int
     device: Any  # torch.device (this module stays free of torch)
+    stats: Any  # EngineStats, read by the metrics at scrape time
 
     @property
     def frame_short_side(self) -> int | None: ...
 
-    def caption(self, windows, max_new_tokens: int | None = None) -> list[Caption]: ...
+    def caption(self, windows, max_new_tokens: int | None = None, *, keep_kv: int = 0) -> list[Caption]: ...
 
-    def prepare(self, windows): ...  # caption = finish(prepare(...)), split for pipelining
+    def prepare(self, windows, *, keep_kv: int = 0): ...  # caption = finish(prepare(...)), split for pipelining
 
     def finish(self, prepared, max_new_tokens: int | None = None) -> list[Caption]: ...
 
+    def answer(self, items, max_new_tokens: int | None = None) -> list[Answer]: ...
+
+    def check_question(self, question: str, max_new_tokens: int | None = None) -> str: ...
+
     def forget_stream(self, stream_id: str) -> None: ...
+
+    def forget_window(self, stream_id: str, index: int) -> None: ...
 
 
 class Daemon:
@@ -112,12 +131,19 @@ class Daemon:
             on_failure=self._on_batch_failed,
             pipeline=(self.engine.prepare, self.engine.finish) if pipeline else None,
             forget_fn=self.engine.forget_stream,
+            answer_fn=self.engine.answer,
+            forget_window_fn=self.engine.forget_window,
+            keep_live_kv=True,  # live windows' image keys/values stay for questions about them
+            on_live=self._remember,
         )
         self.streams: dict[str, StreamRuntime] = {}
         self.ready = False
         self.draining = False
         self.readiness_checks: list[Callable[[], str | None]] = []  # more reasons not to be ready (the bus)
         self._lock = asyncio.Lock()  # add/remove are check-then-act
+        # Speech (streams with speech on): one worker thread, its model loaded with the first such stream.
+        self.speech = SpeechService(self.config.speech, publish=self.hub.publish_event, metrics=self.metrics,
+                                    spawn=self.supervisor.spawn)
 
     # -- lifecycle ------------------------------------------------------------
     async def start(self) -> None:
@@ -132,6 +158,7 @@ class Daemon:
         self.ready = False
         await asyncio.gather(*(rt.stop() for rt in list(self.streams.values())), return_exceptions=True)
         await self.scheduler.close(drain=True)
+        await self.speech.close(drain=True)
         await self.hub.drain(timeout=2.0)  # clients get the last captions before the close frame
         await self.supervisor.close()
 
@@ -141,6 +168,7 @@ class Daemon:
         self.draining = True
         self.ready = False
         dropped = await self.scheduler.close(drain=False)
+        await self.speech.close(drain=False)
         self.hub.close()
         await self.supervisor.close()
         return dropped
@@ -199,9 +227,12 @@ class Daemon:
                 short_side=self.engine.frame_short_side,
                 hwaccel=config.hwaccel,
                 start_after=resume.media_after if resume else None,
+                audio=config.speech != "off",
             )  # raises SourceSpecError (a ValueError) for unknown schemes, missing files
             # The gate mirrors this stream's sampler: only frames it will choose are converted.
-            rt.source = FrameSource(spec, rt.on_frame, rt.on_state, gate=SlotGate(rt.sampler.config))
+            gate = speech_only_gate() if config.speech == "only" else SlotGate(rt.sampler.config)
+            rt.source = source = FrameSource(spec, rt.on_frame, rt.on_state, gate=gate)
+            rt.speech = self.speech.attach(config.id, source.audio)
             self.streams[config.id] = rt
             self.metrics.streams.set(len(self.streams))
         rt.start_pipeline()
@@ -239,9 +270,11 @@ class Daemon:
                 await self._teardown(old, f"replaced by a new WHIP session (was {old.state})")
             rt = self._runtime(config)
             session = WhipSession(config.id, rt.on_frame, on_state=rt.on_state, short_side=self.engine.frame_short_side,
-                                  stall_timeout=config.stall_timeout, first_seq=first_seq)
+                                  stall_timeout=config.stall_timeout, first_seq=first_seq,
+                                  audio=config.speech != "off", visual=config.speech != "only")
             answer = await session.accept(offer_sdp)  # raises if aiortc cannot answer: nothing registered
             rt.source = session
+            rt.speech = self.speech.attach(config.id, session.audio)
             self.streams[config.id] = rt
             self.metrics.streams.set(len(self.streams))
         rt.start_pipeline()
@@ -301,6 +334,7 @@ class Daemon:
         # The one `stopped` clients see: the hub ignores the source's own while it stops.
         self.hub.end_stream(stream_id, SourceState.STOPPED.value, detail)
         await rt.stop()
+        await self.speech.detach(stream_id)  # its audio task, segmenter and waiting utterances
         self.scheduler.forget(stream_id)  # waiting windows dropped; cached features freed on the engine thread
         self.hub.forget_stream(stream_id)
         self.metrics.forget_stream(stream_id)
@@ -325,6 +359,16 @@ class Daemon:
         self.metrics.batch_size.observe(size)
         self.metrics.batch_seconds.observe(seconds)
 
+    def _remember(self, windows: list[Window], captions: list[Caption]) -> None:
+        """Live windows just captioned join their stream's history (before their captions go out,
+        so a client can ask about a caption it got); those that leave it are freed in the engine."""
+        for window, caption in zip(windows, captions):
+            rt = self.streams.get(window.stream_id)
+            if rt is None:  # removed while its window was in the engine: forget_stream frees it
+                continue
+            for gone in rt.history.add(window, caption):
+                self.scheduler.free_window(gone.stream_id, gone.index)
+
     def _publish(self, captions: list[Caption]) -> None:
         for caption in captions:
             rt = self.streams.get(caption.stream_id)
@@ -342,6 +386,61 @@ class Daemon:
         scheduler: after live windows, within max_batch; their cached features are freed once
         they are captioned. Stream ids must be unique to the request."""
         return await self.scheduler.caption(windows, max_new_tokens)
+
+    # -- questions ----------------------------------------------------------------
+    async def ask(self, stream_id: str, question: str, *, at: float | None = None,
+                  max_new_tokens: int | None = None, request_id: str | None = None) -> Answer:
+        """Answer `question` about stream `stream_id`'s newest captioned window, or (`at`, media
+        seconds) the window of its history about that time (history.py's `at`).
+
+        Raises StreamNotFound; ValueError for an empty or over-long question (or token limit);
+        OutOfHistory (a ValueError) when `at` is outside the history or nothing is captioned yet;
+        SchedulerBusy over the scheduler's one-off limit; EngineFailed when the engine raised."""
+        try:
+            rt = self.get(stream_id)
+            question = self.engine.check_question(question, max_new_tokens)
+            entry = rt.history.newest() if at is None else rt.history.at(at)
+        except StreamNotFound:
+            self.metrics.questions.labels(result="not_found").inc()
+            raise
+        except OutOfHistory:
+            self.metrics.questions.labels(result="out_of_history").inc()
+            raise
+        except ValueError:
+            self.metrics.questions.labels(result="invalid").inc()
+            raise
+        (answer,) = await self._answer([(entry.window, question)], max_new_tokens, free_after=False)
+        return dataclasses.replace(answer, request_id=request_id)
+
+    async def ask_window(self, window: Window, question: str, max_new_tokens: int | None = None) -> Answer:
+        """Answer `question` about a window that is no live stream's (the one-off video and frames
+        APIs, `streamer caption --question`); its cached features are freed once answered. Its
+        stream id must be unique to the call, as for `caption_windows`. Raises as `ask` does."""
+        (answer,) = await self.ask_windows([(window, question)], max_new_tokens)
+        return answer
+
+    async def ask_windows(self, items: list[tuple[Window, str]], max_new_tokens: int | None = None) -> list[Answer]:
+        """`ask_window` for many (window, question) pairs of one clip at once: its windows share
+        frames, whose features are freed only once every question is answered."""
+        try:
+            items = [(window, self.engine.check_question(question, max_new_tokens)) for window, question in items]
+        except ValueError:
+            self.metrics.questions.labels(result="invalid").inc()
+            raise
+        return await self._answer(items, max_new_tokens, free_after=True)
+
+    async def _answer(self, items: list[tuple[Window, str]], max_new_tokens: int | None, *,
+                      free_after: bool) -> list[Answer]:
+        try:
+            answers = await self.scheduler.ask(items, max_new_tokens, free_after=free_after)
+        except SchedulerBusy:
+            self.metrics.questions.labels(result="busy").inc(len(items))
+            raise
+        except EngineFailed:
+            self.metrics.questions.labels(result="failed").inc(len(items))
+            raise
+        self.metrics.questions.labels(result="answered").inc(len(answers))
+        return answers
 
 
 def _replaceable_whip(rt: StreamRuntime) -> bool:

@@ -1,4 +1,5 @@
-"""Offline captioning of a file: decode -> sampler -> engine, in order, with progress."""
+"""Offline captioning of a file: decode -> sampler -> engine, in order, with progress (or, with a
+question, the model's answer about each window: `answer_file`)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from streamer.engine import Engine
 from streamer.errors import VideoError
 from streamer.media.decode import iter_frames, open_input, probe_media_span
 from streamer.pipeline.sampler import SamplerConfig, WindowSampler
-from streamer.types import Caption, Frame, Window
+from streamer.types import Answer, Caption, Frame, Window
 
-__all__ = ["CaptionJob", "caption_file"]
+__all__ = ["CaptionJob", "answer_file", "caption_file"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,27 @@ def caption_file(
 ) -> Iterator[Caption]:
     """Yield captions in media-time order. `on_progress(media_seconds_done, total)`
     is called as frames are decoded."""
+    for batch in _batches(engine, job, on_progress):
+        yield from engine.caption(batch, job.max_new_tokens)
+
+
+def answer_file(
+    engine: Engine,
+    job: CaptionJob,
+    question: str,
+    *,
+    on_progress: Callable[[float, float | None], None] | None = None,
+) -> Iterator[Answer]:
+    """The answer to `question` about each window (one, over the whole file, with `summary`), in
+    media-time order."""
+    for batch in _batches(engine, job, on_progress):
+        yield from engine.answer([(w, question) for w in batch], job.max_new_tokens)
+
+
+def _batches(
+    engine: Engine, job: CaptionJob, on_progress: Callable[[float, float | None], None] | None
+) -> Iterator[list[Window]]:
+    """The file's windows in batches of job.batch_size, decoded ahead in a thread."""
     span = probe_media_span(job.video)
     sampler = WindowSampler(plan_sampler(job, span), stream_id=job.video)
     total = (span[1] - span[0]) if span else None
@@ -76,11 +98,11 @@ def caption_file(
                 on_progress(frame.pts - origin, total)
             pending.extend(sampler.feed(frame))
             while len(pending) >= job.batch_size:
-                yield from engine.caption(pending[: job.batch_size], job.max_new_tokens)
+                yield pending[: job.batch_size]
                 del pending[: job.batch_size]
         pending.extend(sampler.flush())
         for start in range(0, len(pending), job.batch_size):
-            yield from engine.caption(pending[start : start + job.batch_size], job.max_new_tokens)
+            yield pending[start : start + job.batch_size]
         if on_progress and total is not None:
             on_progress(total, total)
     finally:

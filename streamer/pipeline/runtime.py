@@ -11,6 +11,7 @@ from streamer.config import StreamConfig
 from streamer.ingest import SourceState
 from streamer.ingest.base import Source
 from streamer.ops.metrics import DaemonMetrics
+from streamer.pipeline.history import WindowHistory
 from streamer.pipeline.ring import FrameRing
 from streamer.pipeline.sampler import SamplerConfig, WindowSampler
 from streamer.publish.stabilizer import CaptionStabilizer
@@ -48,11 +49,14 @@ class StreamRuntime:
         self._metrics = metrics
         self._spawn = spawn
         self.source: Source | None = None  # FrameSource, or a WhipSession
+        self.speech: Any = None  # StreamSpeech (pipeline/speech.py) when the stream has speech on
         self.state = SourceState.CONNECTING.value
         self.detail: str | None = None
         self.windows = 0
         self.captions = 0
         self.last_caption: Caption | None = None
+        # captioned windows over the last `history` media seconds, for questions (`Daemon.ask`)
+        self.history = WindowHistory(config.id, config.history, config.hop)
         self.stabilizer = CaptionStabilizer.for_stream(config)  # which caption overlays show (`shown`)
         self.created = time.time()
         self._task: asyncio.Task | None = None
@@ -74,8 +78,11 @@ class StreamRuntime:
         self._metrics.set_state(self.config.id, state.value)
 
     async def _pump(self) -> None:
+        visual = self.config.speech != "only"  # speech only: frames for thumbnails and liveness, no windows
         while True:
             for frame in await self.ring.take():
+                if not visual:
+                    continue
                 for window in self.sampler.feed(frame):
                     self.windows += 1
                     self._submit(window)
@@ -83,6 +90,8 @@ class StreamRuntime:
     async def stop(self) -> None:
         if self.source is not None:
             await self.source.close()
+        if self.speech is not None:
+            await self.speech.stop()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -106,6 +115,7 @@ class StreamRuntime:
             "last_caption": last.text if last else None,
             "last_caption_end": last.end if last else None,
             "shown_caption": self.stabilizer.shown_text,
+            **({"speech_status": self.speech.describe()} if self.speech is not None else {}),
         }
 
 

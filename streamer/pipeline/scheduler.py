@@ -1,8 +1,8 @@
 """Gathers ready windows from all streams into engine batches.
 
 `BatchPlanner` is the pure part: it decides each engine step as a `Plan`
-(live windows, one-off request windows to fill the batch, cache entries to
-free), as vLLM v1's scheduler does. `Scheduler` is the loop that waits, has
+(live windows, one-off request windows and questions to fill the batch,
+cache entries to free), as vLLM v1's scheduler does. `Scheduler` is the loop that waits, has
 the engine execute plans in its one worker thread and hands captions on: live
 ones to the hub, one-off ones to the request that asked. All engine work goes
 through plans, so HTTP requests and cache frees never bypass `max_batch` or
@@ -10,6 +10,13 @@ jump ahead of live windows. Overload policy: each stream keeps at most
 `max_pending_per_stream` windows waiting; a newer window pushes out the
 oldest (newest wins), so latency stays bounded instead of growing, and every
 drop is counted.
+
+Questions (`ask`) are one-off work too: they queue with the one-off caption
+requests (oldest first, after live windows, within max_batch, counted in
+`max_request_windows`) and run, in the same engine step as the plan's
+captions, as one `answer_fn` batch. A question about a live window reuses the
+image keys/values its caption left (`keep_live_kv`: the engine keeps those of
+live windows), so it costs only its own tokens.
 
 With `pipeline` (prepare, finish), the loop prepares batch k+1 before it
 finishes batch k: on a GPU the engine queues k+1's upload and vision work on
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import time
 from collections import OrderedDict, deque
@@ -27,9 +35,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamer.types import Caption, Window
+from streamer.types import Answer, Caption, Window
 
-__all__ = ["SchedulerConfig", "BatchPlanner", "Plan", "Request", "Scheduler", "SchedulerBusy", "EngineFailed"]
+__all__ = ["BatchPlanner", "EngineFailed", "Plan", "PlanResult", "Request", "Scheduler", "SchedulerBusy", "SchedulerConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +53,7 @@ class SchedulerConfig:
 
 
 class SchedulerBusy(RuntimeError):
-    """A one-off request was refused: too much one-off work waiting, or the scheduler is closing."""
+    """A one-off request or question was refused: too much one-off work waiting, or the scheduler is closing."""
 
 
 class EngineFailed(RuntimeError):
@@ -59,15 +67,16 @@ class BatchPlanner:
         self.config = config
         self._pending: OrderedDict[str, deque[Window]] = OrderedDict()
         self.dropped: dict[str, int] = {}
-        self._requests: deque[Request] = deque()  # one-off work (HTTP APIs), oldest first
+        self._requests: deque[Request] = deque()  # one-off work (HTTP APIs, questions), oldest first
         self._frees: list[str] = []  # streams whose cached features the engine should drop
+        self._window_frees: list[tuple[str, int]] = []  # windows whose image keys/values it should drop
 
     def submit_request(self, request: Request) -> None:
-        """Queue one-off windows; they run after live windows, within max_batch.
+        """Queue one-off windows or questions; they run after live windows, within max_batch.
         Raises SchedulerBusy when that would pass `max_request_windows` (their frames are in memory)."""
         waiting = sum(len(r.windows) - r.taken for r in self._requests)
         if waiting + len(request.windows) > self.config.max_request_windows:
-            raise SchedulerBusy(f"the engine has {waiting} one-off windows waiting (limit "
+            raise SchedulerBusy(f"the engine has {waiting} one-off windows waiting (questions included; limit "
                                 f"{self.config.max_request_windows}); try again shortly")
         self._requests.append(request)
 
@@ -88,41 +97,54 @@ class BatchPlanner:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._pending or self._requests or self._frees)
+        return bool(self._pending or self._requests or self._frees or self._window_frees)
 
     def next_plan(self, now: float) -> Plan:
         """What the engine does next: live windows first (round-robin), then one-off windows
-        to fill the batch, and the cache entries to free afterwards.
+        and questions, oldest first, to fill the batch, and the cache entries to free afterwards.
 
         One-off windows run with their own token limit, so they join live windows
-        only when their limit is the default; a request that waited longer than
-        `request_max_wait` goes first, so steady live load cannot starve it."""
+        only when their limit is the default; the questions of a plan share one limit
+        too. A request that waited longer than `request_max_wait` goes first, so steady
+        live load cannot starve it."""
         first = self._requests[0] if self._requests else None
         overdue = first is not None and now - first.submitted > self.config.request_max_wait
         windows = [] if overdue else self.next_batch()
-        max_new_tokens = None if windows else (first.max_new_tokens if first else None)
+        limits: dict[bool, int | None] = {} if not windows else {False: None}  # per kind (question?): the plan's limit
         taken: list[tuple[Request, int]] = []
-        while self._requests and len(windows) < self.config.max_batch:
+        asked: list[tuple[Request, int]] = []
+        while self._requests and len(windows) + len(asked) < self.config.max_batch:
             request = self._requests[0]
             if request.future.done():  # the caller went away (HTTP client gone): no engine time for it
                 self._requests.popleft()
-                self._frees.extend(dict.fromkeys(w.stream_id for w in request.windows[: request.taken]))
+                if request.free_after:
+                    self._frees.extend(dict.fromkeys(w.stream_id for w in request.windows[: request.taken]))
                 continue
-            if request.max_new_tokens != max_new_tokens:
+            question = request.questions is not None
+            if limits.setdefault(question, request.max_new_tokens) != request.max_new_tokens:
                 break
             position = request.taken
-            windows.append(request.windows[position])
-            taken.append((request, position))
+            if question:
+                asked.append((request, position))
+            else:
+                windows.append(request.windows[position])
+                taken.append((request, position))
             request.taken += 1
             if request.taken == len(request.windows):
                 self._requests.popleft()
-                self._frees.extend(dict.fromkeys(w.stream_id for w in request.windows))  # its features are of no more use
+                if request.free_after:  # its features are of no more use
+                    self._frees.extend(dict.fromkeys(w.stream_id for w in request.windows))
         frees, self._frees = self._frees, []
-        return Plan(windows, max_new_tokens, taken, frees)
+        window_frees, self._window_frees = self._window_frees, []
+        return Plan(windows, limits.get(False), taken, frees, asked, limits.get(True), window_frees)
 
     def free(self, stream_id: str) -> None:
         """Ask for a stream's cached features to be dropped with the next plan."""
         self._frees.append(stream_id)
+
+    def free_window(self, stream_id: str, index: int) -> None:
+        """Ask for one window's kept image keys/values to be dropped with the next plan."""
+        self._window_frees.append((stream_id, index))
 
     def next_batch(self) -> list[Window]:
         """Up to max_batch windows, round-robin over streams (oldest window of
@@ -152,14 +174,19 @@ class BatchPlanner:
 
 @dataclass(eq=False)
 class Request:
-    """One-off windows (an HTTP caption request) and where their captions go."""
+    """One-off windows (an HTTP caption request), or questions about windows (`questions[i]`
+    about `windows[i]`), and where their captions or answers go."""
 
     windows: list[Window]
     max_new_tokens: int | None
     submitted: float
     future: asyncio.Future
-    results: dict[int, Caption] = field(default_factory=dict)
+    results: dict[int, Any] = field(default_factory=dict)  # position -> Caption, or Answer
     taken: int = 0  # windows handed to plans so far
+    questions: list[str] | None = None  # a question job: answers, not captions
+    # drop the windows' streams' cached features once done (one-off windows); not for
+    # questions about a live stream's windows, whose features the stream still uses
+    free_after: bool = True
 
 
 @dataclass
@@ -170,15 +197,39 @@ class Plan:
     max_new_tokens: int | None  # None: the engine's default
     requests: list[tuple[Request, int]]  # (request, position) for the one-off windows, in order after the live ones
     free: list[str]  # streams whose cached features to drop once the windows are captioned
+    questions: list[tuple[Request, int]] = field(default_factory=list)  # (question job, position), answered after the captions
+    question_max_new_tokens: int | None = None
+    free_windows: list[tuple[str, int]] = field(default_factory=list)  # (stream, index) whose image keys/values to drop
 
     @property
     def live(self) -> int:
         return len(self.windows) - len(self.requests)
 
+    @property
+    def size(self) -> int:
+        return len(self.windows) + len(self.questions)
 
-CaptionFn = Callable[[Sequence[Window]], list[Caption]]
-PrepareFn = Callable[[Sequence[Window]], Any]
-FinishFn = Callable[[Any], list[Caption]]
+    @property
+    def items(self) -> list[tuple[Window, str]]:
+        """The (window, question) pairs of the question job."""
+        return [(r.windows[i], r.questions[i]) for r, i in self.questions if r.questions is not None]
+
+
+@dataclass
+class PlanResult:
+    """What executing a plan gave: captions and answers, or the error of either part (the
+    other part still ran: a failing question batch does not cost live captions)."""
+
+    captions: list[Caption] | None = None
+    caption_error: BaseException | None = None
+    answers: list[Answer] | None = None
+    answer_error: BaseException | None = None
+
+
+CaptionFn = Callable[..., list[Caption]]  # (windows[, max_new_tokens][, keep_kv=live count])
+PrepareFn = Callable[..., Any]  # (windows[, keep_kv=live count])
+FinishFn = Callable[..., list[Caption]]  # (prepared[, max_new_tokens])
+AnswerFn = Callable[[Sequence[tuple[Window, str]], int | None], list[Answer]]
 
 
 class Scheduler:
@@ -193,7 +244,15 @@ class Scheduler:
         on_failure: Callable[[int, BaseException], None] | None = None,
         pipeline: tuple[PrepareFn, FinishFn] | None = None,
         forget_fn: Callable[[str], None] | None = None,
+        answer_fn: AnswerFn | None = None,
+        forget_window_fn: Callable[[str, int], None] | None = None,
+        keep_live_kv: bool = False,
+        on_live: Callable[[list[Window], list[Caption]], None] | None = None,
     ) -> None:
+        """`answer_fn`: engine.answer, for `ask`; `keep_live_kv`: pass `keep_kv=<live windows>` to
+        caption_fn (or prepare) so the engine keeps live windows' image keys/values for questions;
+        `forget_window_fn`: engine.forget_window, run inside plans for `free_window`; `on_live`:
+        (live windows, their captions), called just before `on_captions` (the stream histories)."""
         self.config = config or SchedulerConfig()
         self.planner = BatchPlanner(self.config)
         self._caption_fn = caption_fn
@@ -202,6 +261,10 @@ class Scheduler:
         self._on_drop = on_drop
         self._on_failure = on_failure
         self._forget_fn = forget_fn  # engine.forget_stream: frees run on the engine thread, inside plans
+        self._forget_window_fn = forget_window_fn
+        self._answer_fn = answer_fn
+        self._keep_live_kv = keep_live_kv
+        self._on_live = on_live
         self._pipeline = pipeline
         # One worker: the engine is not thread-safe; every engine call is a step of a plan.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
@@ -225,6 +288,11 @@ class Scheduler:
         self.planner.free(stream_id)
         self._wake.set()
 
+    def free_window(self, stream_id: str, index: int) -> None:
+        """A window left its stream's history: its kept image keys/values are freed by the next plan."""
+        self.planner.free_window(stream_id, index)
+        self._wake.set()
+
     def start(self, spawn: Callable[[str, Callable[[], Any]], asyncio.Task] | None = None) -> None:
         """Start the loop; `spawn` (a Supervisor's) restarts it if it dies."""
         if self._task is None:
@@ -235,10 +303,28 @@ class Scheduler:
         max_batch, their cached features freed once captioned. Stream ids must be unique to the call."""
         if not windows:
             return []
+        return await self._submit(Request(list(windows), max_new_tokens, 0.0, self._future()))
+
+    async def ask(self, items: Sequence[tuple[Window, str]], max_new_tokens: int | None = None, *,
+                  free_after: bool = True) -> list[Answer]:
+        """Answer (window, question) pairs through the planner, as one-off work: after live windows,
+        within max_batch. `free_after`: the windows are one-off ones whose cached features go once
+        answered (False for a live stream's windows). Raises SchedulerBusy, EngineFailed."""
+        if self._answer_fn is None:
+            raise RuntimeError("this scheduler was made without an answer_fn: it takes no questions")
+        if not items:
+            return []
+        request = Request([w for w, _ in items], max_new_tokens, 0.0, self._future(),
+                          questions=[q for _, q in items], free_after=free_after)
+        return await self._submit(request)
+
+    def _future(self) -> asyncio.Future:
+        return asyncio.get_running_loop().create_future()
+
+    async def _submit(self, request: Request) -> list:
         if self._closing:
             raise SchedulerBusy("the daemon is shutting down")
-        loop = asyncio.get_running_loop()
-        request = Request(list(windows), max_new_tokens, loop.time(), loop.create_future())
+        request.submitted = asyncio.get_running_loop().time()
         self.planner.submit_request(request)
         self._wake.set()
         return await request.future
@@ -264,44 +350,85 @@ class Scheduler:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), deadline - loop.time())
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
         return self.planner.next_plan(loop.time())
 
-    def _execute(self, plan: Plan, step: Callable[..., Any] | None = None, arg: Any = None) -> Any:
-        """Engine thread: one step of a plan (caption, or finish a prepared batch), then its frees."""
+    def _prepare(self, prepare: PrepareFn, plan: Plan) -> Any:
+        """Engine thread: the first half of a pipelined caption step."""
+        return prepare(plan.windows, keep_kv=plan.live) if self._keep_live_kv else prepare(plan.windows)
+
+    def _execute(self, plan: Plan, finish: FinishFn | None = None, prepared: Any = None) -> PlanResult:
+        """Engine thread: one plan's captions (or the finish of its prepared batch), then its
+        questions, then its frees. Each part's error is kept for its own requests."""
+        result = PlanResult()
         try:
-            if not plan.windows:
-                return []
-            step = step or self._caption_fn
-            arg = plan.windows if arg is None else arg
-            return step(arg) if plan.max_new_tokens is None else step(arg, plan.max_new_tokens)
+            if plan.windows:
+                try:
+                    result.captions = self._caption(plan, finish, prepared)
+                except Exception as exc:  # noqa: BLE001 (whatever the engine raised goes to the plan's requests)
+                    result.caption_error = exc
+            if plan.questions and self._answer_fn is not None:
+                try:
+                    result.answers = self._answer_fn(plan.items, plan.question_max_new_tokens)
+                except Exception as exc:  # noqa: BLE001
+                    result.answer_error = exc
+            return result
         finally:
             for stream_id in plan.free:
                 if self._forget_fn is not None:
                     self._forget_fn(stream_id)
+            for stream_id, index in plan.free_windows:
+                if self._forget_window_fn is not None:
+                    self._forget_window_fn(stream_id, index)
+
+    def _caption(self, plan: Plan, finish: FinishFn | None, prepared: Any) -> list[Caption]:
+        limit = () if plan.max_new_tokens is None else (plan.max_new_tokens,)
+        if finish is not None:
+            return finish(prepared, *limit)
+        if self._keep_live_kv:
+            return self._caption_fn(plan.windows, *limit, keep_kv=plan.live)
+        return self._caption_fn(plan.windows, *limit)
 
     async def _on_engine(self, fn, *args, plan: Plan):
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        except Exception as exc:
-            log.exception("engine failed on a batch", extra={"windows": len(plan.windows)})
-            if self._on_failure:
-                self._on_failure(len(plan.windows), exc)
-            for request, _ in plan.requests:
-                if not request.future.done():
-                    request.future.set_exception(EngineFailed(f"the engine failed on this batch: {type(exc).__name__}: {exc}"))
+        except Exception as exc:  # noqa: BLE001 (logged in _failed, told to the plan's requests)
+            self._failed(plan, exc, plan.requests + plan.questions, plan.size)
             return None
 
-    def _done(self, plan: Plan, started: float, captions: list[Caption] | None) -> None:
-        if captions is None or not plan.windows:
+    def _failed(self, plan: Plan, exc: BaseException, requests: list[tuple[Request, int]], size: int) -> None:
+        log.error("engine failed on a batch", exc_info=exc,
+                  extra={"windows": len(plan.windows), "questions": len(plan.questions)})
+        if self._on_failure:
+            self._on_failure(size, exc)
+        for request, _ in requests:
+            if not request.future.done():
+                request.future.set_exception(EngineFailed(f"the engine failed on this batch: {type(exc).__name__}: {exc}"))
+
+    def _done(self, plan: Plan, started: float, result: PlanResult | None) -> None:
+        if result is None:
             return
-        if self._on_batch:
-            self._on_batch(len(plan.windows), time.perf_counter() - started)
-        if plan.live:
+        if result.caption_error is not None:
+            self._failed(plan, result.caption_error, plan.requests, len(plan.windows))
+        if result.answer_error is not None:
+            self._failed(plan, result.answer_error, plan.questions, len(plan.questions))
+        ok = (len(plan.windows) if result.captions is not None else 0) + (len(plan.questions) if result.answers is not None else 0)
+        if ok and self._on_batch:
+            self._on_batch(ok, time.perf_counter() - started)
+        captions = result.captions or []
+        if plan.live and captions:
+            live = plan.windows[: plan.live]
+            if self._on_live:
+                self._on_live(live, captions[: plan.live])
             self._on_captions(captions[: plan.live])
-        for (request, position), caption in zip(plan.requests, captions[plan.live :]):
-            request.results[position] = caption
+        self._resolve(zip(plan.requests, captions[plan.live :]))
+        self._resolve(zip(plan.questions, result.answers or []))
+
+    @staticmethod
+    def _resolve(results) -> None:
+        for (request, position), value in results:
+            request.results[position] = value
             if len(request.results) == len(request.windows) and not request.future.done():
                 request.future.set_result([request.results[i] for i in range(len(request.windows))])
 
@@ -320,16 +447,23 @@ class Scheduler:
             if plan is None and in_flight is None:
                 return  # closing and drained
             queued = None
-            if plan is not None and not plan.windows:
-                await self._on_engine(self._execute, plan, plan=plan)  # frees only
+            if plan is not None and not plan.windows:  # questions and frees only: nothing to prepare
+                started = time.perf_counter()
+                self._done(plan, started, await self._on_engine(self._execute, plan, plan=plan))
             elif plan is not None:
                 started = time.perf_counter()
-                prepared = await self._on_engine(prepare, plan.windows, plan=plan)
-                queued = None if prepared is None else (plan, prepared, started)
+                try:
+                    prepared = await asyncio.get_running_loop().run_in_executor(self._executor, self._prepare, prepare, plan)
+                except Exception as exc:  # noqa: BLE001 (the windows' requests are told; questions and frees still run)
+                    self._failed(plan, exc, plan.requests, len(plan.windows))
+                    rest = dataclasses.replace(plan, windows=[], requests=[])
+                    self._done(rest, started, await self._on_engine(self._execute, rest, plan=rest))
+                else:
+                    queued = (plan, prepared, started)
             if in_flight is not None:
                 done_plan, prepared_before, started_before = in_flight
-                captions = await self._on_engine(self._execute, done_plan, finish, prepared_before, plan=done_plan)
-                self._done(done_plan, started_before, captions)
+                result = await self._on_engine(self._execute, done_plan, finish, prepared_before, plan=done_plan)
+                self._done(done_plan, started_before, result)
             in_flight = queued
 
     async def close(self, drain: bool = True) -> int:

@@ -42,6 +42,7 @@ connection is sent again, so a message may be appended twice (two seqs).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -65,7 +66,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from streamer.config import STREAM_ID
 from streamer.publish.hub import CaptionHub, HubMessage
 from streamer.publish.protocol import encode
-from streamer.types import Caption, StateChange
+from streamer.types import Answer, Caption, Chapter, SpeechCue, StateChange, StreamEvent, WatchEvent
 
 __all__ = ["APPEND_LUA", "FENCED", "RESTORE_LUA", "BusConfig", "CaptionBus", "Fence", "Gap", "redacted"]
 
@@ -632,7 +633,27 @@ def _str(data: dict, key: str, *, optional: bool = False) -> str | None:
     return value
 
 
-def _payload(sid: str, data: Any) -> tuple[Caption | StateChange, bool]:
+_EVENTS: dict[str, type] = {cls.kind: cls for cls in (Answer, WatchEvent, Chapter, SpeechCue)}
+
+
+def _event(cls: type, data: dict) -> StreamEvent:
+    """An event record from a bus entry, every field checked against its declared type."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        kind = str(f.type)
+        if kind == "int":
+            value = data[f.name]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{f.name} must be an integer")
+        elif kind == "float":
+            value = _num(data, f.name)
+        else:  # "str" or "str | None"
+            value = _str(data, f.name, optional=kind.endswith("None"))
+        values[f.name] = value
+    return cls(**values)
+
+
+def _payload(sid: str, data: Any) -> tuple[Caption | StateChange | StreamEvent, bool]:
     """The typed payload of a protocol message read from the bus; raises for anything else."""
     if not isinstance(data, dict) or data.get("stream_id") != sid:
         raise ValueError("not a message of this stream")
@@ -647,5 +668,7 @@ def _payload(sid: str, data: Any) -> tuple[Caption | StateChange, bool]:
         return caption, stable
     if kind == "state":
         return StateChange(sid, _str(data, "state") or "", _str(data, "detail", optional=True), _num(data, "time")), False
+    if isinstance(kind, str) and kind in _EVENTS:
+        return _event(_EVENTS[kind], data), False
     raise ValueError(f"unknown message type {str(kind)[:40]!r}")
 

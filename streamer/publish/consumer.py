@@ -31,6 +31,7 @@ _RECENT = 4096  # captions remembered against the bus's rare duplicates (a re-se
 class HubConsumer:
     streams: frozenset[str] | None = None
     only_changes: bool = False
+    types: frozenset[str] = frozenset()  # opt-in event types (hub.py) the sink also takes
     consumer_name = "sink"
 
     def _init_consumer(self) -> None:
@@ -84,7 +85,7 @@ class HubConsumer:
 
     def _subscribe(self) -> Subscription:
         assert self._hub is not None
-        return self._hub.subscribe(self.streams, only_changes=self.only_changes, replay=False)
+        return self._hub.subscribe(self.streams, only_changes=self.only_changes, replay=False, types=self.types)
 
     async def _consume(self) -> None:
         while True:

@@ -27,6 +27,10 @@ to its socket, and closes the socket when the subscription closes (see
 - Removal: `end_stream()` publishes a stream's last state and ignores what
   its source still says while it stops, until `forget_stream()`, so clients
   see one `stopped` per removal.
+- Events (`answer`, `watch`, `chapter`, `speech`: the StreamEvent records of
+  types.py) are opt-in: a subscription gets the types it names in `types`
+  and no others, so v1 clients see no change. They are not kept in history
+  (nothing is replayed to a late subscriber) and never count as a caption.
 - Bus (several replicas, publish/bus.py): after `attach_bus()`, what this
   daemon publishes goes to the bus only (`outlet`), and reaches subscribers
   when the bus reader hands it back through `deliver()`, with its per-stream
@@ -43,8 +47,8 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from streamer.publish.protocol import caption_message, encode, state_message
-from streamer.types import Caption, StateChange
+from streamer.publish.protocol import caption_message, encode, event_message, state_message
+from streamer.types import EVENT_TYPES, Caption, StateChange, StreamEvent
 
 __all__ = ["BusLink", "CaptionHub", "HubMessage", "Subscription", "SubscriptionClosed"]
 
@@ -77,7 +81,7 @@ class HubMessage:
 
     __slots__ = ("_data", "_encoded", "bus_seq", "origin", "payload", "seq", "shown", "stable")
 
-    def __init__(self, payload: Caption | StateChange, seq: int, stable: bool = False, *,
+    def __init__(self, payload: Caption | StateChange | StreamEvent, seq: int, stable: bool = False, *,
                  bus_seq: int | None = None, data: dict[str, Any] | None = None, origin: str | None = None,
                  shown: bool = True) -> None:
         self.payload = payload
@@ -94,13 +98,19 @@ class HubMessage:
         return self.payload.stream_id
 
     @property
+    def kind(self) -> str:
+        """The message's `type`: caption, state or an event type (EVENT_TYPES)."""
+        p = self.payload
+        return "caption" if isinstance(p, Caption) else "state" if isinstance(p, StateChange) else p.kind
+
+    @property
     def text(self) -> str | None:
-        """Caption text; None for state messages."""
+        """Caption text; None for state and event messages."""
         return self.payload.text if isinstance(self.payload, Caption) else None
 
     @property
     def time(self) -> float:
-        """emit_time for captions, the change's time for states: the replay order."""
+        """emit_time for captions and events, the change's time for states: the replay order."""
         return self.payload.emit_time if isinstance(self.payload, Caption) else self.payload.time
 
     @property
@@ -108,7 +118,12 @@ class HubMessage:
         """The protocol message as a dict (docs/protocol.md). Do not modify it: it is shared."""
         if self._data is None:
             p = self.payload
-            self._data = caption_message(p, self.stable, self.shown) if isinstance(p, Caption) else state_message(p)
+            if isinstance(p, Caption):
+                self._data = caption_message(p, self.stable, self.shown)
+            elif isinstance(p, StateChange):
+                self._data = state_message(p)
+            else:
+                self._data = event_message(p)
             if self.bus_seq is not None:
                 self._data["seq"] = self.bus_seq
         return self._data
@@ -131,12 +146,14 @@ class Subscription:
     """
 
     def __init__(
-        self, hub: CaptionHub, streams: Iterable[str] | None, *, only_changes: bool, replay: bool
+        self, hub: CaptionHub, streams: Iterable[str] | None, *, only_changes: bool, replay: bool,
+        types: Iterable[str] = (),
     ) -> None:
         self.only_changes = only_changes
         self.replay = replay
         self._hub = hub
         self._streams = _stream_set(streams)
+        self.types = _type_set(types)  # the event types it opted in to (captions and states always come)
         self._maxsize = hub.queue_size
         self._queue: deque[HubMessage] = deque()
         self._ready = asyncio.Event()  # set while the queue is non-empty or closed
@@ -193,6 +210,10 @@ class Subscription:
         else:
             history = self._hub._history(new - old)
         self._offer_replay(history)
+
+    def update_types(self, types: Iterable[str]) -> None:
+        """The event types to receive from now on (replaces the set; nothing is replayed)."""
+        self.types = _type_set(types)
 
     async def get(self) -> HubMessage:
         """The next message; raises SubscriptionClosed once closed (pending messages are dropped),
@@ -266,7 +287,7 @@ class Subscription:
 
     def _wants(self, m: HubMessage) -> bool:
         if m.text is None:
-            return True
+            return isinstance(m.payload, StateChange) or m.kind in self.types
         # Skip a repeat only if this subscriber was already sent that text.
         return not (self.only_changes and m.stable and self._sent_text.get(m.stream_id) == m.text)
 
@@ -353,14 +374,16 @@ class CaptionHub:
         self._keep_and_fan_out(m)
 
     def subscribe(
-        self, streams: Iterable[str] | None = None, *, only_changes: bool = True, replay: bool = True
+        self, streams: Iterable[str] | None = None, *, only_changes: bool = True, replay: bool = True,
+        types: Iterable[str] = (),
     ) -> Subscription:
-        """A new subscription (streams None: every stream, including later ones).
+        """A new subscription (streams None: every stream, including later ones; `types`: the event
+        types it also wants, see the module docstring).
 
         With `replay`, its queue starts with the matching history. After
         `close()` of the hub, the subscription comes back already closed.
         """
-        sub = Subscription(self, streams, only_changes=only_changes, replay=replay)
+        sub = Subscription(self, streams, only_changes=only_changes, replay=replay, types=types)
         if self._closed:
             sub.close(REASON_SHUTDOWN)
             return sub
@@ -391,6 +414,13 @@ class CaptionHub:
         now = time.time() if at is None else at
         self._emit(HubMessage(StateChange(stream_id, state, detail, now), next(self._seq)))
 
+    def publish_event(self, event: StreamEvent) -> None:
+        """An answer, watch change, chapter or speech cue: to the subscribers that opted in to its type
+        (through the bus when there is one). Never blocks; not kept in history."""
+        if self._closed or event.stream_id in self._ended:
+            return
+        self._emit(HubMessage(event, next(self._seq)))
+
     def _emit(self, m: HubMessage) -> None:
         """One way out for what this daemon publishes: through the bus when there is one (it comes
         back by `deliver()`, like other replicas' messages), else straight to history and subscribers."""
@@ -402,8 +432,10 @@ class CaptionHub:
     def _keep_and_fan_out(self, m: HubMessage) -> None:
         """Keep as the stream's latest state or in its caption history; offer to subscribers."""
         sid = m.stream_id
-        if m.text is None:
+        if isinstance(m.payload, StateChange):
             self._states[sid] = m
+        elif m.text is None:
+            pass  # events: live only
         elif self.history:
             hist = self._captions.get(sid)
             if hist is None:
@@ -482,6 +514,16 @@ def _stream_set(streams: Iterable[str] | None) -> frozenset[str] | None:
     if isinstance(streams, str):  # a bare id would become a set of characters
         raise TypeError(f"streams must be a collection of stream ids or None, got the string {streams!r}")
     return None if streams is None else frozenset(streams)
+
+
+def _type_set(types: Iterable[str]) -> frozenset[str]:
+    if isinstance(types, str):
+        raise TypeError(f"types must be a collection of event types, got the string {types!r}")
+    kept = frozenset(types)
+    unknown = kept - set(EVENT_TYPES)
+    if unknown:
+        raise ValueError(f"unknown event types {sorted(unknown)}; known: {', '.join(EVENT_TYPES)}")
+    return kept
 
 
 def _replay_key(m: HubMessage) -> tuple[float, int]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from streamer.types import Caption, StateChange
+from streamer.types import EVENT_TYPES, Caption, StateChange, StreamEvent
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -26,10 +26,13 @@ __all__ = [
     "Subscribe",
     "Unsubscribe",
     "Ping",
+    "Ask",
     "ClientMessage",
     "parse_client_message",
     "apply_subscription",
     "caption_message",
+    "event_message",
+    "parse_types",
     "state_message",
     "encode",
     "encode_caption",
@@ -38,6 +41,7 @@ __all__ = [
     "encode_state",
     "encode_hello",
     "encode_error",
+    "encode_event",
     "encode_pong",
 ]
 
@@ -76,6 +80,9 @@ directions, so new optional fields do not bump the version. Times ending in
   some streams follows at most those.
 - `all`: `1` or `true` also sends captions that repeat the text before them
   (`"stable": true`); by default they are skipped (see `caption`).
+- `types`: opt-in message types to receive besides captions and states,
+  comma-separated: `speech`, `answer`, `watch`, `chapter` (see Opt-in
+  messages). An unknown type is refused with HTTP 400 before the upgrade.
 - `token`: a viewer token, for clients that cannot send `Authorization`.
 - `since` (only on a daemon with a bus, see `seq` below): a JSON object of
   stream id -> the last `seq` the client has, URL-encoded
@@ -182,6 +189,47 @@ bus's `retention`, or lost by the bus). The messages after it follow:
 
 - `stream_id` (string), `from_seq`, `to_seq` (integers, inclusive).
 
+### Opt-in messages
+A connection gets these only for the types it asked for (`types` in the URL
+or in `subscribe`), so a client written for the messages above sees nothing
+new. They are live only: not replayed from the history to a new connection
+(with a bus, a `since` resume includes them). Numbers that are not finite
+are sent as `null`, as in `caption`.
+
+`speech`: what was said in one utterance of a stream with speech turned on
+(`start`/`end`: media time the voice began and ended, on the same clock as
+the captions; `latency`: end of the utterance to the cue, seconds):
+
+```json
+{"v": 1, "type": "speech", "stream_id": "cam1", "start": 12.4, "end": 14.1, "text": "two red circles move up", "confidence": -0.12, "model": "world-whisper", "capture_time": 1764050014.3, "emit_time": 1764050014.8, "latency": 0.5}
+```
+
+`answer`: the answer to a question about one window (`index`, `start`,
+`end`) of a stream, asked by any client (`POST /streams/{id}/ask`, or `ask`
+below); `request_id` echoes the asker's (null for answers asked over HTTP).
+The connection that sent an `ask` gets its answer whether or not it opted in;
+if it did opt in to `answer` it sees it a second time among everyone's
+answers:
+
+```json
+{"v": 1, "type": "answer", "stream_id": "cam1", "index": 41, "start": 40.0, "end": 43.0, "question": "what colour is it ?", "answer": "red", "confidence": -0.05, "model": "world-git", "request_id": "q1", "emit_time": 1764050043.4}
+```
+
+`watch`: a watch's state changed and held for its `hold` asks (`state`
+`on` while the answer to its question matches, `off` when it no longer
+does; `start`/`end`: the window that settled it):
+
+```json
+{"v": 1, "type": "watch", "watch_id": "w1", "stream_id": "cam1", "question": "is there a red circle ?", "state": "on", "answer": "yes", "start": 61.0, "end": 64.0, "emit_time": 1764050064.6}
+```
+
+`chapter`: a chapter of the stream's caption timeline closed (`index` from
+0 per stream; `title` names the scene):
+
+```json
+{"v": 1, "type": "chapter", "stream_id": "cam1", "index": 3, "start": 96.0, "end": 130.5, "title": "two small red triangles move down", "emit_time": 1764050131.0}
+```
+
 ### `error`
 A client message was rejected and ignored; the connection stays open.
 
@@ -196,8 +244,18 @@ A client message was rejected and ignored; the connection stays open.
   - `bad_message`: a field is missing or has the wrong type.
   - `unknown_type`: `type` names no client message.
   - `unsupported_version`: `v` was sent and is not `1`.
-  - `bad_request`: well-formed but cannot be done (see `unsubscribe`).
+  - `bad_request`: well-formed but cannot be done (see `unsubscribe`), or a
+    question the model cannot read (too many tokens for its positions).
+  - for `ask` only: `not_found` (no such stream, or not one this token
+    covers), `out_of_history` (nothing captioned yet, or `at` outside the
+    stream's history: `message` says the span it holds), `busy` (this
+    connection already has 4 questions waiting, or the engine has too much
+    one-off work: ask again shortly), `engine_failed` (the engine raised on
+    the batch; logged and counted), `unavailable` (the daemon is starting or
+    stopping, or the stream's owner in a cluster cannot be reached).
 - `message` (string): one line for humans.
+- `request_id` (string, only for errors about an `ask` that had one): the
+  `ask`'s `request_id`.
 
 ### `pong`
 The answer to `ping`.
@@ -219,6 +277,11 @@ every stream, including streams added later. A connection starts with the
 streams of its URL (every stream for a bare `/ws`, see Connecting). Newly
 added streams replay their history.
 
+`types` (optional, a list) adds opt-in message types (Opt-in messages);
+with `types`, `streams` may be left out to change only the types:
+`{"type": "subscribe", "types": ["speech", "watch"]}`. An unknown type is
+rejected with `bad_message`.
+
 ### `unsubscribe`
 ```json
 {"type": "unsubscribe", "streams": ["cam2"]}
@@ -226,7 +289,8 @@ added streams replay their history.
 ```
 
 Removes the listed streams; `"*"` removes all. While subscribed to `"*"`, a
-list is rejected with `bad_request` (subscribe to a list first).
+list is rejected with `bad_request` (subscribe to a list first). `types`
+(optional) removes opt-in types, as in `subscribe`.
 
 ### `ping`
 ```json
@@ -234,6 +298,27 @@ list is rejected with `bad_request` (subscribe to a list first).
 ```
 
 The server answers `pong`.
+
+### `ask`
+A question about a stream (issue #13): the newest captioned window, or the
+window of the stream's recent history (its `history` setting, 30 s by
+default) that holds media time `at`.
+
+```json
+{"type": "ask", "request_id": "q1", "stream_id": "cam1", "question": "what colour is it ?", "at": 40.5, "max_new_tokens": 8}
+```
+
+- `request_id` (string, 1-128 characters): echoed in the reply.
+- `stream_id` (string): a stream this connection's token covers (it need
+  not be subscribed to it).
+- `question` (string): 1-512 characters, not blank.
+- `at` (number, optional): media time in seconds; default the newest window.
+- `max_new_tokens` (integer 1-256, optional): the answer's token limit.
+
+The reply comes later, when the engine has answered (other messages may come
+between): an `answer` message (see Opt-in messages) with the same
+`request_id`, or an `error` with the `request_id` and one of the codes above.
+At most 4 questions per connection wait at once; a fifth gets `busy`.
 
 ## Closing
 
@@ -266,22 +351,25 @@ reading in time gets the messages sent before the close frame, then the frame.
 
 
 class ProtocolError(Exception):
-    """A client message was rejected; `code` and `message` go into an `error` reply."""
+    """A client message was rejected; `code` and `message` (and an `ask`'s `request_id`) go into an `error` reply."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.request_id = request_id
 
 
 @dataclass(frozen=True, slots=True)
 class Subscribe:
     streams: frozenset[str] | None  # None: every stream ("*")
+    types: frozenset[str] | None = None  # event types to add; None: not given
 
 
 @dataclass(frozen=True, slots=True)
 class Unsubscribe:
     streams: frozenset[str] | None  # None: every stream ("*")
+    types: frozenset[str] | None = None  # event types to remove; None: not given
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,10 +377,25 @@ class Ping:
     pass
 
 
-ClientMessage = Subscribe | Unsubscribe | Ping
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """A question about a stream's newest window (or the one at media time `at`); answered later."""
+
+    request_id: str
+    stream_id: str
+    question: str
+    at: float | None = None
+    max_new_tokens: int | None = None
+
+
+ClientMessage = Subscribe | Unsubscribe | Ping | Ask
+
+MAX_REQUEST_ID_CHARS = 128
 
 
 def _streams_field(data: dict[str, Any]) -> frozenset[str] | None:
+    if "streams" not in data and "types" in data:
+        return frozenset()  # only the types change
     streams = data.get("streams")
     if streams == "*":
         return None
@@ -325,12 +428,59 @@ def parse_client_message(text: str | bytes) -> ClientMessage:
     if not isinstance(kind, str):
         raise ProtocolError("bad_message", "'type' must be a string")
     if kind == "subscribe":
-        return Subscribe(_streams_field(data))
+        return Subscribe(_streams_field(data), _types_field(data))
     if kind == "unsubscribe":
-        return Unsubscribe(_streams_field(data))
+        return Unsubscribe(_streams_field(data), _types_field(data))
     if kind == "ping":
         return Ping()
-    raise ProtocolError("unknown_type", f"unknown message type {kind!r}; expected subscribe, unsubscribe or ping")
+    if kind == "ask":
+        return _ask(data)
+    raise ProtocolError("unknown_type", f"unknown message type {kind!r}; expected subscribe, unsubscribe, ping or ask")
+
+
+def _ask(data: dict[str, Any]) -> Ask:
+    from streamer.config import MAX_QUESTION_CHARS, STREAM_ID  # light module, as in parse_since
+
+    request_id = data.get("request_id")
+    if not isinstance(request_id, str) or not 1 <= len(request_id) <= MAX_REQUEST_ID_CHARS:
+        raise ProtocolError("bad_message", f"'request_id' must be a string of 1-{MAX_REQUEST_ID_CHARS} characters")
+
+    def bad(message: str) -> ProtocolError:
+        return ProtocolError("bad_message", message, request_id)
+
+    stream_id, question = data.get("stream_id"), data.get("question")
+    if not isinstance(stream_id, str) or not STREAM_ID.match(stream_id):
+        raise bad("'stream_id' must be a stream id")
+    if not isinstance(question, str) or not question.strip():
+        raise bad("'question' must be a non-empty string")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise bad(f"'question' is {len(question)} characters long; at most {MAX_QUESTION_CHARS}")
+    at = data.get("at")
+    if at is not None and (isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at)):
+        raise bad("'at' must be a finite number (media seconds)")
+    limit = data.get("max_new_tokens")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 256):
+        raise bad("'max_new_tokens' must be an integer from 1 to 256")
+    return Ask(request_id, stream_id, question, None if at is None else float(at), limit)
+
+
+def _types_field(data: dict[str, Any]) -> frozenset[str] | None:
+    if "types" not in data:
+        return None
+    types = data["types"]
+    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+        raise ProtocolError("bad_message", "'types' must be a list of strings")
+    return parse_types(types)
+
+
+def parse_types(types: Iterable[str]) -> frozenset[str]:
+    """Opt-in event types (a `types` field or the `types` query); raises ProtocolError for unknown ones."""
+    kept = frozenset(t.strip() for t in types if t.strip())
+    unknown = sorted(kept - set(EVENT_TYPES))
+    if unknown:
+        raise ProtocolError("bad_message", f"unknown message types {', '.join(repr(t[:40]) for t in unknown[:5])} in "
+                                           f"'types'; the opt-in types are {', '.join(EVENT_TYPES)}")
+    return kept
 
 
 def apply_subscription(
@@ -341,6 +491,8 @@ def apply_subscription(
     A connection starts with `frozenset()`. Raises ProtocolError("bad_request")
     for unsubscribing a list while subscribed to "*".
     """
+    if message.streams is not None and not message.streams:
+        return current  # only `types` changed (or an empty list: nothing to do)
     if isinstance(message, Subscribe):
         if current is None or message.streams is None:
             return None
@@ -369,6 +521,16 @@ def caption_message(caption: Caption, stable: bool, shown: bool = True) -> dict[
         msg[key] = _finite_or_none(msg[key])
     msg["stable"] = bool(stable)
     msg["shown"] = bool(shown)
+    return msg
+
+
+def event_message(event: StreamEvent) -> dict[str, Any]:
+    """An opt-in event message (answer, watch, chapter, speech) as a JSON-ready dict."""
+    msg: dict[str, Any] = {"v": PROTOCOL_VERSION}
+    msg.update(event.to_dict())
+    for key, value in msg.items():
+        if isinstance(value, float):
+            msg[key] = _finite_or_none(value)
     return msg
 
 
@@ -403,8 +565,16 @@ def encode_hello(streams: Iterable[str], history: int, server: str = SERVER_NAME
     )
 
 
-def encode_error(code: str, message: str) -> str:
-    return _dumps({"v": PROTOCOL_VERSION, "type": "error", "code": code, "message": message})
+def encode_error(code: str, message: str, request_id: str | None = None) -> str:
+    error: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": "error", "code": code, "message": message}
+    if request_id is not None:
+        error["request_id"] = request_id
+    return _dumps(error)
+
+
+def encode_event(event: StreamEvent) -> str:
+    """An event message (e.g. the `answer` to a connection's own `ask`) as the text of a frame."""
+    return _dumps(event_message(event))
 
 
 def encode_gap(stream_id: str, from_seq: int, to_seq: int) -> str:

@@ -5,6 +5,7 @@
 dir = "/var/lib/streamer/subtitles"   # <dir>/<stream>.vtt, .srt, .jsonl (relative: to the working directory)
 formats = ["vtt", "srt", "jsonl"]      # default: all three
 streams = ["lobby"]                     # default: every stream
+speech = "cues"                         # speech cues in the same vtt/srt cues and jsonl ("off": captions only)
 
 [[webhooks]]
 url = "https://example.com/hooks/captions"
@@ -19,6 +20,9 @@ timeout = 5.0           # seconds per attempt
 
 Both tables go through the one schema (streamer/config.py: OutputsSection,
 WebhookSection); errors name the table, e.g. `[[webhooks]] #2 retries = -1: ...`.
+
+`serve()` also runs one chapter sink (publish/chapters.py) in front of these
+(`with_chapters`): it is not configured by a table.
 
 A sink is anything with `async start(hub, spawn=None)` (subscribe, start its
 own tasks, under a Supervisor's `spawn` when given; it must not block) and
@@ -35,6 +39,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from streamer.config import OutputsSection, WebhookSection, validate
+from streamer.publish.chapters import ChapterSink
 from streamer.publish.consumer import Spawn
 from streamer.publish.hub import CaptionHub
 from streamer.publish.subtitles import SubtitleOutputs
@@ -73,6 +78,15 @@ def outputs_from_config(data: Mapping[str, Any]) -> list[Sink]:
     return sinks
 
 
+def with_chapters(sinks: list[Any], chapters: ChapterSink) -> list[Any]:
+    """The daemon's sinks with its chapter sink first: it writes `{id}.chapters.vtt` through the
+    subtitle outputs (when [outputs] is configured) and, closed first, hands them its last chapters
+    before they close."""
+    outputs = [s for s in sinks if isinstance(s, SubtitleOutputs)]
+    chapters.files = outputs[0] if outputs else None
+    return [chapters, *sinks]
+
+
 async def close_sinks(sinks: Iterable[Sink], force: asyncio.Event | None = None) -> None:
     """Close every sink, in order; one that fails is logged and does not stop the others.
 
@@ -95,7 +109,7 @@ async def close_sinks(sinks: Iterable[Sink], force: asyncio.Event | None = None)
 
 def _outputs(table: Any) -> SubtitleOutputs:
     section = _section(OutputsSection, table, "[outputs]")
-    return SubtitleOutputs(section.dir, section.formats, section.streams)
+    return SubtitleOutputs(section.dir, section.formats, section.streams, speech=section.speech)
 
 
 def _webhook(table: Any, where: str) -> WebhookSink:

@@ -1,5 +1,9 @@
 """Webhooks: POST captions (all, or those whose text matches a regex) to a URL.
 
+With `types` a webhook also gets those opt-in messages (speech, answer,
+watch, chapter: docs/protocol.md), `match` tried on their text (a cue's
+words, an answer, a chapter's title).
+
 `WebhookSink` is a hub subscriber (`only_changes=False` by default,
 `replay=False`) with two tasks of its own, so a dead or slow endpoint never
 holds up captioning, WebSocket clients or other sinks:
@@ -36,6 +40,7 @@ import re
 import uuid
 from collections import deque
 from collections.abc import Iterable
+from typing import Any
 
 import aiohttp
 from yarl import URL
@@ -45,8 +50,8 @@ from streamer.publish.hub import (
     CaptionHub,
     HubMessage,
 )
-from streamer.publish.protocol import SERVER_NAME
-from streamer.types import Caption
+from streamer.publish.protocol import SERVER_NAME, ProtocolError, parse_types
+from streamer.types import Answer, Caption, Chapter, SpeechCue, WatchEvent
 
 __all__ = ["WebhookSink"]
 
@@ -67,6 +72,7 @@ class WebhookSink(HubConsumer):
         retries: int = 3,
         backoff: float = 0.5,
         timeout: float = 5.0,
+        types: Iterable[str] = (),
     ) -> None:
         if not isinstance(url, str):
             raise ValueError(f"webhook url must be a string, got {url!r}")
@@ -98,6 +104,12 @@ class WebhookSink(HubConsumer):
         self.retries = retries
         self.backoff = float(backoff)
         self.timeout = float(timeout)
+        if isinstance(types, str):
+            raise TypeError(f"webhook types must be a list of message types, got the string {types!r}")
+        try:
+            self.types = parse_types(types)  # opt-in events (speech, answer, watch, chapter) besides captions
+        except ProtocolError as exc:
+            raise ValueError(f"webhook {exc.message}") from None
         self.delivered = 0  # captions the endpoint accepted (2xx)
         self.failed = 0  # deliveries given up: retries spent, or a 4xx/3xx answer
         self.dropped = 0  # captions dropped from a full queue (oldest first), or left at close
@@ -171,10 +183,10 @@ class WebhookSink(HubConsumer):
 
     # -- consumer ------------------------------------------------------------------
     def _on_message(self, message: HubMessage) -> None:
-        caption = message.payload
-        if not isinstance(caption, Caption):
-            return
-        if self.pattern is not None and not self.pattern.search(caption.text):
+        text = _matched_text(message.payload)
+        if text is None:
+            return  # states, and events of types this webhook did not ask for (the hub filters those too)
+        if self.pattern is not None and not self.pattern.search(text):
             return
         if len(self._queue) >= self.queue_size:
             self._queue.popleft()
@@ -247,3 +259,15 @@ def _redact(url: str) -> str:
         return str(u.origin()) + "/..." if u.host else "<url>"
     except ValueError:
         return "<url>"
+
+
+def _matched_text(payload: Any) -> str | None:
+    """The text a webhook's `match` is tried on: a caption's or a speech cue's text, an answer, a watch's
+    answer, a chapter's title; None for what a webhook never posts (states)."""
+    if isinstance(payload, (Caption, SpeechCue)):
+        return payload.text
+    if isinstance(payload, (Answer, WatchEvent)):
+        return payload.answer
+    if isinstance(payload, Chapter):
+        return payload.title
+    return None

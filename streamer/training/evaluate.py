@@ -170,33 +170,24 @@ def question_windows(count: int, seed: int, frames: int, size: int, *, live: boo
         yield clip(scene, frames=frames, start=start, size=size), truth
 
 
-def answer_questions(engine: Engine, items: list[tuple[list, str]], max_new_tokens: int = 4) -> list[str]:
-    """The answer to each (window frames, question): `model.generate(pixel_values, input_ids=[CLS] + question)`,
-    the generated text after the question. Questions of one length go in one batch (no padding needed)."""
-    import torch
-
-    from streamer.engine.preprocess import preprocess_frames
-
-    if engine.model is None:
-        raise ValueError("questions need the transformers backend (the model itself)")
-    tokenizer = engine.tokenizer
-    prefixes = [[tokenizer.cls_token_id, *tokenizer(q, add_special_tokens=False).input_ids] for _, q in items]
-    answers = [""] * len(items)
-    by_length: dict[int, list[int]] = {}
-    for i, ids in enumerate(prefixes):
-        by_length.setdefault(len(ids), []).append(i)
-    for group in by_length.values():
-        for chunk in (group[k : k + 64] for k in range(0, len(group), 64)):
-            images = [img for i in chunk for img in items[i][0]]
-            pixels = preprocess_frames(images, engine.spec, engine.device, engine.dtype)
-            pixels = pixels.view(len(chunk), engine.num_frames, *pixels.shape[1:])
-            input_ids = torch.tensor([prefixes[i] for i in chunk], device=engine.device)
-            with torch.inference_mode():
-                out = engine.model.generate(pixel_values=pixels, input_ids=input_ids, max_new_tokens=max_new_tokens,
-                                            do_sample=False)
-            texts = tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
-            for i, text in zip(chunk, texts):
-                answers[i] = " ".join(text.split())
+def answer_questions(engine: Engine, items: list[tuple[list, str]], max_new_tokens: int = 16,
+                     batch_size: int = 32) -> list[str]:
+    """The answer to each (window frames, question), by `Engine.answer`: the question is the text prefix
+    after [CLS], the answer what the model generates after it (after its answer marker, if it has one:
+    engine/prompts.py). Questions about the same frames (list) share their window's image part."""
+    windows: dict[int, Window] = {}
+    asked: list[tuple[Window, str]] = []
+    for frames, question in items:
+        window = windows.get(id(frames))
+        if window is None:
+            sid = f"_ask{len(windows)}"
+            window = windows[id(frames)] = Window(sid, 0, tuple(Frame(sid, j, float(j), img) for j, img in enumerate(frames)))
+        asked.append((window, question))
+    answers: list[str] = []
+    for start in range(0, len(asked), batch_size):
+        answers += [a.answer for a in engine.answer(asked[start : start + batch_size], max_new_tokens)]
+    for window in windows.values():
+        engine.forget_stream(window.stream_id)
     return answers
 
 

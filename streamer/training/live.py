@@ -39,7 +39,6 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
@@ -312,24 +311,9 @@ def live_scenes(seed: int, count: int, scene_seconds: float, *, jitter: float = 
 def encode_h264(path: str | Path, frames: Sequence[np.ndarray], fps: int, bitrate: int, gop_seconds: float = 2.0) -> str:
     """H.264 in MP4 at a constant-ish bitrate, as a camera sends it: libx264, no B-frames, a keyframe
     every `gop_seconds`, rate-limited (maxrate = bitrate, a one-second buffer)."""
-    import av
+    from streamer.media.encode import write_h264
 
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        stream.bit_rate = bitrate
-        stream.options = {"preset": "veryfast", "tune": "zerolatency", "bf": "0", "g": str(max(1, round(fps * gop_seconds))),
-                          "maxrate": str(bitrate), "bufsize": str(bitrate)}
-        stream.time_base = time_base = Fraction(1, 90000)
-        for i, img in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
-            frame.pts, frame.time_base = round(i / fps / time_base), time_base
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return str(path)
+    return write_h264(path, frames, fps, bitrate=bitrate, gop=max(1, round(fps * gop_seconds)), bframes=0)
 
 
 def _render(scenes: Sequence[tuple[Any, float]], cell: LiveCell) -> tuple[list[np.ndarray], list[tuple[Any, float, float]]]:

@@ -194,14 +194,17 @@ def live_windows(seed: int, frames: int = 6, short_side: int = 64, window: float
 
 # What the bundled model trains on (`--data live`), per example:
 LIVE_SHARE = 0.45  # a live-like window (else a clean clip of the world, as `streamer eval` draws them)
-QUESTION_SHARE = 0.4  # a question about the window (else its caption)
+QUESTION_SHARE = 0.5  # a question about the window (else its caption); its text is caption + "so" + answer
+# The kinds learned last get asked more: a shape answer must be copied from the caption, and yes/no must
+# compare two words of the question with the caption's (colour and shape), which took the longest.
+QUESTION_WEIGHTS = {"shape": 1.5, "yes": 2.0, "no": 2.0}
 
 
 def live_world_examples(seed: int, frames: int = 6, size: int = 64, short_side: int = 64):
     """Captions and questions on live-like windows and clean world clips, each
     followed by its reversed twin (frames backwards, the opposite event), so
     that the direction stays learned from frame order."""
-    from streamer.training.world import WindowTruth, clip, labelled_questions, random_scene
+    from streamer.training.world import WindowTruth, clip, labelled_questions, random_scene, reasoned_answer
 
     rng = np.random.default_rng(seed)
     live = live_windows(seed + 1, frames, short_side)
@@ -217,8 +220,9 @@ def live_world_examples(seed: int, frames: int = 6, size: int = 64, short_side: 
         for imgs, t in ((frames_, truth), (frames_[::-1], truth.reversed())):
             if rng.random() < QUESTION_SHARE:
                 questions = labelled_questions(t, rng)
-                _, question, answer = questions[int(rng.integers(len(questions)))]
-                yield imgs, answer, question
+                weights = np.array([QUESTION_WEIGHTS.get(kind, 1.0) for kind, _, _ in questions])
+                _, question, answer = questions[int(rng.choice(len(questions), p=weights / weights.sum()))]
+                yield imgs, reasoned_answer(t.caption, answer), question
             else:
                 yield imgs, t.caption
 
@@ -305,6 +309,10 @@ def _build_or_load(config: TrainConfig, device: torch.device):
             if missing:
                 log.warning("widening the vocabulary", extra={"new_words": len(missing), "model": config.model})
                 model, tokenizer = widen_vocabulary(model, tokenizer, world_vocabulary())
+    if config.data == "live":
+        from streamer.training.world import ANSWER_MARKER
+
+        model.config.answer_marker = ANSWER_MARKER  # saved in config.json: the engine reads answers after it
     if config.fixed_positions:
         model.git.image_encoder.vision_model.embeddings.position_embedding.weight.requires_grad_(False)
     return model, tokenizer, processor

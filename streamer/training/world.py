@@ -13,7 +13,6 @@ that shuffles frames or swaps channels gets captions wrong.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from fractions import Fraction
 
 import numpy as np
 
@@ -331,7 +330,7 @@ def render_video(scenes: list[tuple[Scene, float]], fps: int = 15, height: int =
     """Scenes back to back, each for its seconds (scene cuts between them)."""
     frames = []
     for scene, seconds in scenes:
-        for i in range(int(round(seconds * fps))):
+        for i in range(round(seconds * fps)):
             frames.append(scene.frame(i / fps, height, width))
     return frames
 
@@ -344,24 +343,11 @@ def demo_scenes(count: int, seed: int = 7) -> list[Scene]:
 
 
 def write_video(path: str, frames: list[np.ndarray], fps: int = 15) -> str:
-    """H.264 in MP4 (PyAV/libx264)."""
-    import av
+    """H.264 in MP4 (PyAV/libx264): no B-frames and a keyframe every second, so it streams as live
+    and a client can join at any time."""
+    from streamer.media.encode import write_h264
 
-    with av.open(path, "w") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        # no B-frames and a keyframe every second: streams as live, a client can join at any time
-        stream.options = {"preset": "veryfast", "tune": "zerolatency", "crf": "18", "g": str(fps)}
-        stream.time_base = time_base = Fraction(1, 90000)
-        for i, img in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts, frame.time_base = round(i / fps / time_base), time_base
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
+    return write_h264(path, frames, fps, crf=18, gop=fps)
 
 
 # Questions (GIT-VQA style: the question is the text prefix after [CLS], the
@@ -374,11 +360,20 @@ _ASK = {
     "direction": ("which way does it move ?", "which way do they move ?", "where does it move ?"),
 }
 NONE = "none"  # the answer about a window with nothing in view
+# The bundled model first says what it sees, then the answer after this word
+# ("a big red circle moves up so red"): the answer is read from its own caption,
+# which it already gets right (streamer/engine/prompts.py reads it back).
+ANSWER_MARKER = "so"
+
+
+def reasoned_answer(caption: str, answer: str) -> str:
+    """The text the bundled model learns to say after a question."""
+    return f"{caption} {ANSWER_MARKER} {answer}"
 
 
 def labelled_questions(truth: WindowTruth | Scene, rng: np.random.Generator | None = None) -> list[tuple[str, str, str]]:
     """(kind, question, answer) for one window, one of each kind in QUESTION_KINDS:
-    colour, shape, count ("one", "two", "none"), direction (left/right/up/down, or
+    colour, shape (singular or plural, as the caption says it), count ("one", "two", "none"), direction (left/right/up/down, or
     "still" for objects that do not move) and "is there a <colour> <shape> ?" once
     with the answer yes and once with no (a wrong colour, shape or both)."""
     if isinstance(truth, Scene):
@@ -390,7 +385,8 @@ def labelled_questions(truth: WindowTruth | Scene, rng: np.random.Generator | No
     direction = truth.event if truth.event in MOTIONS else STILL
     out = [
         ("colour", pick(_ASK["colour"]), NONE if empty else truth.colour),
-        ("shape", pick(_ASK["shape"]), NONE if empty else truth.shape),
+        # the shape as the caption names it ("circles" for two): the answer is read from the caption
+        ("shape", pick(_ASK["shape"]), NONE if empty else truth.shape if truth.count == 1 else _PLURAL[truth.shape]),
         ("count", pick(_ASK["count"]), NONE if empty else ("one" if truth.count == 1 else "two")),
         ("direction", pick(_ASK["direction"]), NONE if empty else direction),
     ]
@@ -418,7 +414,7 @@ def world_vocabulary() -> list[str]:
     for phrasings in _ASK.values():
         for question in phrasings:
             words |= set(question.split())
-    words |= {"there", "yes", "no", "one", NONE}
+    words |= {"there", "yes", "no", "one", NONE, ANSWER_MARKER}
     return sorted(words)
 
 

@@ -1,10 +1,14 @@
 """Headless Chromium (Debian's /usr/bin/chromium, driven by Playwright) publishing over WHIP from
-its own WebRTC stack, with a fake camera, from a page served on a given origin."""
+its own WebRTC stack, with a fake camera (and optionally a fake microphone playing a WAV file), from a
+page served on a given origin."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import time
+from pathlib import Path
 
 from aiohttp import web
 
@@ -62,13 +66,13 @@ def chromium_missing() -> str | None:
 
 
 @contextlib.asynccontextmanager
-async def page_server():
-    """Serves PAGE at / on 127.0.0.1, port 0; yields the port. The same page under
-    http://localhost:PORT is another origin (the daemon under test allows only one)."""
+async def page_server(page: str = PAGE):
+    """Serves `page` at / on 127.0.0.1, port 0; yields the port (getUserMedia needs a page origin). The
+    same page under http://localhost:PORT is another origin (the daemon under test allows only one)."""
     app = web.Application()
 
     async def index(request: web.Request) -> web.Response:
-        return web.Response(text=PAGE, content_type="text/html")
+        return web.Response(text=page, content_type="text/html")
 
     app.router.add_get("/", index)
     runner = web.AppRunner(app)
@@ -82,13 +86,28 @@ async def page_server():
 
 
 @contextlib.asynccontextmanager
-async def chromium():
-    """A headless Chromium (Playwright driving Debian's binary; never `playwright install`)."""
+async def chromium(microphone: str | Path | None = None):
+    """A headless Chromium (Playwright driving Debian's binary; never `playwright install`). With
+    `microphone` (a WAV file), its fake microphone plays that once (%noloop), then silence."""
     from playwright.async_api import async_playwright
 
+    flags = FLAGS if microphone is None else [*FLAGS, f"--use-file-for-fake-audio-capture={microphone}%noloop"]
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=flags)
         try:
             yield browser
         finally:
             await browser.close()
+
+
+async def eventually(probe, timeout: float, what: str, interval: float = 0.1):
+    """Poll `probe()` (async: a page's state, say) until it returns something truthy; fail with `what`
+    after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await probe()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")

@@ -8,6 +8,9 @@ skips with the reason when the packages in deploy/apt-packages.txt are missing.
         url = server.url          # rtsp://127.0.0.1:PORT/stream (rtsps:// with tls_cert=PEM)
         server.kill()             # crash it
         server.restart_same_port()
+
+    with RtspServer(file="narrated.mp4", audio=True) as server:   # its H.264 and AAC, played once
+        ...
 """
 
 from __future__ import annotations
@@ -50,12 +53,14 @@ def require_rtsp_server() -> None:
 
 
 class RtspServer:
-    """A gst-rtsp-server subprocess serving one mount on 127.0.0.1."""
+    """A gst-rtsp-server subprocess serving one mount on 127.0.0.1: a live test pattern, or a file
+    (looped; with `audio`, its video and AAC audio played once)."""
 
     def __init__(
         self,
         *,
         file: str | Path | None = None,
+        audio: bool = False,
         path: str = "/stream",
         user: str | None = None,
         password: str | None = None,
@@ -66,7 +71,10 @@ class RtspServer:
         height: int = 240,
         ready_timeout: float = 15.0,
     ) -> None:
+        if audio and file is None:
+            raise ValueError("audio=True serves a file's sound: give file=")
         self.file = Path(file) if file is not None else None
+        self.audio = audio  # the file's AAC beside its video, played once (a camera with a microphone)
         self.path = path if path.startswith("/") else "/" + path
         self.user = user
         self.password = password
@@ -99,7 +107,7 @@ class RtspServer:
             raise RuntimeError("server already running")
         args = [SYSTEM_PYTHON, str(SERVER_SCRIPT), "--port", str(port), "--path", self.path]
         if self.file is not None:
-            args += ["--file", str(self.file)]
+            args += ["--file", str(self.file)] + (["--audio"] if self.audio else [])
         else:
             args += ["--pattern", "--fps", str(self.fps), "--width", str(self.width), "--height", str(self.height)]
         if self.user is not None:

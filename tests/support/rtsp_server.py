@@ -7,10 +7,12 @@ serves until SIGTERM/SIGINT.
     /usr/bin/python3 tests/support/rtsp_server.py --pattern --port 0 --path /stream
     /usr/bin/python3 tests/support/rtsp_server.py --file clip.mp4 --user u --password p
     /usr/bin/python3 tests/support/rtsp_server.py --pattern --tls-cert cert-and-key.pem   # rtsps://
+    /usr/bin/python3 tests/support/rtsp_server.py --file narrated.mp4 --audio   # video and AAC audio
 
 --file loops the clip by seeking back at its end, which restarts the RTP
 timestamps within the session (clients see time jump back). Clips much shorter
-than 2 s stop after the first pass.
+than 2 s stop after the first pass. --file --audio serves the file's AAC too and
+plays it once from the first client's PLAY (a camera with a microphone).
 """
 
 from __future__ import annotations
@@ -35,9 +37,13 @@ ENCODER = "x264enc tune=zerolatency speed-preset=ultrafast key-int-max={fps} bit
 def launch_line(args: argparse.Namespace) -> str:
     if args.file:
         # The file's own H.264 is re-packetised, not re-encoded.
+        video = "h264parse name=parse config-interval=-1 ! rtph264pay name=pay0 pt=96 config-interval=1"
+        if not args.audio:
+            return f'( filesrc location="{args.file}" ! qtdemux name=demux ! {video} )'
+        # And its AAC as it is (RFC 3640, mpeg4-generic); a queue per branch so neither stalls the demuxer.
         return (
-            f'( filesrc location="{args.file}" ! qtdemux name=demux ! h264parse name=parse config-interval=-1 '
-            "! rtph264pay name=pay0 pt=96 config-interval=1 )"
+            f'( filesrc location="{args.file}" ! qtdemux name=demux demux.video_0 ! queue ! {video} '
+            "demux.audio_0 ! queue ! aacparse ! rtpmp4gpay name=pay1 pt=97 )"
         )
     return (
         f"( videotestsrc is-live=true pattern={args.pattern_name} "
@@ -70,6 +76,7 @@ def main() -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--pattern", action="store_true", help="live videotestsrc")
     source.add_argument("--file", help="an .mp4 with H.264 video")
+    parser.add_argument("--audio", action="store_true", help="with --file: its AAC audio too, played once")
     parser.add_argument("--pattern-name", default="ball", help="videotestsrc pattern (ball moves every frame)")
     parser.add_argument("--width", type=int, default=320)
     parser.add_argument("--height", type=int, default=240)
@@ -82,6 +89,8 @@ def main() -> int:
     parser.add_argument("--digest", action="store_true", help="digest authentication instead of basic")
     parser.add_argument("--tls-cert", help="PEM file with certificate and key: serve RTSP over TLS (rtsps://)")
     args = parser.parse_args()
+    if args.audio and not args.file:
+        parser.error("--audio needs --file")
 
     Gst.init(None)
     server = GstRtspServer.RTSPServer()
@@ -91,7 +100,7 @@ def main() -> int:
     factory = GstRtspServer.RTSPMediaFactory()
     factory.set_launch(launch_line(args))
     factory.set_shared(True)  # one pipeline for all clients, like a camera
-    if args.file:
+    if args.file and not args.audio:
         factory.connect("media-configure", _loop_file)
 
     if args.user is not None or args.tls_cert:

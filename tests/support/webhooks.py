@@ -23,6 +23,7 @@ class Receiver:
         self.delay = delay
         self.port = 0
         self._runner: web.AppRunner | None = None
+        self._arrived = asyncio.Event()  # set on each accepted body
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -35,6 +36,7 @@ class Receiver:
         self.requests.append((request.match_info["name"], request.headers.get("Idempotency-Key", ""), status))
         if status == 200:
             self.got.setdefault(request.match_info["name"], []).append(body)
+            self._arrived.set()
         return web.json_response({"ok": status == 200}, status=status)
 
     async def start(self) -> Receiver:
@@ -51,6 +53,14 @@ class Receiver:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    async def wait_for(self, name: str, count: int, timeout: float) -> list[dict]:
+        """The bodies POSTed to /name once there are at least `count` of them; fails after `timeout` s."""
+        async with asyncio.timeout(timeout):
+            while len(self.got.get(name, [])) < count:
+                self._arrived.clear()
+                await self._arrived.wait()
+        return self.got[name]
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{name}"

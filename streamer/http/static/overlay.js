@@ -1,7 +1,12 @@
 // OBS Browser Source overlay: live captions of one stream over a transparent page.
 //
 // URL: /overlay/{stream}?size=42&font=Arial&position=bottom&color=ffffff&bg=000000&bgOpacity=0.5
-//                        &lines=2&fade=6&align=center
+//                        &lines=2&fade=6&align=center&show=speech
+// show: what to show of a stream with speech (its `speech` messages, opted in to over the WebSocket):
+//   speech  what is said (the scene captions are not shown)
+//   scene   the scene captions only (speech is not even asked for)
+//   both    what is said, and the scene caption on its own line below it
+//   default: the scene captions until the stream's first speech cue, then speech.
 // Every query value is checked against a strict pattern or range; anything else falls back to the
 // default. Values reach the page only through the CSSOM (style.setProperty) and text through
 // textContent, so a query string can neither inject markup nor add CSS declarations.
@@ -10,7 +15,7 @@
 (function () {
   const DEFAULTS = {
     size: 42, font: null, position: "bottom", color: "#ffffff", bg: "#000000",
-    bgOpacity: 0.5, lines: 2, fade: 8, align: "center",
+    bgOpacity: 0.5, lines: 2, fade: 8, align: "center", show: "auto",
   };
   const STREAM_ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
   const GENERIC_FONTS = new Set(["serif", "sans-serif", "monospace", "cursive", "fantasy", "system-ui"]);
@@ -22,6 +27,7 @@
   const box = document.getElementById("box");
   const captionEl = document.getElementById("caption");
   const previousEl = document.getElementById("previous");
+  const sceneEl = document.getElementById("scene");
 
   // -- settings ---------------------------------------------------------------
   function number(value, min, max, fallback, integer) {
@@ -80,6 +86,7 @@
       lines: number(get("lines"), 1, 10, DEFAULTS.lines, true),
       fade: number(get("fade"), 0, 3600, DEFAULTS.fade, false),  // 0: never fade
       align: pick("align", ["left", "center", "right"], DEFAULTS.align),
+      show: pick("show", ["speech", "scene", "both"], DEFAULTS.show),
     };
   }
 
@@ -109,11 +116,20 @@
     return;
   }
   body.dataset.stream = streamId;
+  body.dataset.show = settings.show;
+
+  // Which messages fill the caption lines: scene captions, or speech cues (then, with show=both, the
+  // scene caption has a line of its own below them).
+  let hasSpeech = false;  // this stream sent a speech cue since the page connected
+  function linesAreSpeech() {
+    return settings.show === "speech" || settings.show === "both" || (settings.show === "auto" && hasSpeech);
+  }
 
   // -- captions ---------------------------------------------------------------
   let current = null;     // newest caption text shown, null when nothing is shown
   let previous = [];      // older captions still on screen (oldest first), at most lines-1
-  let fadeTimer = null, clearTimer = null;
+  let scene = "";         // show=both: the scene caption under the speech lines
+  let fadeTimer = null, clearTimer = null, speechTimer = null;
 
   function render() {
     captionEl.textContent = current === null ? "" : current;
@@ -122,16 +138,23 @@
       d.textContent = t;
       return d;
     }));
-    const empty = current === null || (current === "" && previous.length === 0);
-    box.classList.toggle("empty", empty);
+    sceneEl.textContent = scene;
+    const noLines = current === null || (current === "" && previous.length === 0);
+    box.classList.toggle("empty", noLines && !scene);
+  }
+
+  function clearLines() {
+    current = null;
+    previous = [];
   }
 
   function clearCaptions() {
     clearTimeout(fadeTimer);
     clearTimeout(clearTimer);
-    fadeTimer = clearTimer = null;
-    current = null;
-    previous = [];
+    clearTimeout(speechTimer);
+    fadeTimer = clearTimer = speechTimer = null;
+    clearLines();
+    scene = "";
     box.classList.remove("faded");
     render();
   }
@@ -148,12 +171,14 @@
     }, settings.fade * 1000);
   }
 
-  function showCaption(text, emitTime, received) {
+  function stale(emitTime, received) {
     // History replayed on connect can be old: show it only while it is younger than `fade`.
-    if (settings.fade > 0 && received - helloAt < REPLAY_WINDOW && typeof emitTime === "number") {
-      const age = Date.now() / 1000 - emitTime;
-      if (age > settings.fade) return;
-    }
+    return settings.fade > 0 && received - helloAt < REPLAY_WINDOW && typeof emitTime === "number"
+      && Date.now() / 1000 - emitTime > settings.fade;
+  }
+
+  function showCaption(text, emitTime, received) {
+    if (stale(emitTime, received)) return;
     if (text !== current) {
       if (current) previous.push(current);
       previous = previous.slice(Math.max(0, previous.length - (settings.lines - 1)));
@@ -162,6 +187,28 @@
       render();
     }
     armFade();  // a repeat of the same text keeps it on screen
+  }
+
+  function showScene(text, emitTime, received) {
+    // show=both: the scene line under the speech lines; captions come every hop and keep the box up
+    if (stale(emitTime, received)) return;
+    scene = text;
+    render();
+    armFade();
+  }
+
+  function showSpeech(text) {
+    if (!hasSpeech) {
+      hasSpeech = true;
+      body.dataset.speech = "yes";
+      if (settings.show === "auto") clearLines();  // from now on the lines say what is said
+    }
+    showCaption(text, null, performance.now());
+    if (settings.show === "both" && settings.fade > 0) {
+      // the scene line keeps the box up: what was said goes `fade` seconds after the last cue
+      clearTimeout(speechTimer);
+      speechTimer = setTimeout(() => { clearLines(); render(); }, settings.fade * 1000);
+    }
   }
 
   // -- connection ---------------------------------------------------------------
@@ -173,6 +220,7 @@
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
     // all=1: repeats of an unchanged caption keep it from fading while the stream is live
     url.search = `?streams=${encodeURIComponent(streamId)}&all=1`;
+    if (settings.show !== "scene") url.search += "&types=speech";  // speech cues are opt-in
     const token = new URLSearchParams(location.search).get("token");  // OBS cannot set headers: viewer rights only
     if (token) url.search += `&token=${encodeURIComponent(token)}`;
     return url.toString();
@@ -206,11 +254,21 @@
       } else if (msg.type === "caption" && msg.stream_id === streamId && typeof msg.text === "string") {
         // The stream's stabilizer: a caption it holds back ("shown": false) leaves the shown one on screen,
         // and keeps it from fading, since the stream is live. No field (an older daemon): every caption shows.
-        if (msg.shown === false) {
+        if (settings.show === "both") {
+          if (msg.shown === false) {
+            if (scene) armFade();
+          } else {
+            showScene(msg.text, msg.emit_time, received);
+          }
+        } else if (linesAreSpeech()) {
+          // show=speech: the captions are not shown
+        } else if (msg.shown === false) {
           if (current !== null) armFade();
         } else {
           showCaption(msg.text, msg.emit_time, received);
         }
+      } else if (msg.type === "speech" && msg.stream_id === streamId && typeof msg.text === "string") {
+        if (settings.show !== "scene" && msg.text.trim()) showSpeech(msg.text);
       } else if (msg.type === "state" && msg.stream_id === streamId && typeof msg.state === "string") {
         body.dataset.streamState = msg.state.replace(/[^a-z_-]/gi, "").slice(0, 32);
         // A stopped stream sends nothing more: its last caption fades as usual; without fading, clear now.

@@ -34,9 +34,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="synthetic data: follow each clip with itself played backwards, captioned with the opposite event")
     tr.add_argument("--vision-lr-scale", type=float, default=1.0,
                     help="the vision tower's learning rate relative to --lr (fine-tuning: e.g. 0.3 keeps what it saw)")
+    tr.add_argument("--question-weights", type=_question_weights, default=None, metavar="KIND=W,...",
+                    help="--data live: how often each question kind is asked, relative (default: all 1; "
+                         "kinds: colour, shape, count, direction, yes, no)")
     tr.add_argument("--fixed-positions", action="store_true",
                     help="keep the ViT position embeddings frozen (a new model gets large random ones)")
     tr.set_defaults(run=run_train)
+
+
+def _question_weights(text: str) -> tuple[tuple[str, float], ...]:
+    from streamer.training.world import QUESTION_KINDS
+
+    weights = []
+    for part in text.split(","):
+        kind, _, value = part.partition("=")
+        kind = kind.strip()
+        if kind not in QUESTION_KINDS:
+            raise argparse.ArgumentTypeError(f"unknown question kind {kind!r}; kinds: {', '.join(QUESTION_KINDS)}")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: a weight is a number (KIND=W)") from None
+        if not weight >= 0 or weight > 1000:
+            raise argparse.ArgumentTypeError(f"{part!r}: a weight is 0-1000")
+        weights.append((kind, weight))
+    return tuple(weights)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -49,6 +71,7 @@ def run_train(args: argparse.Namespace) -> int:
         warmup=args.warmup, seed=args.seed, device=args.device, save_every=args.save_every, resume=args.resume,
         threads=args.threads, log_every=args.log_every, world=args.world, reversed_twins=args.reversed_twins,
         fixed_positions=args.fixed_positions, vision_lr_scale=args.vision_lr_scale,
+        **({"question_weights": args.question_weights} if args.question_weights else {}),
     )
     out = train(config)
     print(f"model saved to {out}; use it with: streamer caption VIDEO --model {out}")

@@ -67,6 +67,8 @@ class TrainConfig:
     reversed_twins: bool = False  # synthetic data: each clip is followed by itself backwards, opposite event
     fixed_positions: bool = False  # ViT position embeddings frozen (model="new": set to random unit vectors x 8)
     vision_lr_scale: float = 1.0  # the vision tower's learning rate, relative to `lr` (fine-tuning: below 1)
+    # data="live": how often each question kind is asked, relative (kinds not named: 1; the bundled model: all 1)
+    question_weights: tuple[tuple[str, float], ...] = ()
 
 
 Example = tuple[list[np.ndarray], str]  # frames, caption
@@ -195,15 +197,16 @@ def live_windows(seed: int, frames: int = 6, short_side: int = 64, window: float
 # What the bundled model trains on (`--data live`), per example:
 LIVE_SHARE = 0.45  # a live-like window (else a clean clip of the world, as `streamer eval` draws them)
 QUESTION_SHARE = 0.5  # a question about the window (else its caption); its text is caption + "so" + answer
-# The kinds learned last get asked more: a shape answer must be copied from the caption, and yes/no must
-# compare two words of the question with the caption's (colour and shape), which took the longest.
-QUESTION_WEIGHTS = {"shape": 1.5, "yes": 2.0, "no": 2.0}
 
 
-def live_world_examples(seed: int, frames: int = 6, size: int = 64, short_side: int = 64):
+def live_world_examples(seed: int, frames: int = 6, size: int = 64, short_side: int = 64,
+                        question_weights: dict[str, float] | None = None):
     """Captions and questions on live-like windows and clean world clips, each
     followed by its reversed twin (frames backwards, the opposite event), so
-    that the direction stays learned from frame order."""
+    that the direction stays learned from frame order. `question_weights`: how
+    often each question kind is asked (TrainConfig.question_weights): the kinds
+    learned last get asked more (a shape answer is copied from the caption;
+    yes/no compares two words of the question with the caption's)."""
     from streamer.training.world import WindowTruth, clip, labelled_questions, random_scene, reasoned_answer
 
     rng = np.random.default_rng(seed)
@@ -220,7 +223,7 @@ def live_world_examples(seed: int, frames: int = 6, size: int = 64, short_side: 
         for imgs, t in ((frames_, truth), (frames_[::-1], truth.reversed())):
             if rng.random() < QUESTION_SHARE:
                 questions = labelled_questions(t, rng)
-                weights = np.array([QUESTION_WEIGHTS.get(kind, 1.0) for kind, _, _ in questions])
+                weights = np.array([(question_weights or {}).get(kind, 1.0) for kind, _, _ in questions])
                 _, question, answer = questions[int(rng.choice(len(questions), p=weights / weights.sum()))]
                 yield imgs, reasoned_answer(t.caption, answer), question
             else:
@@ -384,7 +387,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
             config.seed + start_step, frames=frames, size=size, world=config.world, reversed_twins=config.reversed_twins
         )
     elif config.data == "live":
-        examples = live_world_examples(config.seed + start_step, frames=frames, size=size, short_side=spec.short_side or size)
+        examples = live_world_examples(config.seed + start_step, frames=frames, size=size, short_side=spec.short_side or size,
+                                       question_weights=dict(config.question_weights))
     else:
         examples = manifest_examples(config.data, frames, spec.short_side, config.seed + start_step)
 

@@ -373,7 +373,7 @@ def reasoned_answer(caption: str, answer: str) -> str:
 
 def labelled_questions(truth: WindowTruth | Scene, rng: np.random.Generator | None = None) -> list[tuple[str, str, str]]:
     """(kind, question, answer) for one window, one of each kind in QUESTION_KINDS:
-    colour, shape (singular or plural, as the caption says it), count ("one", "two", "none"), direction (left/right/up/down, or
+    colour, shape, count ("one", "two", "none"), direction (left/right/up/down, or
     "still" for objects that do not move) and "is there a <colour> <shape> ?" once
     with the answer yes and once with no (a wrong colour, shape or both)."""
     if isinstance(truth, Scene):
@@ -385,8 +385,7 @@ def labelled_questions(truth: WindowTruth | Scene, rng: np.random.Generator | No
     direction = truth.event if truth.event in MOTIONS else STILL
     out = [
         ("colour", pick(_ASK["colour"]), NONE if empty else truth.colour),
-        # the shape as the caption names it ("circles" for two): the answer is read from the caption
-        ("shape", pick(_ASK["shape"]), NONE if empty else truth.shape if truth.count == 1 else _PLURAL[truth.shape]),
+        ("shape", pick(_ASK["shape"]), NONE if empty else truth.shape),
         ("count", pick(_ASK["count"]), NONE if empty else ("one" if truth.count == 1 else "two")),
         ("direction", pick(_ASK["direction"]), NONE if empty else direction),
     ]

@@ -14,15 +14,18 @@ from tests.support.media import moving_square, write_video
 from tests.support.models import save_git_checkpoint, tiny_config
 
 
+_STREAMER_LOGGER = logging.getLogger("streamer")
+_PRISTINE_LOGGER = (list(_STREAMER_LOGGER.handlers), _STREAMER_LOGGER.level, _STREAMER_LOGGER.propagate)
+
+
 @pytest.fixture(autouse=True)
 def _streamer_logger_as_found():
-    """A test that runs the CLI in this process (`streamer.cli.main`) gets its `setup_logging`: a handler on
-    that test's captured stderr, level WARNING and no propagation. Put the logger back afterwards, so that
-    later tests' `caplog` sees streamer's records and nothing writes to a closed stream."""
-    logger = logging.getLogger("streamer")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
+    """A test or fixture that runs the CLI in this process (`streamer.cli.main`, also from module fixtures)
+    gets its `setup_logging`: a handler on the captured stderr of that moment, level WARNING and no
+    propagation. Put the logger back as it was before any test ran, after every test, so that later tests'
+    `caplog` sees streamer's records and nothing writes to a closed stream."""
     yield
-    logger.handlers[:], logger.level, logger.propagate = saved
+    _STREAMER_LOGGER.handlers[:], _STREAMER_LOGGER.level, _STREAMER_LOGGER.propagate = _PRISTINE_LOGGER
 
 
 @pytest.fixture(scope="session")

@@ -266,14 +266,18 @@ async def test_three_replicas_one_owner_failover_on_kill_and_pause(tiny_model, c
             termed_at = time.time()
             third.proc.send_signal(signal.SIGTERM)
             assert third.proc.wait(30) == 0
+            exited_at = time.time()  # drained (its last captions out), then its leases released
 
             async def resumed_publishing():
                 return [m for _, r, m in await bus_entries(raw) if r == paused.name and m["type"] == "caption"
                         and m["emit_time"] > termed_at]
 
-            handed = (await until(resumed_publishing, 20, "the handover after SIGTERM"))[0]["emit_time"] - termed_at
-            print(f"handover after SIGTERM: first caption of the next owner {handed:.2f} s after the signal")
-            assert handed < TTL + WINDOW, handed
+            first = (await until(resumed_publishing, 20, "the handover after SIGTERM"))[0]["emit_time"]
+            print(f"handover after SIGTERM: first caption of the next owner {first - termed_at:.2f} s after the "
+                  f"signal; the old one drained and exited in {exited_at - termed_at:.2f} s")
+            # Released, not expired: within a window of the old owner's exit (its leases go before it exits;
+            # an expiry would come up to TTL after its last renewal). Draining takes what the load makes it.
+            assert first - exited_at < WINDOW + 1.0, (first - termed_at, exited_at - termed_at)
             assert "streams handed over" in third.said()
             entries = await bus_entries(raw)
             assert runs([r for _, r, _ in entries]) == [owner.name, paused.name, third.name, paused.name]

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Set up streamer in ./.venv. `--test` also installs what the test suite needs
-# (Debian packages for the real RTSP server and browser, test-only wheels).
+# (Debian packages for the real RTSP server and browser, test-only wheels);
+# `--demo` the voice of the narrated demo (espeak-ng, sox), when apt-get is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
+pkgs=""
+[ "$want_test" = 1 ] && pkgs=$(grep -v '^\s*#' deploy/apt-packages.txt | xargs)
+[ "${1:-}" = "--demo" ] && pkgs="espeak-ng sox"
 
-if [ "$want_test" = 1 ] && command -v apt-get >/dev/null; then
-  pkgs=$(grep -v '^\s*#' deploy/apt-packages.txt | xargs)
+if [ -n "$pkgs" ] && command -v apt-get >/dev/null; then
   if ! dpkg -s $pkgs >/dev/null 2>&1; then
     sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
     echo "== apt: installing $pkgs"

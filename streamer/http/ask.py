@@ -2,8 +2,8 @@
 
   POST   /streams/{id}/ask                   {"question", "max_new_tokens"?, "at"?}  (viewer of the stream)
   GET    /streams/{id}/watches               the stream's watches                 (viewer of the stream)
-  POST   /streams/{id}/watches               {"question", "every", "on", "hold", "id"?}  (admin)
-  DELETE /streams/{id}/watches/{watch_id}                                          (admin)
+  POST   /streams/{id}/watches               {"question", "every", "on", "hold", "id"?}  (operator)
+  DELETE /streams/{id}/watches/{watch_id}                                          (operator)
 
 An answer is about the stream's newest captioned window, or the window of its history (the
 stream's `history`, 30 s by default) that holds media time `at`. Errors, as JSON: 400 bad

@@ -8,12 +8,33 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["Progress", "cosine_schedule", "optimizer_step", "save_checkpoint", "save_training_state"]
+__all__ = ["Progress", "RunConfig", "cosine_schedule", "optimizer_step", "save_checkpoint", "save_training_state"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What every training run is told: where it writes, what it starts from, the optimizer's schedule,
+    checkpoints and logging. The caption (train.py) and speech (speech.py) trainers add their data."""
+
+    out: str
+    model: str = "new"  # "new": a fresh small model; else a checkpoint to continue from
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 200
+    weight_decay: float = 0.01
+    seed: int = 0
+    device: str = "auto"
+    save_every: int = 500
+    resume: bool = False  # continue from the newest checkpoint in `out`
+    log_every: int = 50
+    threads: int | None = None  # torch CPU threads (1 avoids oversubscription on a busy machine)
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, steps: int) -> torch.optim.lr_scheduler.LambdaLR:

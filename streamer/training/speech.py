@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from streamer.errors import StreamerError
-from streamer.training.loop import Progress, cosine_schedule, optimizer_step, save_checkpoint, save_training_state
+from streamer.training.loop import Progress, RunConfig, cosine_schedule, optimizer_step, save_checkpoint, save_training_state
 
 __all__ = [
     "HELD_OUT_VARIANTS",
@@ -426,20 +426,11 @@ def evaluate_non_speech(model, processor, count: int, seed: int = 0) -> float:
 # ---- training -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class SpeechTrainConfig:
-    out: str
-    model: str = "new"  # "new" or a Whisper checkpoint directory to continue from
+class SpeechTrainConfig(RunConfig):
+    """A speech run (`streamer train --task speech`): RunConfig's fields ("model": "new" or a Whisper
+    checkpoint directory), then its data."""
+
     steps: int = 5000
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup: int = 200
-    weight_decay: float = 0.01
-    seed: int = 0
-    device: str = "auto"
-    save_every: int = 500
-    resume: bool = False
-    log_every: int = 50
-    threads: int | None = None
     train_utterances: int = 12_000  # clean clips synthesised once (cached in OUT/data); noise is new every draw
     eval_utterances: int = 96  # per held-out set at each checkpoint (the final check uses 4x as many)
     data_dir: str | None = None  # where the synthesised clips are cached (default OUT/data)

@@ -37,7 +37,7 @@ import torch
 from streamer.engine.loader import load_model, resolve_device
 from streamer.engine.preprocess import PreprocessSpec, preprocess_frames
 from streamer.errors import StreamerError
-from streamer.training.loop import Progress, cosine_schedule, optimizer_step, save_checkpoint, save_training_state
+from streamer.training.loop import Progress, RunConfig, cosine_schedule, optimizer_step, save_checkpoint, save_training_state
 
 __all__ = ["TrainConfig", "manifest_examples", "synthetic_examples", "train"]
 
@@ -45,21 +45,10 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    out: str
-    model: str = "new"  # "new": a fresh small GIT with the world vocabulary; else a GIT checkpoint
+class TrainConfig(RunConfig):
+    """A caption run (`streamer train`): RunConfig's fields, then its data and model options."""
+
     data: str = "synthetic"  # "synthetic" (clean world clips), "live" (live-like windows + questions) or a manifest .jsonl
-    steps: int = 3000
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup: int = 200
-    weight_decay: float = 0.01
-    seed: int = 0
-    device: str = "auto"
-    save_every: int = 500
-    resume: bool = False
-    log_every: int = 50
-    threads: int | None = None  # torch CPU threads (1 avoids oversubscription on a busy machine)
     image_size: int = 64  # model="new" only: input resolution and ViT patch size
     patch_size: int = 16
     # How the bundled model learned left from right (streamer/models/world-git/README.md):

@@ -4,7 +4,9 @@ real daemon, real WebSocket clients, a real webhook receiver and, with a bus, a 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import aiohttp
 import pytest
@@ -108,6 +110,22 @@ async def test_a_webhook_gets_the_types_it_names_matched_on_their_text(tiny_mode
                 plain_before = len(receiver.got.get("plain", []))
                 await receiver.wait_for("speech", 1, timeout=10)
                 await receiver.wait_for("plain", plain_before + 1, timeout=20)  # a caption after the events
+                # What the sinks count is in /metrics (per sink, never its URL); a sink that fails on a
+                # message counts it there too (fault injected into the chapters sink).
+                chapters = next(s for s in d.daemon.sinks if s.consumer_name == "chapters")
+                chapters._on_message = lambda message: 1 / 0
+                d.daemon.hub.publish_caption(caption(99))
+                deadline = time.monotonic() + 10
+                while True:  # the sink handles it on its own task: read /metrics until it says so
+                    async with http.get(f"{d.http}/metrics") as resp:
+                        text = await resp.text()
+                    if 'streamer_sink_errors_total{sink="chapters#1"} 1.0' in text:
+                        break
+                    assert time.monotonic() < deadline, [ln for ln in text.splitlines() if "sink_errors" in ln]
+                    await asyncio.sleep(0.05)
+                assert 'streamer_webhook_delivered_total{sink="webhook#1"} 1.0' in text  # the one cue
+                assert 'streamer_sink_errors_total{sink="webhook#1"} 0.0' in text
+                assert receiver.url("speech") not in text
         speech = receiver.got["speech"]
         assert [h["type"] for h in speech] == ["speech"] and speech[0]["text"] == CUE.text  # "nothing" did not match
         assert all(h["type"] == "caption" for h in receiver.got["plain"])  # no types: captions only, as before

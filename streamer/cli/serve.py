@@ -292,6 +292,8 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
         sinks = with_chapters(outputs_from_config(dict(config.sinks)), chapters)
         for sink in sinks:
             await sink.start(daemon.hub, daemon.supervisor.spawn)
+        daemon.sinks = sinks  # what /metrics reports on (and tests inspect)
+        metrics.watch_sinks(lambda: sinks)
         try:  # before the streams: a watch follows its stream from the first window
             attach_watches(daemon, config.watch_limits, config.watches)
         except ValueError as exc:  # a [[watches]] question the model cannot read

@@ -141,6 +141,11 @@ class DaemonMetrics:
         """Export engine and source statistics, read at scrape time."""
         self.registry.register(_StatsCollector(engine_stats, source_stats))
 
+    def watch_sinks(self, sinks: Callable[[], list[Any]]) -> None:
+        """Export what the sinks (subtitle files, webhooks, chapters) count, read at scrape time: a
+        message a sink failed on is logged there and counted here, never only in a log."""
+        self.registry.register(_SinkCollector(sinks))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -201,3 +206,35 @@ class _StatsCollector(Collector):
             for stream_id, s in sorted(sources.items()):
                 family.add_metric([stream_id], getattr(s, attr))
             yield family
+
+
+class _SinkCollector(Collector):
+    """Per sink, labelled `kind#n` (n: its place among sinks of that kind; never a URL: it may hold a secret)."""
+
+    def __init__(self, sinks: Callable[[], list[Any]]) -> None:
+        self._sinks = sinks
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        errors = CounterMetricFamily("streamer_sink_errors", "Hub messages a sink failed to handle (each logged)",
+                                     labels=["sink"])
+        webhook = {key: CounterMetricFamily(f"streamer_webhook_{key}", help_, labels=["sink"]) for key, help_ in (
+            ("delivered", "Messages a webhook endpoint accepted (2xx)"),
+            ("failed", "Webhook deliveries given up (retries spent, or a 4xx/3xx answer)"),
+            ("dropped", "Webhook messages dropped: oldest from a full queue, or left at close"),
+            ("retried", "Webhook delivery attempts after the first"),
+        )}
+        seen: dict[str, int] = {}
+        for sink in self._sinks():
+            kind = getattr(sink, "consumer_name", type(sink).__name__)
+            seen[kind] = seen.get(kind, 0) + 1
+            label = f"{kind}#{seen[kind]}"
+            errors.add_metric([label], getattr(sink, "errors", 0))
+            if kind == "webhook":
+                stats = sink.stats()
+                for key, family in webhook.items():
+                    family.add_metric([label], stats[key])
+        yield errors
+        yield from webhook.values()

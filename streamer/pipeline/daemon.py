@@ -140,6 +140,7 @@ class Daemon:
         self.ready = False
         self.draining = False
         self.readiness_checks: list[Callable[[], str | None]] = []  # more reasons not to be ready (the bus)
+        self.sinks: list[Any] = []  # the hub's consumers serve() started (subtitle files, webhooks, chapters)
         self._lock = asyncio.Lock()  # add/remove are check-then-act
         # Speech (streams with speech on): one worker thread, its model loaded with the first such stream.
         self.speech = SpeechService(self.config.speech, publish=self.hub.publish_event, metrics=self.metrics,

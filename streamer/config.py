@@ -51,6 +51,7 @@ __all__ = [
     "WatchConfig",
     "WatchRequest",
     "MAX_QUESTION_CHARS",
+    "MAX_QA_MODELS",
     "parse_duration",
     "validate",
     "describe_error",
@@ -115,6 +116,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
+_ModelId = Annotated[StrictStr, Field(min_length=1, max_length=512)]  # a hub id, HF cache entry or local directory
+MAX_QA_MODELS = 4  # [model] qa_models: each is one more model in memory
+
+
+def _distinct(value: list[str]) -> list[str]:
+    if len(set(value)) != len(value):
+        raise ValueError("names a model twice")
+    return value
+
+
 class StreamConfig(_Strict):
     """What a user says about one stream ([[streams]], --stream, POST /streams, WHIP query)."""
 
@@ -137,6 +148,9 @@ class StreamConfig(_Strict):
     stabilize_margin: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)] | None = None
     # How far back questions can look (`at`): the last windows' image-token caches kept per stream.
     history: _duration(0, 600) = 30.0
+    # Which model answers questions about this stream (asks, watches): one the operator configured ([model]
+    # qa_model, qa_models or id); none: [model] qa_model, else the caption model. Never a path loaded on demand.
+    qa_model: _ModelId | None = None
     # Speech in the caption track (speech/): transcribing a microphone has privacy and legal weight and
     # costs CPU, so it is off unless the operator turns it on; "only": speech cues, no visual captions.
     speech: Literal["off", "on", "only"] = "off"
@@ -174,7 +188,32 @@ class ModelSection(_Strict):
     kv_cache_bytes: Annotated[StrictInt, Field(ge=0, le=1 << 40)] = 1 << 30
     # the ONNX backends take an exported directory as `id`, or export the model once (streamer export)
     backend: Literal["torch", "onnxruntime", "openvino"] = "torch"
+    # Questions: `qa_model` answers them (a VQA checkpoint such as microsoft/git-base-vqav2) instead of the
+    # caption model; `qa_models`: more that streams may pick with their own `qa_model`. Each is loaded once,
+    # as `id` is (same device, dtype, backend), with its own feature and image-token caches.
+    qa_model: _ModelId | None = None
+    qa_models: Annotated[list[_ModelId], Field(max_length=MAX_QA_MODELS), AfterValidator(_distinct)] = []
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _few_qa_models(self) -> ModelSection:
+        if len(self.answer_models()) > MAX_QA_MODELS:
+            raise ValueError(f"qa_model and qa_models name {len(self.answer_models())} models besides the caption "
+                             f"model; at most {MAX_QA_MODELS} (each is one more model in memory)")
+        return self
+
+    def engine_options(self) -> dict[str, Any]:
+        """What `EngineConfig` takes (the caption model's); a QA model's differs only in `model`."""
+        return self.model_dump(exclude={"qa_model", "qa_models"})
+
+    def answer_models(self) -> list[str]:
+        """The QA models to load, the default first: each distinct id once, none that is the caption model."""
+        return [m for m in dict.fromkeys([*([self.qa_model] if self.qa_model else []), *self.qa_models])
+                if m != self.model]
+
+    def askable_models(self) -> set[str]:
+        """What a stream's `qa_model` may name: the QA models, and the caption model when `id` names it."""
+        return set(self.answer_models()) | ({self.model} if self.model else set())
 
 
 class SpeechSection(_Strict):

@@ -23,8 +23,8 @@ from streamer.pipeline.scheduler import SchedulerConfig
 from streamer.publish.chapters import Chapterer, similarity
 from streamer.security.auth import TokenEntry
 from streamer.types import Caption
-from tests.support.daemon import read_messages, running_daemon, trusting_policy
-from tests.support.scenes import SceneClip, demo_clip, names_colour_and_shape
+from tests.support.daemon import add_to_cluster, read_messages, running_daemon, trusting_policy
+from tests.support.scenes import SceneClip, bundled_captions, demo_clip, names_colour_and_shape
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -41,13 +41,7 @@ def scenes(tmp_path_factory) -> SceneClip:
 @pytest.fixture(scope="module")
 def captions(scenes) -> list[Caption]:
     """The bundled model's captions of every window (3 s windows every second)."""
-    from streamer.engine import Engine, EngineConfig
-    from streamer.pipeline.offline import CaptionJob, caption_file
-    from streamer.pipeline.sampler import SamplerConfig
-
-    engine = Engine.load(EngineConfig(model=str(BUNDLED_MODEL), threads=1, max_new_tokens=20))
-    job = CaptionJob(str(scenes.path), SamplerConfig(window=WINDOW, frames=engine.num_frames, hop=HOP))
-    return list(caption_file(engine, job))
+    return bundled_captions(scenes.path, WINDOW, HOP)
 
 
 def assert_scene_chapters(chapters: list[dict], clip: SceneClip) -> None:
@@ -116,14 +110,17 @@ def test_a_flicker_inside_a_scene_does_not_cut_a_chapter_but_a_lasting_change_do
               for k, (_, start, end) in enumerate(scenes.scenes)}
     for i in sorted(i for window in inside.values() for i in window):
         assert len(run(with_foreign({i}))) <= len(chapters), f"one odd window ({i}) cut a chapter"
-    third = inside[2]  # the third scene (12-18 s), which the model names in all its windows
-    assert len(third) >= 3
-    for i in third:  # one odd window anywhere in it: the same chapters, within a hop
+    # a scene the model names right in all its windows (which one depends on the model: the bundled
+    # model's slow scenes sometimes say "still" once, and that window next to an odd one is a change)
+    k = next(k for k, window in inside.items()
+             if len(window) >= 3 and all(captions[i].text == scenes.scenes[k][0] for i in window))
+    for i in inside[k]:  # one odd window anywhere in it: the same chapters, within a hop
         assert_scene_chapters(run(with_foreign({i})), scenes)
     # the whole scene saying something else is a lasting change: its chapter is titled by it
-    lasting = run(with_foreign(set(third)))
-    assert len(lasting) == len(chapters) and lasting[2]["title"] == foreign
-    assert abs(lasting[2]["start"] - 12.0) <= HOP and abs(lasting[2]["end"] - 18.0) <= HOP
+    lasting = run(with_foreign(set(inside[k])))
+    _, start, end = scenes.scenes[k]
+    assert len(lasting) == len(chapters) and lasting[k]["title"] == foreign
+    assert abs(lasting[k]["start"] - start) <= HOP and abs(lasting[k]["end"] - end) <= HOP
 
 
 def test_the_rule_starts_afresh_when_a_stream_starts_over_and_keeps_counting():
@@ -211,14 +208,7 @@ async def test_a_replica_that_does_not_own_the_stream_serves_its_owners_chapters
     bus = BusConfig(url=redis_server.url, key_prefix="chapters:", reconnect_max=0.5, lease_ttl=2.0)
     async with running_daemon(BUNDLED_MODEL, bus=bus, max_new_tokens=20) as a, \
             running_daemon(BUNDLED_MODEL, bus=bus, max_new_tokens=20) as b, aiohttp.ClientSession() as http:
-        body = {"id": "cam", "url": str(scenes.path), "window": WINDOW, "hop": HOP, "loop": True}
-        async with http.post(f"{a.http}/streams", json=body) as resp:
-            assert resp.status == 201, await resp.text()
-        deadline = time.monotonic() + 30
-        while not any("cam" in r.daemon.streams for r in (a, b)):
-            assert time.monotonic() < deadline, "no replica took the stream"
-            await asyncio.sleep(0.1)
-        owner, other = (a, b) if "cam" in a.daemon.streams else (b, a)
+        owner, other = await add_to_cluster(http, a, b, id="cam", url=str(scenes.path), window=WINDOW, hop=HOP, loop=True)
 
         async def listing(replica) -> list[dict]:
             async with http.get(f"{replica.http}/streams/cam/chapters") as resp:

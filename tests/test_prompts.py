@@ -13,16 +13,15 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from streamer.defaults import BUNDLED_MODEL
 from streamer.engine import Engine, EngineConfig
 from streamer.engine.cache import ImageKVCache
-from streamer.engine.preprocess import preprocess_frames
 from streamer.pipeline.history import OutOfHistory, WindowHistory
 from streamer.pipeline.scheduler import BatchPlanner, EngineFailed, Request, Scheduler, SchedulerBusy, SchedulerConfig
 from streamer.types import Caption, Frame, Window
 from tests.support.media import moving_square
+from tests.support.models import greedy_reference as reference
 
 QUESTIONS = ["what is it?", "is there a red circle moving to the left of the picture?", "how many", "colour"]
 
@@ -33,22 +32,6 @@ def window_of(images, stream="s", index=0, t0=0.0) -> Window:
 
 def squares(count: int, size: int = 32, seed: int = 0) -> list[Window]:
     return [window_of(moving_square(6, size, size, seed=seed + i), stream=f"w{i}") for i in range(count)]
-
-
-def reference(engine: Engine, window: Window, prompt: str | None, max_new_tokens: int) -> tuple[str, float]:
-    """transformers' greedy generate after [CLS] + prompt: (text after the prompt, mean log-prob)."""
-    frames = engine._fit(window.frames)
-    pixels = preprocess_frames([f.image for f in frames], engine.spec, engine.device, engine.dtype)
-    pixels = pixels.view(1, engine.num_frames, *pixels.shape[1:])
-    prefix = [engine.tokenizer.cls_token_id]
-    if prompt is not None:
-        prefix += engine.tokenizer(prompt, add_special_tokens=False).input_ids
-    out = engine.model.generate(pixel_values=pixels, input_ids=torch.tensor([prefix]), max_new_tokens=max_new_tokens,
-                                do_sample=False, output_scores=True, return_dict_in_generate=True)
-    new = out.sequences[0, len(prefix) :]
-    logps = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, new)]
-    text = " ".join(engine.tokenizer.decode(new, skip_special_tokens=True).split())
-    return text, float(np.mean(logps))
 
 
 def count_calls(monkeypatch, runner, *names: str) -> dict[str, int]:

@@ -245,6 +245,26 @@ def test_questions_have_the_window_s_answers_and_yes_no_is_balanced():
     assert questions_for(random_scene(np.random.default_rng(1)))[0][1] in COLOURS  # a scene works too
 
 
+def test_the_bundled_model_s_answer_text_checks_a_yes_no_question_word_by_word():
+    """What the model learns to say after a question (train.live_world_examples): caption, "so", the
+    answer; a yes/no question checks its colour and its shape against the caption before the "so", and
+    the engine reads the answer after it (engine/prompts.split_answer)."""
+    from streamer.engine.prompts import split_answer
+    from streamer.training.world import ANSWER_MARKER, reasoned_answer, same_answer
+
+    two_red = "two small red squares move up"
+    text = reasoned_answer(two_red, "no", "is there a red circle ?")
+    assert text == f"{two_red} red yes circle no so no"
+    assert split_answer(text, ANSWER_MARKER) == (f"{two_red} red yes circle no", "no")
+    assert reasoned_answer(two_red, "yes", "is there a red square ?").endswith("up red yes square yes so yes")
+    assert reasoned_answer("nothing", "no", "is there a blue triangle ?") == "nothing blue no triangle no so no"
+    # a shape is answered with the caption's own word; singular and plural name the same shape
+    assert reasoned_answer(two_red, "square", "what shape are they ?") == f"{two_red} so squares"
+    assert reasoned_answer("a big red circle moves up", "red", "what colour is it ?") == "a big red circle moves up so red"
+    assert same_answer("squares", "square") and same_answer("square", "squares") and not same_answer("circle", "square")
+    assert not same_answer("yes", "no")
+
+
 def test_live_examples_go_through_h264_and_the_daemons_resize():
     from streamer.training.train import live_world_examples, random_look, render_live
     from streamer.training.world import random_live_scene
@@ -262,29 +282,43 @@ def test_live_examples_go_through_h264_and_the_daemons_resize():
     examples = list(itertools.islice(live_world_examples(seed=8), 200))
     shapes = {ex[0][0].shape for ex in examples}
     assert all(min(s[:2]) == 64 for s in shapes) and len(shapes) > 1  # short side 64, several aspect ratios
-    questions = [ex for ex in examples if len(ex) == 3]
+    questions = [ex for ex in examples if len(ex) == 4]
     assert 60 < len(questions) < 140  # about half: captions and questions trained together
     from streamer.engine.prompts import split_answer
     from streamer.training.world import ANSWER_MARKER
 
-    for _, text, question in questions:  # the model says what it sees, then the answer after "so"
+    for _, text, question, answer_words in questions:  # the model says what it sees, then the answer after "so"
         caption, answer = split_answer(text, ANSWER_MARKER)
         assert caption and answer and ANSWER_MARKER not in caption.split() and len(answer.split()) == 1, text
+        assert answer_words == (6 if question.startswith("is there") else 2), text  # [checks], "so", the answer
     assert any(ex[1].endswith(" still") for ex in examples)  # still scenes, and objects standing after they appear
 
 
-def test_only_the_answer_counts_in_the_loss():
-    from streamer.engine.fresh import word_tokenizer
-    from streamer.training.train import _text_batch
+def test_only_the_answer_counts_in_the_loss_and_it_can_weigh_more():
+    from streamer.engine.fresh import new_git_model, word_tokenizer
+    from streamer.training.train import _text_batch, weighted_text_loss
 
     tok = word_tokenizer(world_vocabulary())
     frames = [np.zeros((64, 64, 3), np.uint8)] * 6
-    enc, labels = _text_batch(tok, [(frames, "red", "what colour is it ?"), (frames, "a big red circle is still")],
-                              torch.device("cpu"))
+    batch = [(frames, "a big red circle is still so red", "what colour is it ?", 2), (frames, "a big red circle is still")]
+    enc, labels, weights = _text_batch(tok, batch, torch.device("cpu"))
     words = tok.convert_ids_to_tokens(enc.input_ids[0].tolist())
-    assert words[:8] == ["[CLS]", "what", "colour", "is", "it", "?", "red", "[SEP]"]
-    assert labels[0].tolist()[:6] == [-100] * 6 and labels[0, 6] == tok.convert_tokens_to_ids("red")
+    assert words[:15] == ["[CLS]", "what", "colour", "is", "it", "?", "a", "big", "red", "circle", "is", "still", "so",
+                          "red", "[SEP]"]
+    assert labels[0].tolist()[:6] == [-100] * 6 and labels[0, 13] == tok.convert_tokens_to_ids("red")
     assert (labels[1, : enc.attention_mask[1].sum()] == enc.input_ids[1, : enc.attention_mask[1].sum()]).all()
+    assert weights is None  # weight 1: the model's own loss
+    _, _, weights = _text_batch(tok, batch, torch.device("cpu"), answer_weight=5.0)
+    assert weights[0].tolist()[:15] == [1.0] * 12 + [5.0, 5.0, 1.0] and (weights[1] == 1).all()  # "so red" weigh 5
+    # the weighted loss is GIT's own loss when every weight is 1, and follows the weights otherwise
+    model, _ = new_git_model(tok, seed=0, text_layers=1, image_size=64, patch_size=16)
+    pixels = torch.rand(2, 6, 3, 64, 64)
+    out = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, pixel_values=pixels, labels=labels)
+    assert torch.allclose(weighted_text_loss(out.logits, labels, torch.ones(labels.shape)), out.loss, atol=1e-5)
+    only_answer = torch.zeros(labels.shape)
+    only_answer[0, 13] = 1.0  # the answer token "red" alone
+    logp = torch.log_softmax(out.logits[0, -labels.shape[1] + 12], -1)[labels[0, 13]]
+    assert torch.allclose(weighted_text_loss(out.logits, labels, only_answer), -logp, atol=1e-5)
 
 
 def test_widening_the_vocabulary_keeps_what_known_words_learned():

@@ -27,6 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cap.add_argument("--summary", action="store_true", help="one caption for the whole video (with --question: one answer)")
     cap.add_argument("--question", default=None,
                      help='ask this about each window instead of captioning it: {"type": "answer", ...} JSON Lines')
+    cap.add_argument("--qa-model", default=None,
+                     help="with --question: the model that answers (e.g. a VQA checkpoint such as microsoft/git-base-vqav2; "
+                     "hub id, HF cache entry or local directory), loaded as --model would be (default: --model)")
     cap.add_argument("--format", default=None, choices=["vtt", "srt", "jsonl", "text"], help="default vtt (jsonl with --speech)")
     cap.add_argument("--speech", action="store_true",
                      help='also transcribe the audio: {"type": "speech", ...} JSON Lines beside the captions, which are kept')
@@ -45,6 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_caption(args: argparse.Namespace) -> int:
     from streamer.engine import Engine, EngineConfig
+    from streamer.errors import ModelLoadError
     from streamer.media.decode import open_input
     from streamer.ops.progress import Progress
     from streamer.pipeline.offline import CaptionJob, caption_file
@@ -59,11 +63,20 @@ def run_caption(args: argparse.Namespace) -> int:
         from streamer.errors import StreamerError
 
         raise StreamerError("--question writes JSON Lines (one answer per window): use --format jsonl (or leave it out)")
+    if args.qa_model is not None and args.question is None:
+        from streamer.errors import StreamerError
+
+        raise StreamerError("--qa-model answers --question: give a --question (or leave --qa-model out)")
     speech = _speech_cues(args, fmt) if args.speech else []
-    engine = Engine.load(
-        EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
-                     threads=args.threads, backend=args.backend)
-    )
+    # With --question only answers are written: the answering model (--qa-model, else --model) is the only one loaded.
+    model = args.qa_model if args.qa_model is not None else args.model
+    try:
+        engine = Engine.load(
+            EngineConfig(model=model, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
+                         threads=args.threads, backend=args.backend)
+        )
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"--qa-model: {exc}" if args.qa_model is not None else str(exc)) from None
     frames = args.frames or engine.num_frames
     if frames != engine.num_frames:
         log.warning("model takes a fixed frame count; windows are resampled", extra={"frames": frames, "model_frames": engine.num_frames})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -35,6 +36,7 @@ class ServeConfig:
     bus: Any = None  # BusConfig ([bus]): several replicas share captions through Redis; None: alone
     watches: tuple = ()  # WatchConfig, ... ([[watches]]: pipeline/watches.py)
     watch_limits: Any = None  # WatchLimits from [limits]; None: the defaults
+    qa_engines: tuple = ()  # EngineConfig per QA model ([model] qa_model, qa_models; --qa-model), the default first
 
 
 def load_config(path: str | None, args: argparse.Namespace | None = None) -> ServeConfig:
@@ -66,7 +68,7 @@ def load_config(path: str | None, args: argparse.Namespace | None = None) -> Ser
         raise StreamerError("config: streams must be an array of tables: write [[streams]]")
     if args is not None:  # flags win over the file
         model = dict(data.get("model", {}))
-        for key in ("model", "device", "dtype", "max_new_tokens", "threads", "backend"):
+        for key in ("model", "device", "dtype", "max_new_tokens", "threads", "backend", "qa_model"):
             if getattr(args, key, None) is not None:
                 model.pop("id" if key == "model" else key, None)
                 model[key] = getattr(args, key)
@@ -92,6 +94,11 @@ def load_config(path: str | None, args: argparse.Namespace | None = None) -> Ser
     except ConfigError as exc:
         raise StreamerError(f"config{' ' + path if path else ''}: {exc}") from None
     limits = parsed.limits
+    askable = parsed.model.askable_models()
+    for i, stream in enumerate(parsed.streams, 1):  # a stream names a configured model; none is loaded for it
+        if stream.qa_model is not None and stream.qa_model not in askable:
+            raise StreamerError(f"config: [[streams]] #{i} ({stream.id}): qa_model = {stream.qa_model!r} is not "
+                                f"configured: add it to [model] qa_models (or qa_model)")
     tokens = _tokens(parsed.auth, getattr(args, "token", None) or [])
     server_values = {**parsed.server.model_dump(), **_security(parsed, tokens, args)}
     for name in ("max_ws_clients", "max_ws_clients_per_address", "max_inflight_requests", "max_image_pixels"):
@@ -106,8 +113,10 @@ def load_config(path: str | None, args: argparse.Namespace | None = None) -> Ser
                           restart_budget=limits.restart_budget, restart_window=limits.restart_window,
                           max_streams=limits.max_streams, max_whip_sessions=limits.max_whip_sessions,
                           whip_connect_timeout=limits.whip_connect_timeout,
-                          speech=SpeechSettings.from_section(parsed.speech, getattr(args, "speech_model", None)))
-    engine = EngineConfig(**parsed.model.model_dump())
+                          speech=SpeechSettings.from_section(parsed.speech, getattr(args, "speech_model", None)),
+                          qa_model=parsed.model.qa_model if parsed.model.qa_model != parsed.model.model else None)
+    engine = EngineConfig(**parsed.model.engine_options())
+    qa_engines = tuple(dataclasses.replace(engine, model=name) for name in parsed.model.answer_models())
     sinks = tuple((k, data[k]) for k in ("outputs", "webhooks") if k in data)
     try:
         from streamer.publish.sinks import outputs_from_config
@@ -121,7 +130,7 @@ def load_config(path: str | None, args: argparse.Namespace | None = None) -> Ser
 
         bus = BusConfig.from_section(parsed.bus)
     return ServeConfig(engine, ServerConfig(**server_values), daemon, tuple(parsed.streams), sinks, bus,
-                       tuple(parsed.watches), _watch_limits(parsed))
+                       tuple(parsed.watches), _watch_limits(parsed), qa_engines)
 
 
 def _watch_limits(parsed):
@@ -252,7 +261,7 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
     ownership = None  # cluster.Ownership, with [bus] ownership = true
     sinks: list = []
     app = build_app(service, config.server)
-    chapters = ChapterSink()  # one per daemon: `chapter` events, GET /streams/{id}/chapters, {id}.chapters.vtt
+    chapters = ChapterSink(metrics=metrics)  # one per daemon: `chapter` events, GET /streams/{id}/chapters, {id}.chapters.vtt
     attach_chapters(app, chapters)
     # an idle kept-alive connection is closed after this (aiohttp's default is 75 s)
     keepalive = max(config.server.header_timeout, 15.0)
@@ -280,7 +289,10 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
         loaded, engine = await _until_stopped(loop.run_in_executor(None, Engine.load, config.engine), stop)
         if not loaded:
             return  # stopped while the model loaded
-        daemon = Daemon(engine, config.daemon, metrics=metrics)
+        loaded, qa_engines = await _until_stopped(loop.run_in_executor(None, _load_qa_engines, config.qa_engines), stop)
+        if not loaded:
+            return
+        daemon = Daemon(engine, config.daemon, metrics=metrics, qa_engines=qa_engines)
         await daemon.start()
         if config.bus is not None:
             from streamer.publish.bus import CaptionBus
@@ -301,6 +313,8 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
         if bus is not None and config.bus.ownership:
             ownership = _start_ownership(config, daemon, bus, metrics)
             ownership.handle("chapters", chapters_owner_handler(daemon, chapters))
+            # a stream taken over goes on with the chapters its old owner published on the bus
+            ownership.on_take(lambda stream_id, registered_at: chapters.take_over(stream_id, bus, since=registered_at))
             service.cluster = ownership
         else:
             for stream in config.streams:
@@ -309,7 +323,8 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
                 except ValueError as exc:  # one bad stream in the config must not stop the others
                     log.error("stream not started", extra={"stream": stream.id, "error": str(exc)})
         service.daemon, service.phase = daemon, "ready"
-        log.warning("serving", extra={"url": url, "model": engine.model_name})
+        log.warning("serving", extra={"url": url, "model": engine.model_name,
+                                      **({"qa_models": list(qa_engines)} if qa_engines else {})})
         if on_ready:
             on_ready(port, daemon)
         waiters = [asyncio.ensure_future(daemon.fatal.wait()), asyncio.ensure_future(stop.wait())]
@@ -341,6 +356,20 @@ async def serve(config: ServeConfig, *, on_ready=None, stop: asyncio.Event | Non
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
+
+
+def _load_qa_engines(configs: tuple) -> dict:
+    """The QA models, each loaded once as the caption model is; a model that does not load stops the start."""
+    from streamer.engine import Engine
+    from streamer.errors import ModelLoadError
+
+    engines = {}
+    for qa in configs:
+        try:
+            engines[qa.model] = Engine.load(qa)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"qa_model: {exc}") from None
+    return engines
 
 
 def _start_ownership(config: ServeConfig, daemon, bus, metrics):
@@ -440,6 +469,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--config", help="streamer.toml")
     add_model_options(srv)
     srv.set_defaults(model=None, device=None, dtype=None, max_new_tokens=None, threads=None, backend=None)
+    srv.add_argument("--qa-model", default=None,
+                     help="the model that answers questions (asks, watches), e.g. a VQA checkpoint such as "
+                     "microsoft/git-base-vqav2: hub id, HF cache entry or local directory ([model] qa_model; "
+                     "default: the caption model)")
     srv.add_argument("--host")
     srv.add_argument("--port", type=int)
     srv.add_argument("--stream", action="append", metavar="ID=URL", help="a stream to start with (repeatable)")

@@ -37,6 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--question-weights", type=_question_weights, default=None, metavar="KIND=W,...",
                     help="--data live: how often each question kind is asked, relative (default: all 1; "
                          "kinds: colour, shape, count, direction, yes, no)")
+    tr.add_argument("--answer-weight", type=_answer_weight, default=1.0,
+                    help="--data live: loss weight of a question's answer tokens (and a yes/no question's checks) "
+                         "relative to the caption's (default 1)")
     tr.add_argument("--fixed-positions", action="store_true",
                     help="keep the ViT position embeddings frozen (a new model gets large random ones)")
     tr.set_defaults(run=run_train)
@@ -61,6 +64,16 @@ def _question_weights(text: str) -> tuple[tuple[str, float], ...]:
     return tuple(weights)
 
 
+def _answer_weight(text: str) -> float:
+    try:
+        weight = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number") from None
+    if not 0 < weight <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r}: a weight is above 0 and at most 100")
+    return weight
+
+
 def run_train(args: argparse.Namespace) -> int:
     if args.task == "speech":
         return run_train_speech(args)
@@ -70,7 +83,7 @@ def run_train(args: argparse.Namespace) -> int:
         out=args.out, model=args.model, data=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         warmup=args.warmup, seed=args.seed, device=args.device, save_every=args.save_every, resume=args.resume,
         threads=args.threads, log_every=args.log_every, world=args.world, reversed_twins=args.reversed_twins,
-        fixed_positions=args.fixed_positions, vision_lr_scale=args.vision_lr_scale,
+        fixed_positions=args.fixed_positions, vision_lr_scale=args.vision_lr_scale, answer_weight=args.answer_weight,
         **({"question_weights": args.question_weights} if args.question_weights else {}),
     )
     out = train(config)

@@ -14,7 +14,8 @@ One loop per replica, woken by registry events or every `tick` (lease_ttl / 5, a
    room (a replica at its share must not leave a stream uncaptioned);
 4. taking a stream: lease -> `bus.fence()` -> the stream's last caption on the bus -> the stream
    starts with the next window index, its media timeline after that caption's end plus the wall time
-   since (StreamResume) -> the source policy for anything not from this replica's own config file;
+   since (StreamResume) -> the source policy for anything not from this replica's own config file
+   -> the `on_take` hooks (the chapter sink reads the old owner's chapters back) -> started;
 5. `{p}status` (a HASH, stream -> JSON) gets each owned stream's state, for `GET /streams` on any
    replica.
 
@@ -105,6 +106,7 @@ class Ownership:
         self._lock = asyncio.Lock()  # taking and dropping streams (the loop, lost leases, close)
         self._epoch: bytes | None = None  # the registry's epoch when we last registered (see _ensure_registry)
         self._entries: dict[str, RegistryEntry] = {}  # the entries of the streams we own
+        self._on_take: list[Callable[[str, float], None]] = []
         self._closed = False
 
     # -- lifecycle --------------------------------------------------------------------
@@ -121,6 +123,12 @@ class Ownership:
         self.requests.handlers[kind] = handler
         if payload:
             self.requests.payload_kinds.add(kind)
+
+    def on_take(self, hook: Callable[[str, float], None]) -> None:
+        """Call `hook(stream_id, registered_at)` each time this replica takes a stream, just before it
+        starts here (the chapter sink continues the stream's chapters from the bus). Must not block;
+        one that raises is logged and counted, and the stream starts anyway."""
+        self._on_take.append(hook)
 
     async def close(self) -> None:
         """After the daemon drained: release every lease (the others take the streams at once),
@@ -391,6 +399,12 @@ class Ownership:
             checked = None
             if self._local.get(sid) != entry.config:  # not this replica's own config: the policy decides
                 checked = await asyncio.get_running_loop().run_in_executor(None, self.policy.check, entry.config.url)
+            for hook in self._on_take:
+                try:
+                    hook(sid, entry.added_at)
+                except Exception:
+                    self._count("take_hook")
+                    log.exception("stream take hook failed", extra={"stream": sid})
             await self.daemon.add_stream(entry.config, checked, resume=resume)
         except (SourceRefused, ValueError) as exc:  # SourceSpecError, AtCapacity, StreamExists are ValueErrors
             # Held, not released: another replica would refuse it the same way, over and over.

@@ -247,21 +247,25 @@ class Engine:
         self._prompt_ids(question, max_new_tokens)
         return " ".join(question.split())
 
-    def answer(self, items: Sequence[tuple[Window, str]], max_new_tokens: int | None = None) -> list[Answer]:
+    def answer(self, items: Sequence[tuple[Window, str]], max_new_tokens: int | None = None, *,
+               keep_kv: Sequence[bool] | None = None) -> list[Answer]:
         """Answer (window, question) pairs in one batch; one Answer per pair, same order.
 
         The question is the text prefix after BOS; the answer is what the model generates
         after it (after the model's answer marker, if it has one: prompts.py); confidence is
         the mean log-probability of the answer's tokens. A window in the image-token cache
         (a live window captioned with `keep_kv`) costs only the question's and answer's
-        tokens; any other window is encoded (frame features may be cached) and prefilled."""
+        tokens; any other window is encoded (frame features may be cached) and prefilled.
+        `keep_kv`: per pair, keep its window's row when it had to be computed (a QA model,
+        which captions nothing, asked about a live window: later questions about it reuse it)."""
         if not items:
             return []
         limit = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         prompts = [self._prompt_ids(question, limit) for _, question in items]
+        keep = [w for (w, _), k in zip(items, keep_kv or ()) if k]
         t0 = time.perf_counter()
         with torch.inference_mode():
-            logits, state = self.runner.join_rows(self._window_rows([w for w, _ in items]))
+            logits, state = self.runner.join_rows(self._window_rows([w for w, _ in items], keep))
             token_ids, logps = self._decode(logits, state, prompts, limit)
         texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
         self.stats.questions += len(items)
@@ -320,9 +324,9 @@ class Engine:
             self.kv_cache.put(window, row, self.runner.row_nbytes(row))
         self._count_kv()
 
-    def _window_rows(self, windows: list[Window]) -> list[Any]:
+    def _window_rows(self, windows: list[Window], keep: Sequence[Window] = ()) -> list[Any]:
         """The prefill row of each window: from the image-token cache, else computed (each
-        distinct window once; recomputed rows are not kept: only captioned live windows are)."""
+        distinct window once; a computed row is kept only for the windows in `keep`)."""
         rows: dict[int, Any] = {}
         missing: list[Window] = []
         for w in windows:
@@ -343,6 +347,10 @@ class Engine:
             logits, state = self._prefill(features)
             for w, row in zip(missing, self.runner.split_rows(logits, state, list(range(len(missing))))):
                 rows[id(w)] = row
+                if any(k is w for k in keep):  # rows are copies, and decoding never writes into one
+                    self.kv_cache.put(w, row, self.runner.row_nbytes(row))
+            if keep:
+                self._count_kv()
         return [rows[id(w)] for w in windows]
 
     def _count_kv(self) -> None:

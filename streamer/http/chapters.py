@@ -6,8 +6,10 @@ has the `chapter` message's fields (docs/protocol.md). `?format=vtt`: the same a
 track, for `<track kind="chapters" src="/streams/cam/chapters?format=vtt">`.
 
 The replica that captions a stream keeps its chapters: with stream ownership on the bus, another
-replica asks the owner (cluster `ask_owner`, as for thumbnails). A stream taken over by another
-replica starts its chapters afresh there.
+replica asks the owner (cluster `ask_owner`, as for thumbnails). A replica that takes a stream over
+goes on with the chapters its old owner published (read back from the bus, publish/chapters.py);
+while it reads them (under a second for one stream, docs/scale.md) a request waits, up to `_SETTLE` s, then 503
+`chapters_restoring`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = ["CHAPTERS_KEY", "attach", "get_chapters", "owner_handler"]
 CHAPTERS_KEY: web.AppKey[ChapterSink] = web.AppKey("chapters", ChapterSink)
 _FORMATS = ("json", "vtt")
 _FIELDS = ("stream_id", "index", "start", "end", "title")
+_SETTLE = 3.0  # seconds a request waits for the chapters of a stream just taken over
 
 
 def attach(app: web.Application, sink: ChapterSink) -> None:
@@ -50,6 +53,8 @@ async def get_chapters(request: web.Request) -> web.Response:
     if stream_id in daemon.streams:
         if sink is None:
             return error_response(404, "no_chapters", "this server keeps no chapters")
+        if not await sink.settled(stream_id, _SETTLE):
+            return _restoring_response()
         listing = _listing(sink, stream_id)
     else:
         cluster = cluster_of(request)
@@ -60,12 +65,23 @@ async def get_chapters(request: web.Request) -> web.Response:
         try:  # captioned by another replica: its owner has the chapters
             listing = _parse(await cluster.ask_owner(stream_id, "chapters"), stream_id)
         except RequestFailed as exc:
+            if exc.code == "chapters_restoring":
+                return _restoring_response()
             return error_response(exc.status, exc.code, exc.message)
     headers = {"Cache-Control": "no-store"}
     if fmt == "vtt":
         chapters = [Chapter(**{k: item[k] for k in _FIELDS}) for item in listing]
         return web.Response(text=chapters_vtt(chapters), content_type="text/vtt", charset="utf-8", headers=headers)
     return web.json_response(listing, headers=headers)
+
+
+def _restoring_response() -> web.Response:
+    response = error_response(503, "chapters_restoring", _RESTORING)
+    response.headers["Retry-After"] = "1"
+    return response
+
+
+_RESTORING = "the stream was just taken over: its chapters are still being read back from the bus"
 
 
 def _parse(body: bytes, stream_id: str) -> list[dict[str, Any]]:
@@ -96,6 +112,8 @@ def owner_handler(daemon: Any, sink: ChapterSink):
             daemon.get(stream_id)
         except StreamNotFound:
             raise RequestFailed(404, "not_found", f"no stream {stream_id!r}") from None
+        if not await sink.settled(stream_id, _SETTLE):
+            raise RequestFailed(503, "chapters_restoring", _RESTORING)
         return json.dumps(_listing(sink, stream_id)).encode()
 
     return chapters_of

@@ -62,6 +62,7 @@ async def add_stream(request: web.Request) -> web.Response:
     policy = request.app[CONFIG_KEY].sources or SourcePolicy()
     try:
         config = StreamConfig.from_dict(body)
+        daemon.check_qa_model(config)  # a model the operator configured: nothing sent here loads one
         # a URL from the network is hostile: the policy decides what it may open (resolving a name blocks: off the loop)
         checked = await asyncio.get_running_loop().run_in_executor(None, policy.check, config.url)
         cluster = cluster_of(request)

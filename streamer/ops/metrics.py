@@ -141,6 +141,10 @@ class DaemonMetrics:
         """Export engine and source statistics, read at scrape time."""
         self.registry.register(_StatsCollector(engine_stats, source_stats))
 
+    def watch_qa_engines(self, engine_stats: Callable[[], dict[str, Any]]) -> None:
+        """Export each QA model's engine statistics (`--qa-model`), labelled by model, read at scrape time."""
+        self.registry.register(_QAStatsCollector(engine_stats))
+
     def watch_sinks(self, sinks: Callable[[], list[Any]]) -> None:
         """Export what the sinks (subtitle files, webhooks, chapters) count, read at scrape time: a
         message a sink failed on is logged there and counted here, never only in a log."""
@@ -205,6 +209,40 @@ class _StatsCollector(Collector):
             family = CounterMetricFamily(name, help_, labels=["stream"])
             for stream_id, s in sorted(sources.items()):
                 family.add_metric([stream_id], getattr(s, attr))
+            yield family
+
+
+class _QAStatsCollector(Collector):
+    """The QA engines' statistics (the caption engine's are streamer_engine_*), one series per model."""
+
+    def __init__(self, engine_stats: Callable[[], dict[str, Any]]) -> None:
+        self._engine_stats = engine_stats
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        stats = self._engine_stats()
+        if not stats:
+            return
+        for kind, name, help_, attr in (
+            (CounterMetricFamily, "streamer_qa_engine_questions", "Questions a QA model answered", "questions"),
+            (CounterMetricFamily, "streamer_qa_engine_question_seconds",
+             "Seconds a QA model spent answering (its vision and image prefill included)", "question_seconds"),
+            (CounterMetricFamily, "streamer_qa_engine_frames_encoded", "Frames through a QA model's vision tower",
+             "frames_encoded"),
+            (CounterMetricFamily, "streamer_qa_engine_kv_hits",
+             "Questions whose window's image keys/values the QA model had kept", "kv_hits"),
+            (CounterMetricFamily, "streamer_qa_engine_kv_misses",
+             "Questions whose window's image keys/values the QA model computed from its frames", "kv_misses"),
+            (GaugeMetricFamily, "streamer_qa_engine_kv_cache_windows",
+             "Windows whose image keys/values a QA model keeps now", "kv_cache_windows"),
+            (GaugeMetricFamily, "streamer_qa_engine_kv_cache_bytes",
+             "Memory a QA model's kept image keys/values take now", "kv_cache_bytes"),
+        ):
+            family = kind(name, help_, labels=["model"])
+            for model, s in sorted(stats.items()):
+                family.add_metric([model], getattr(s, attr, 0))
             yield family
 
 

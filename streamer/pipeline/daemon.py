@@ -11,6 +11,13 @@ scheduler like one-off requests, and the engine answers them from the image
 keys/values it kept when it captioned the window (engine/cache.py), so a
 question costs only its own tokens. A window that leaves the history has its
 keys/values freed in the next plan.
+
+A QA model (`--qa-model`, [model] qa_model / qa_models, a stream's `qa_model`) is a second
+engine beside the caption one, on the same scheduler and engine thread, with its own
+feature and image-token caches: the first question about a live window runs its vision
+tower and image prefill on the window's frames (the history keeps them), later ones reuse
+them. Frees go to every engine. A stream may only name a model the operator configured:
+nothing over HTTP makes the daemon load a model.
 """
 
 from __future__ import annotations
@@ -72,6 +79,7 @@ class DaemonConfig:
     max_whip_sessions: int = 16
     whip_connect_timeout: float = 15.0  # a WHIP session that has not connected by then is removed
     speech: SpeechSettings = field(default_factory=SpeechSettings)  # for streams with speech on ([speech])
+    qa_model: str | None = None  # the QA model (a key of Daemon's qa_engines) that answers by default; None: the caption model
 
 
 class CaptionEngine(Protocol):
@@ -100,18 +108,24 @@ class CaptionEngine(Protocol):
 
 class Daemon:
     def __init__(
-        self, engine: CaptionEngine, config: DaemonConfig | None = None, *, metrics: DaemonMetrics | None = None
+        self, engine: CaptionEngine, config: DaemonConfig | None = None, *, metrics: DaemonMetrics | None = None,
+        qa_engines: dict[str, CaptionEngine] | None = None,
     ) -> None:
         """`metrics`: made before the model loads when the port is bound first (serve), so that
-        /metrics answers during the load; a new one otherwise."""
+        /metrics answers during the load; a new one otherwise. `qa_engines`: the QA models by the
+        name streams and `config.qa_model` call them (each loaded once)."""
         self.engine = engine
         self.config = config or DaemonConfig()
+        self.qa_engines = dict(qa_engines or {})
+        if self.config.qa_model is not None and self._qa_key(self.config.qa_model) not in (None, *self.qa_engines):
+            raise ValueError(f"qa_model {self.config.qa_model!r} is not loaded")
         self.hub = CaptionHub(history=self.config.history, queue_size=self.config.client_queue)
         self.metrics = metrics or DaemonMetrics(s.value for s in SourceState)
         self.metrics.watch(
             lambda: self.engine.stats,
             lambda: {sid: rt.source.stats for sid, rt in list(self.streams.items()) if rt.source is not None},
         )
+        self.metrics.watch_qa_engines(lambda: {name: qa.stats for name, qa in self.qa_engines.items()})
         self.supervisor = Supervisor(
             self.config.restart_budget, self.config.restart_window, on_fatal=self._on_fatal,
             on_restart=lambda name: self.metrics.restarts.labels(task=name.partition(":")[0]).inc(),
@@ -130,11 +144,12 @@ class Daemon:
             on_drop=lambda w: self.metrics.windows_dropped.labels(stream=w.stream_id).inc(),
             on_failure=self._on_batch_failed,
             pipeline=(self.engine.prepare, self.engine.finish) if pipeline else None,
-            forget_fn=self.engine.forget_stream,
+            forget_fn=self._forget_stream,
             answer_fn=self.engine.answer,
-            forget_window_fn=self.engine.forget_window,
+            forget_window_fn=self._forget_window,
             keep_live_kv=True,  # live windows' image keys/values stay for questions about them
             on_live=self._remember,
+            answer_fns={name: qa.answer for name, qa in self.qa_engines.items()},
         )
         self.streams: dict[str, StreamRuntime] = {}
         self.ready = False
@@ -145,6 +160,61 @@ class Daemon:
         # Speech (streams with speech on): one worker thread, its model loaded with the first such stream.
         self.speech = SpeechService(self.config.speech, publish=self.hub.publish_event, metrics=self.metrics,
                                     spawn=self.supervisor.spawn)
+
+    # -- models -----------------------------------------------------------------
+    @property
+    def engines(self) -> list[CaptionEngine]:
+        """The caption engine, then the QA engines."""
+        return [self.engine, *self.qa_engines.values()]
+
+    @property
+    def models(self) -> list[str]:
+        """What a stream's `qa_model` may name: the caption model and the QA models loaded."""
+        return [self.engine.model_name, *(m for m in self.qa_engines if m != self.engine.model_name)]
+
+    @property
+    def frame_short_side(self) -> int | None:
+        """The short side sources downscale frames to: the largest any model reads (None: full size)."""
+        sides = [e.frame_short_side for e in self.engines]
+        return None if any(side is None for side in sides) else max(s for s in sides if s is not None)
+
+    def _qa_key(self, model: str | None) -> str | None:
+        """The `answer_fns` key of the model named `model`; None for the caption model (or no model)."""
+        if model is None or model == self.engine.model_name:
+            return None
+        return model
+
+    def qa_model_of(self, stream_id: str | None = None) -> str | None:
+        """The QA model (a qa_engines key) that answers about `stream_id` (None: a one-off window),
+        or None when the caption model does. Raises StreamNotFound."""
+        wanted = self.get(stream_id).config.qa_model if stream_id is not None else None
+        return self._qa_key(wanted or self.config.qa_model)
+
+    def answering_engine(self, stream_id: str | None = None) -> CaptionEngine:
+        key = self.qa_model_of(stream_id)
+        return self.engine if key is None else self.qa_engines[key]
+
+    def check_question(self, question: str, max_new_tokens: int | None = None, stream_id: str | None = None) -> str:
+        """The question as the model that answers about `stream_id` reads it; ValueError when that model
+        cannot (engine.check_question). A stream not running here: the default answering model's check."""
+        key = self.qa_model_of(stream_id if stream_id in self.streams else None)
+        return (self.engine if key is None else self.qa_engines[key]).check_question(question, max_new_tokens)
+
+    def check_qa_model(self, config: StreamConfig) -> None:
+        """A stream's qa_model must be a model loaded here: nothing a caller sends loads one."""
+        if config.qa_model is not None and config.qa_model not in self.models:
+            raise ValueError(f"qa_model {config.qa_model[:80]!r} is not one of this daemon's models "
+                             f"({', '.join(map(repr, self.models))}); the operator configures them "
+                             f"([model] qa_model, qa_models)")
+
+    def _forget_stream(self, stream_id: str) -> None:
+        """Engine thread: a stream is gone (or a one-off request done): every engine drops its caches of it."""
+        for engine in self.engines:
+            engine.forget_stream(stream_id)
+
+    def _forget_window(self, stream_id: str, index: int) -> None:
+        for engine in self.engines:
+            engine.forget_window(stream_id, index)
 
     # -- lifecycle ------------------------------------------------------------
     async def start(self) -> None:
@@ -212,6 +282,7 @@ class Daemon:
         `resume`: go on from another replica's index and media timeline (a stream taken over)."""
         if not config.url:
             raise ValueError("a pulled stream needs a 'url' (WHIP streams are created by POST /whip/{id})")
+        self.check_qa_model(config)
         async with self._lock:
             self._check_new(config.id)
             rt = self._runtime(config, resume.next_index if resume else 0)
@@ -225,7 +296,7 @@ class Daemon:
                 loop=config.loop,
                 rtsp_transport=config.rtsp_transport,
                 stall_timeout=config.stall_timeout,
-                short_side=self.engine.frame_short_side,
+                short_side=self.frame_short_side,
                 hwaccel=config.hwaccel,
                 start_after=resume.media_after if resume else None,
                 audio=config.speech != "off",
@@ -250,6 +321,7 @@ class Daemon:
         stream of that id."""
         from streamer.ingest.whip import WhipSession, check_offer
 
+        self.check_qa_model(config)
         async with self._lock:
             old = self.streams.get(config.id)
             if old is not None and not _replaceable_whip(old):
@@ -270,7 +342,7 @@ class Daemon:
                 self.metrics.streams.set(len(self.streams))
                 await self._teardown(old, f"replaced by a new WHIP session (was {old.state})")
             rt = self._runtime(config)
-            session = WhipSession(config.id, rt.on_frame, on_state=rt.on_state, short_side=self.engine.frame_short_side,
+            session = WhipSession(config.id, rt.on_frame, on_state=rt.on_state, short_side=self.frame_short_side,
                                   stall_timeout=config.stall_timeout, first_seq=first_seq,
                                   audio=config.speech != "off", visual=config.speech != "only")
             answer = await session.accept(offer_sdp)  # raises if aiortc cannot answer: nothing registered
@@ -394,12 +466,14 @@ class Daemon:
         """Answer `question` about stream `stream_id`'s newest captioned window, or (`at`, media
         seconds) the window of its history about that time (history.py's `at`).
 
+        The stream's QA model answers (`qa_model`, else [model] qa_model, else the caption model).
         Raises StreamNotFound; ValueError for an empty or over-long question (or token limit);
         OutOfHistory (a ValueError) when `at` is outside the history or nothing is captioned yet;
         SchedulerBusy over the scheduler's one-off limit; EngineFailed when the engine raised."""
         try:
             rt = self.get(stream_id)
-            question = self.engine.check_question(question, max_new_tokens)
+            model = self.qa_model_of(stream_id)
+            question = self.answering_engine(stream_id).check_question(question, max_new_tokens)
             entry = rt.history.newest() if at is None else rt.history.at(at)
         except StreamNotFound:
             self.metrics.questions.labels(result="not_found").inc()
@@ -410,7 +484,7 @@ class Daemon:
         except ValueError:
             self.metrics.questions.labels(result="invalid").inc()
             raise
-        (answer,) = await self._answer([(entry.window, question)], max_new_tokens, free_after=False)
+        (answer,) = await self._answer([(entry.window, question)], max_new_tokens, free_after=False, model=model)
         return dataclasses.replace(answer, request_id=request_id)
 
     async def ask_window(self, window: Window, question: str, max_new_tokens: int | None = None) -> Answer:
@@ -422,18 +496,21 @@ class Daemon:
 
     async def ask_windows(self, items: list[tuple[Window, str]], max_new_tokens: int | None = None) -> list[Answer]:
         """`ask_window` for many (window, question) pairs of one clip at once: its windows share
-        frames, whose features are freed only once every question is answered."""
+        frames, whose features are freed only once every question is answered. [model] qa_model answers
+        (else the caption model)."""
+        model = self.qa_model_of()
+        engine = self.answering_engine()
         try:
-            items = [(window, self.engine.check_question(question, max_new_tokens)) for window, question in items]
+            items = [(window, engine.check_question(question, max_new_tokens)) for window, question in items]
         except ValueError:
             self.metrics.questions.labels(result="invalid").inc()
             raise
-        return await self._answer(items, max_new_tokens, free_after=True)
+        return await self._answer(items, max_new_tokens, free_after=True, model=model)
 
     async def _answer(self, items: list[tuple[Window, str]], max_new_tokens: int | None, *,
-                      free_after: bool) -> list[Answer]:
+                      free_after: bool, model: str | None) -> list[Answer]:
         try:
-            answers = await self.scheduler.ask(items, max_new_tokens, free_after=free_after)
+            answers = await self.scheduler.ask(items, max_new_tokens, free_after=free_after, model=model)
         except SchedulerBusy:
             self.metrics.questions.labels(result="busy").inc(len(items))
             raise

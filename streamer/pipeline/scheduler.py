@@ -18,6 +18,14 @@ captions, as one `answer_fn` batch. A question about a live window reuses the
 image keys/values its caption left (`keep_live_kv`: the engine keeps those of
 live windows), so it costs only its own tokens.
 
+A question may name a QA model (`--qa-model`: a VQA checkpoint beside the caption
+one): the plan's questions are grouped by model and each group goes to that model's
+`answer_fns` entry, in the same engine step and thread. A QA model captions nothing, so
+it keeps a live window's image keys/values from the first question about it
+(`keep_kv`) unless the window was freed while the question waited. Each group fails
+alone: a QA model that raises fails its own questions, never the captions or the
+other model's answers.
+
 With `pipeline` (prepare, finish), the loop prepares batch k+1 before it
 finishes batch k: on a GPU the engine queues k+1's upload and vision work on
 its own CUDA stream, so it runs while k decodes (streamer/engine/core.py).
@@ -31,7 +39,7 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,10 +149,19 @@ class BatchPlanner:
     def free(self, stream_id: str) -> None:
         """Ask for a stream's cached features to be dropped with the next plan."""
         self._frees.append(stream_id)
+        self._unkeep(lambda w: w.stream_id == stream_id)
 
     def free_window(self, stream_id: str, index: int) -> None:
         """Ask for one window's kept image keys/values to be dropped with the next plan."""
         self._window_frees.append((stream_id, index))
+        self._unkeep(lambda w: w.stream_id == stream_id and w.index == index)
+
+    def _unkeep(self, freed: Callable[[Window], bool]) -> None:
+        """Questions still waiting about a window being freed must not keep its image keys/values
+        (the free runs before them: what they kept would outlive the window)."""
+        for request in self._requests:
+            if request.questions is not None and not request.free_after:
+                request.unkept.update(i for i in range(request.taken, len(request.windows)) if freed(request.windows[i]))
 
     def next_batch(self) -> list[Window]:
         """Up to max_batch windows, round-robin over streams (oldest window of
@@ -184,6 +201,8 @@ class Request:
     results: dict[int, Any] = field(default_factory=dict)  # position -> Caption, or Answer
     taken: int = 0  # windows handed to plans so far
     questions: list[str] | None = None  # a question job: answers, not captions
+    model: str | None = None  # the QA model that answers the questions; None: the caption model
+    unkept: set[int] = field(default_factory=set)  # positions whose window was freed while they waited
     # drop the windows' streams' cached features once done (one-off windows); not for
     # questions about a live stream's windows, whose features the stream still uses
     free_after: bool = True
@@ -214,22 +233,31 @@ class Plan:
         """The (window, question) pairs of the question job."""
         return [(r.windows[i], r.questions[i]) for r, i in self.questions if r.questions is not None]
 
+    def question_groups(self) -> dict[str | None, list[int]]:
+        """Positions in `questions` per answering model (None: the caption model), in order."""
+        groups: dict[str | None, list[int]] = {}
+        for n, (request, _) in enumerate(self.questions):
+            groups.setdefault(request.model, []).append(n)
+        return groups
+
 
 @dataclass
 class PlanResult:
-    """What executing a plan gave: captions and answers, or the error of either part (the
-    other part still ran: a failing question batch does not cost live captions)."""
+    """What executing a plan gave: captions and answers, or the error of each part (the
+    others still ran: a failing question batch costs no live caption, and one model's
+    failing questions no other model's answers)."""
 
     captions: list[Caption] | None = None
     caption_error: BaseException | None = None
-    answers: list[Answer] | None = None
-    answer_error: BaseException | None = None
+    answers: dict[int, Answer] = field(default_factory=dict)  # position in plan.questions -> its answer
+    answer_errors: list[tuple[str | None, list[int], BaseException]] = field(default_factory=list)  # (model, positions, error)
 
 
 CaptionFn = Callable[..., list[Caption]]  # (windows[, max_new_tokens][, keep_kv=live count])
 PrepareFn = Callable[..., Any]  # (windows[, keep_kv=live count])
 FinishFn = Callable[..., list[Caption]]  # (prepared[, max_new_tokens])
 AnswerFn = Callable[[Sequence[tuple[Window, str]], int | None], list[Answer]]
+QAAnswerFn = Callable[..., list[Answer]]  # (items, max_new_tokens, keep_kv=[bool per item]): a QA engine's answer
 
 
 class Scheduler:
@@ -248,11 +276,14 @@ class Scheduler:
         forget_window_fn: Callable[[str, int], None] | None = None,
         keep_live_kv: bool = False,
         on_live: Callable[[list[Window], list[Caption]], None] | None = None,
+        answer_fns: Mapping[str, QAAnswerFn] | None = None,
     ) -> None:
         """`answer_fn`: engine.answer, for `ask`; `keep_live_kv`: pass `keep_kv=<live windows>` to
         caption_fn (or prepare) so the engine keeps live windows' image keys/values for questions;
         `forget_window_fn`: engine.forget_window, run inside plans for `free_window`; `on_live`:
-        (live windows, their captions), called just before `on_captions` (the stream histories)."""
+        (live windows, their captions), called just before `on_captions` (the stream histories);
+        `answer_fns`: per QA model name, its engine's answer, for `ask(..., model=name)` (the
+        frees go to every engine: `forget_fn` and `forget_window_fn` do that)."""
         self.config = config or SchedulerConfig()
         self.planner = BatchPlanner(self.config)
         self._caption_fn = caption_fn
@@ -263,6 +294,7 @@ class Scheduler:
         self._forget_fn = forget_fn  # engine.forget_stream: frees run on the engine thread, inside plans
         self._forget_window_fn = forget_window_fn
         self._answer_fn = answer_fn
+        self._answer_fns = dict(answer_fns or {})
         self._keep_live_kv = keep_live_kv
         self._on_live = on_live
         self._pipeline = pipeline
@@ -306,16 +338,19 @@ class Scheduler:
         return await self._submit(Request(list(windows), max_new_tokens, 0.0, self._future()))
 
     async def ask(self, items: Sequence[tuple[Window, str]], max_new_tokens: int | None = None, *,
-                  free_after: bool = True) -> list[Answer]:
+                  free_after: bool = True, model: str | None = None) -> list[Answer]:
         """Answer (window, question) pairs through the planner, as one-off work: after live windows,
         within max_batch. `free_after`: the windows are one-off ones whose cached features go once
-        answered (False for a live stream's windows). Raises SchedulerBusy, EngineFailed."""
-        if self._answer_fn is None:
+        answered (False for a live stream's windows). `model`: the QA model (a key of `answer_fns`)
+        that answers; None: the caption model. Raises SchedulerBusy, EngineFailed."""
+        if model is not None and model not in self._answer_fns:
+            raise ValueError(f"no QA model {model!r} is loaded")
+        if model is None and self._answer_fn is None:
             raise RuntimeError("this scheduler was made without an answer_fn: it takes no questions")
         if not items:
             return []
         request = Request([w for w, _ in items], max_new_tokens, 0.0, self._future(),
-                          questions=[q for _, q in items], free_after=free_after)
+                          questions=[q for _, q in items], free_after=free_after, model=model)
         return await self._submit(request)
 
     def _future(self) -> asyncio.Future:
@@ -368,11 +403,15 @@ class Scheduler:
                     result.captions = self._caption(plan, finish, prepared)
                 except Exception as exc:  # noqa: BLE001 (whatever the engine raised goes to the plan's requests)
                     result.caption_error = exc
-            if plan.questions and self._answer_fn is not None:
+            items = plan.items
+            for model, positions in plan.question_groups().items():
                 try:
-                    result.answers = self._answer_fn(plan.items, plan.question_max_new_tokens)
-                except Exception as exc:  # noqa: BLE001
-                    result.answer_error = exc
+                    answers = self._answer(model, [items[n] for n in positions], plan.question_max_new_tokens,
+                                           [plan.questions[n] for n in positions])
+                except Exception as exc:  # noqa: BLE001 (this model's questions are told; the others still run)
+                    result.answer_errors.append((model, positions, exc))
+                else:
+                    result.answers.update(zip(positions, answers))
             return result
         finally:
             for stream_id in plan.free:
@@ -381,6 +420,17 @@ class Scheduler:
             for stream_id, index in plan.free_windows:
                 if self._forget_window_fn is not None:
                     self._forget_window_fn(stream_id, index)
+
+    def _answer(self, model: str | None, items: list[tuple[Window, str]], limit: int | None,
+                questions: list[tuple[Request, int]]) -> list[Answer]:
+        """Engine thread: one model's questions of a plan. A QA model keeps the image keys/values
+        it computes for a live stream's window (not a one-off one, nor one freed meanwhile)."""
+        if model is None:
+            if self._answer_fn is None:
+                raise RuntimeError("this scheduler takes no questions for the caption model")
+            return self._answer_fn(items, limit)
+        keep = [not request.free_after and position not in request.unkept for request, position in questions]
+        return self._answer_fns[model](items, limit, keep_kv=keep)
 
     def _caption(self, plan: Plan, finish: FinishFn | None, prepared: Any) -> list[Caption]:
         limit = () if plan.max_new_tokens is None else (plan.max_new_tokens,)
@@ -397,9 +447,11 @@ class Scheduler:
             self._failed(plan, exc, plan.requests + plan.questions, plan.size)
             return None
 
-    def _failed(self, plan: Plan, exc: BaseException, requests: list[tuple[Request, int]], size: int) -> None:
+    def _failed(self, plan: Plan, exc: BaseException, requests: list[tuple[Request, int]], size: int,
+                model: str | None = None) -> None:
+        where = {"qa_model": model} if model is not None else {}
         log.error("engine failed on a batch", exc_info=exc,
-                  extra={"windows": len(plan.windows), "questions": len(plan.questions)})
+                  extra={"windows": len(plan.windows), "questions": len(plan.questions), **where})
         if self._on_failure:
             self._on_failure(size, exc)
         for request, _ in requests:
@@ -411,9 +463,9 @@ class Scheduler:
             return
         if result.caption_error is not None:
             self._failed(plan, result.caption_error, plan.requests, len(plan.windows))
-        if result.answer_error is not None:
-            self._failed(plan, result.answer_error, plan.questions, len(plan.questions))
-        ok = (len(plan.windows) if result.captions is not None else 0) + (len(plan.questions) if result.answers is not None else 0)
+        for model, positions, error in result.answer_errors:
+            self._failed(plan, error, [plan.questions[n] for n in positions], len(positions), model)
+        ok = (len(plan.windows) if result.captions is not None else 0) + len(result.answers)
         if ok and self._on_batch:
             self._on_batch(ok, time.perf_counter() - started)
         captions = result.captions or []
@@ -423,7 +475,7 @@ class Scheduler:
                 self._on_live(live, captions[: plan.live])
             self._on_captions(captions[: plan.live])
         self._resolve(zip(plan.requests, captions[plan.live :]))
-        self._resolve(zip(plan.questions, result.answers or []))
+        self._resolve((plan.questions[n], answer) for n, answer in sorted(result.answers.items()))
 
     @staticmethod
     def _resolve(results) -> None:
@@ -447,23 +499,27 @@ class Scheduler:
             if plan is None and in_flight is None:
                 return  # closing and drained
             queued = None
-            if plan is not None and not plan.windows:  # questions and frees only: nothing to prepare
-                started = time.perf_counter()
-                self._done(plan, started, await self._on_engine(self._execute, plan, plan=plan))
+            # Questions and frees only (nothing to prepare) run after the batch in flight: its frees
+            # were asked for after that batch was planned, so they must come after what it keeps.
+            unprepared = None
+            started = time.perf_counter()
+            if plan is not None and not plan.windows:
+                unprepared = plan
             elif plan is not None:
-                started = time.perf_counter()
                 try:
                     prepared = await asyncio.get_running_loop().run_in_executor(self._executor, self._prepare, prepare, plan)
                 except Exception as exc:  # noqa: BLE001 (the windows' requests are told; questions and frees still run)
                     self._failed(plan, exc, plan.requests, len(plan.windows))
-                    rest = dataclasses.replace(plan, windows=[], requests=[])
-                    self._done(rest, started, await self._on_engine(self._execute, rest, plan=rest))
+                    unprepared = dataclasses.replace(plan, windows=[], requests=[])
                 else:
                     queued = (plan, prepared, started)
             if in_flight is not None:
                 done_plan, prepared_before, started_before = in_flight
                 result = await self._on_engine(self._execute, done_plan, finish, prepared_before, plan=done_plan)
                 self._done(done_plan, started_before, result)
+            if unprepared is not None:
+                started = time.perf_counter()
+                self._done(unprepared, started, await self._on_engine(self._execute, unprepared, plan=unprepared))
             in_flight = queued
 
     async def close(self, drain: bool = True) -> int:

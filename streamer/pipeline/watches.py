@@ -145,7 +145,7 @@ class Watches:
             if request.every < rt.config.hop:
                 raise WatchRefused(400, "every_below_hop", f"every = {request.every:g} s is below stream "
                                    f"{stream_id!r}'s hop of {rt.config.hop:g} s: it has no newer window to ask about")
-        question = self.daemon.engine.check_question(request.question)  # ValueError: empty, too long for the model
+        question = self.daemon.check_question(request.question, stream_id=stream_id)  # ValueError: empty, too long for its model
         mine = self._by_stream.get(stream_id, {})
         if len(mine) >= self.limits.max_per_stream:
             raise WatchRefused(429, "max_watches_per_stream",

@@ -51,7 +51,7 @@ import random
 import re
 import socket
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -357,6 +357,27 @@ class CaptionBus:
             if m is not None and isinstance(m.payload, Caption):
                 return m.payload
         return None
+
+    async def newest_first(self, stream_id: str) -> AsyncGenerator[HubMessage, None]:
+        """The stream's messages on the bus, newest first, read in chunks of `read_count` (at most
+        its retention and a chunk: `MAXLEN ~` keeps a little more): what a new owner continues
+        the stream's chapters from (publish/chapters.py). Entries that are not valid messages are
+        skipped and counted (`bad_entry`) as the reader does. Raises redis errors."""
+        key, count, top = self._key(stream_id), self.config.read_count, "+"
+        left = self.config.retention + count
+        while left > 0:
+            async with self._op():
+                entries = await self._redis.xrevrange(key, max=top, min="-", count=min(count, left))
+            for entry_id, fields in entries:
+                m = self._message(stream_id, entry_id, fields)
+                if m is not None:
+                    yield m
+            left -= len(entries)
+            if len(entries) < count:
+                return
+            oldest = entries[-1][0]
+            # exclusive: older than the oldest read (Redis >= 6.2; deploy/ runs 7)
+            top = "(" + (oldest.decode("ascii", "replace") if isinstance(oldest, bytes) else str(oldest))
 
     async def close(self) -> None:
         """After the supervisor cancelled the tasks: close the connections (idempotent)."""
@@ -669,6 +690,10 @@ def _payload(sid: str, data: Any) -> tuple[Caption | StateChange | StreamEvent, 
     if kind == "state":
         return StateChange(sid, _str(data, "state") or "", _str(data, "detail", optional=True), _num(data, "time")), False
     if isinstance(kind, str) and kind in _EVENTS:
-        return _event(_EVENTS[kind], data), False
+        event = _event(_EVENTS[kind], data)
+        if isinstance(event, Chapter) and not (event.index >= 0 and event.start <= event.end  # NaN fails too
+                                               and math.isfinite(event.start) and math.isfinite(event.end)):
+            raise ValueError("a chapter needs an index >= 0 and finite times, start <= end")
+        return event, False
     raise ValueError(f"unknown message type {str(kind)[:40]!r}")
 

@@ -51,18 +51,30 @@ the first caption's `start`, the last (closed by `flush()` at the end of a
 stream) ends at the last caption's `end`. A caption whose index or start does
 not move forward (the stream was removed and added again) flushes the open
 chapter and starts afresh; indices go on.
+
+A stream taken over by another replica (cluster/ownership.py) goes on with its
+chapters there: the new owner reads back what the old one published on the bus
+(`ChapterRecovery`: the `chapter` messages of the stream's current run, the last
+`keep`, and the captions since the last of them began), restores the rule from
+them (`Chapterer.restore`: the open chapter keeps the old owner's start and
+title; a chapter the old owner closed but never got onto the bus is published
+now), then chapters its own captions. Nothing is published twice; within the
+bus's retention nothing is lost. Where the bus cannot say (Redis unreachable,
+the open chapter's start trimmed away) the stream's chapters start afresh,
+said once in the log and counted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import math
 import re
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -72,8 +84,8 @@ from streamer.publish.hub import CaptionHub, HubMessage
 from streamer.publish.stabilizer import Hysteresis
 from streamer.types import Caption, Chapter, StateChange
 
-__all__ = ["ChapterFiles", "ChapterSink", "Chapterer", "chapter_cue", "chapter_dict", "chapters_json", "chapters_vtt",
-           "similarity"]
+__all__ = ["ChapterFiles", "ChapterHistory", "ChapterRecovery", "ChapterSink", "Chapterer", "Continuation", "chapter_cue",
+           "chapter_dict", "chapters_json", "chapters_vtt", "similarity"]
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +193,41 @@ class Chapterer:
             self._belongs(centre)
         return closed
 
+    def restore(self, closed: Sequence[Chapter], captions: Sequence[Caption]) -> list[Chapter]:
+        """Continue another Chapterer's timeline (a stream taken over from another replica): `closed`,
+        its closed chapters, oldest first; `captions`, in order, those whose window centre is at or
+        after the last closed chapter's start (all of them when nothing closed yet). Only on a
+        Chapterer nothing was fed to yet. Returns the chapters the replay closed after `closed[-1]`:
+        chapters whose event was never published (usually none).
+
+        The rule is replayed over the captions, so the open chapter gets the old one's start and
+        title. Replayed from the last closed chapter's start, the cut that closed it is made again
+        and leaves the state it left (the windows after it, and how each was labelled); when the
+        replay does not close that chapter as it was (it began mid-way through the old one's
+        state), it is replayed from the chapter's end instead: exact when the windows after the cut
+        agree with one another. tests/test_chapters_takeover.py checks both at every caption of the
+        demo's scenes, flickers included."""
+        if self._last is not None or self._start is not None:
+            raise RuntimeError("restore() is for a Chapterer that has not been fed")
+        captions = [c for c in captions if math.isfinite(c.start) and math.isfinite(c.end)]
+        if not closed:
+            return [c for caption in captions for c in self.feed(caption)]
+        last = closed[-1]
+        after = [c for c in captions if (c.start + c.end) / 2 >= last.end]
+        if not after:  # the last chapter was closed by the end of its run: the next caption starts afresh
+            self.next_index = last.index + 1
+            return []
+        replayed = self._replay(last.index, last.start, [c for c in captions if (c.start + c.end) / 2 >= last.start])
+        again = replayed[0] if replayed else None
+        if again is not None and (again.index, again.end, again.title) == (last.index, last.end, last.title):
+            return replayed[1:]
+        self._reset()
+        return self._replay(last.index + 1, last.end, after)
+
+    def _replay(self, index: int, start: float, captions: list[Caption]) -> list[Chapter]:
+        self.next_index, self._start = index, start
+        return [c for caption in captions for c in self.feed(caption)]
+
     def flush(self, end: float | None = None) -> list[Chapter]:
         """Close what is open at `end` (default: the last caption's end); afterwards the next caption
         starts afresh. A challenger that came `hold` times among the last windows (in a row or not:
@@ -270,6 +317,136 @@ def _title(tally: Counter[str]) -> str | None:
     return next(text for text, n in tally.items() if n == best)  # insertion order: the earliest of the tied
 
 
+# -- a stream taken over: what the old owner published --------------------------------------------------------
+
+
+def _centre(caption: Caption) -> float:
+    return (caption.start + caption.end) / 2
+
+
+_SLACK = 1e-6  # seconds: times read back from JSON are the floats written, give or take nothing
+
+
+@dataclass(frozen=True, slots=True)
+class Continuation:
+    """What a new owner continues a stream's chapters from (`Chapterer.restore`)."""
+
+    closed: tuple[Chapter, ...]  # the run's closed chapters, oldest first (the last `keep`)
+    captions: tuple[Caption, ...]  # oldest first: those of the last closed chapter and the open one
+    upto: int | None  # the newest bus seq read: the new owner's later messages are new to the rule
+    skipped: int  # chapter messages that did not fit the stream's chapters (left out)
+
+
+class ChapterRecovery:
+    """Sans-I/O: fed one stream's bus messages newest first (`feed` says whether it wants more), it
+    finds the chapters of the stream's current run that its owner published, and the captions the
+    rule needs to continue: those at or after the last closed chapter's start.
+
+    Everything is read back from Redis, so each message was checked by the bus (types, finite
+    chapter times); here each must also fit the stream's timeline. Captions go back in index and
+    media time: one that does not is of an earlier run, and the scan stops there. A chapter is
+    published after the caption that closed it, so it must end no later than the caption before it
+    on the bus; older chapters are numbered down and end where the next one starts or before. One
+    that does not fit is skipped and counted (`skipped`). A message older than `since` (the stream's
+    registration: an earlier stream of the same id) ends the scan too. A message the bus appended
+    twice (it delivers at least once) counts once."""
+
+    def __init__(self, stream_id: str, *, keep: int = KEEP_PER_STREAM, since: float | None = None) -> None:
+        self.stream_id, self.keep, self.since = stream_id, keep, since
+        self._chapters: list[Chapter] = []  # newest first
+        self._unchecked: list[Chapter] = []  # read since the last caption, newest first: checked against the next one
+        self._captions: list[Caption] = []  # newest first
+        self._seen: set[tuple[int, float]] = set()  # (index, emit_time) of the captions read
+        self._newer: Caption | None = None  # the caption read last (the next one in time)
+        self._captions_done = False
+        self.bounded = False  # the run's (or the registration's) start was read: the history is whole
+        self.upto: int | None = None
+        self.oldest_seq: int | None = None
+        self.skipped = 0
+
+    def feed(self, message: HubMessage) -> bool:
+        """One message, newer ones first. False: it has what it needs (read no more)."""
+        if self.bounded:
+            return False
+        if message.bus_seq is not None:
+            self.upto = message.bus_seq if self.upto is None else self.upto
+            self.oldest_seq = message.bus_seq
+        payload = message.payload
+        if isinstance(payload, (Caption, Chapter)) and payload.stream_id == self.stream_id:
+            if self.since is not None and payload.emit_time < self.since:
+                self._bound()  # an earlier stream of this id, since removed
+            elif isinstance(payload, Caption):
+                self._caption(payload)
+            else:
+                self._unchecked.append(payload)
+        return not self.bounded and not (self._captions_done and len(self._chapters) >= self.keep)
+
+    def result(self, *, read_all: bool) -> Continuation | None:
+        """What to continue from; None when the history does not say where the open chapter began
+        (trimmed past retention with no chapter closed since), or holds nothing of the stream.
+        `read_all`: the scan reached the oldest entry kept."""
+        if not self._chapters and not self._captions:
+            return None
+        whole = self.bounded or bool(self._chapters) or (read_all and self.oldest_seq in (None, 1))
+        if not whole:
+            return None
+        chapters = self._chapters[:self.keep]
+        return Continuation(tuple(reversed(chapters)), tuple(reversed(self._captions)), self.upto, self.skipped)
+
+    @property
+    def found(self) -> tuple[int, int]:
+        """(closed chapters, captions) found so far."""
+        return len(self._chapters), len(self._captions)
+
+    def _bound(self) -> None:
+        self.bounded = True
+        self._unchecked = []  # published after an earlier run's last caption: that run's
+
+    def _caption(self, caption: Caption) -> None:
+        if not (math.isfinite(caption.start) and math.isfinite(caption.end)):
+            return  # no place on a timeline: the rule skips it too
+        key = (caption.index, caption.emit_time)
+        if key in self._seen:
+            return  # appended twice
+        newer = self._newer
+        if newer is not None and (newer.index <= caption.index or newer.start <= caption.start):
+            self._bound()  # the timeline started again after this one (as `Chapterer.feed` sees it)
+            return
+        self._seen.add(key)
+        self._newer = caption
+        for chapter in self._unchecked:
+            self._chapter(chapter, caption)
+        self._unchecked = []
+        if self._captions_done:
+            return
+        if self._chapters and _centre(caption) < self._chapters[0].start:
+            self._captions_done = True  # older ones are before the last closed chapter: not needed
+            return
+        self._captions.append(caption)
+
+    def _chapter(self, chapter: Chapter, before: Caption) -> None:
+        """A chapter published after the caption `before` (the trigger that closed it, or a later one)."""
+        if chapter.end > before.end + _SLACK:
+            self.skipped += 1  # ends after the captions it was closed by: not one of this stream's chapters
+            return
+        if not self._chapters:
+            self._chapters.append(chapter)
+            return
+        newer = self._chapters[-1]
+        if (chapter.index, chapter.start, chapter.end) == (newer.index, newer.start, newer.end):
+            return  # appended twice
+        if chapter.index < newer.index and chapter.end <= newer.start + _SLACK:
+            self._chapters.append(chapter)
+        else:
+            self.skipped += 1
+
+
+class ChapterHistory(Protocol):
+    """Where a stream's published messages are read back from (publish/bus.py's CaptionBus)."""
+
+    def newest_first(self, stream_id: str) -> AsyncGenerator[HubMessage, None]: ...
+
+
 # -- output forms ------------------------------------------------------------------------------------------
 
 
@@ -316,6 +493,21 @@ class ChapterFiles(Protocol):
     def submit_chapter(self, chapter: Chapter) -> None: ...
 
 
+class _Restoring:
+    """A stream taken over whose chapters are being read back from the bus."""
+
+    __slots__ = ("done", "task", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting: list[HubMessage] = []  # its messages meanwhile, in order
+        self.done = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+
+_MAX_WAITING = 4096  # a stream's messages held while its chapters are read back (a minute's worth or more)
+_READING_AT_ONCE = 2  # streams whose chapters are read back at once
+
+
 class ChapterSink(HubConsumer):
     """Chapters of every stream this daemon captions (one per daemon; with a bus, of the streams it owns).
 
@@ -324,25 +516,45 @@ class ChapterSink(HubConsumer):
     `chapter` event. A stream's open chapter is closed `end_grace` seconds after its state became
     stopped or failed and its captions stopped coming (the windows still waiting when a file ends are
     captioned after its `stopped`), and at `close()`. Never blocks: the rule is a few set operations
-    per caption."""
+    per caption.
+
+    A stream taken over from another replica (`take_over`, called by cluster/ownership.py before the
+    stream starts here) goes on with the chapters its old owner published: they are read back from
+    the bus (`ChapterRecovery`) while the stream's first messages wait, then the rule is restored
+    (`Chapterer.restore`) and the waiting messages are fed to it. When the bus cannot say (Redis
+    unreachable, the history trimmed past the open chapter's start, `restore_timeout` spent) the
+    stream's chapters start afresh here, said once in the log and counted
+    (`streamer_bus_errors_total{op="chapters_afresh"}` with `metrics`)."""
 
     consumer_name = "chapters"
 
     def __init__(self, *, hold: int = DEFAULT_HOLD, similarity: float = DEFAULT_SIMILARITY, keep: int = KEEP_PER_STREAM,
                  max_streams: int = MAX_STREAMS, files: ChapterFiles | None = None,
-                 clock: Callable[[], float] = time.time, end_grace: float = 5.0) -> None:
+                 clock: Callable[[], float] = time.time, end_grace: float = 5.0, metrics: Any = None,
+                 restore_timeout: float = 10.0) -> None:
         Chapterer("check", hold=hold, similarity=similarity)  # validates the rule's settings here
         if keep < 1 or max_streams < 1:
             raise ValueError("keep and max_streams must be >= 1")
         self.hold, self.similarity, self.keep, self.max_streams = hold, similarity, keep, max_streams
         self.files = files
         self.end_grace = end_grace
+        self.restore_timeout = restore_timeout
+        self.metrics = metrics  # DaemonMetrics, or None
+        if metrics is not None:
+            metrics.bus_errors.labels(op="chapters_afresh")  # the series exists from the start, at 0
         self._clock = clock
         self._ending: dict[str, asyncio.TimerHandle] = {}  # stopped streams: when their open chapter closes
         self._rules: dict[str, Chapterer] = {}
         self._next_index: dict[str, int] = {}  # streams whose rule was flushed: where indices go on
         self._kept: OrderedDict[str, deque[Chapter]] = OrderedDict()  # least recently updated first
+        self._restoring: dict[str, _Restoring] = {}  # streams taken over, their chapters being read back
+        self._read_upto: dict[str, int] = {}  # stream -> newest bus seq its restore read (not to be fed again)
+        # Reading a history back is mostly the event loop's CPU (~0.4 s for 10,000 entries, docs/scale.md):
+        # a replica taking over many streams reads two at a time, the others' captions wait their turn.
+        self._reading = asyncio.Semaphore(_READING_AT_ONCE)
+        self._tasks: set[asyncio.Task] = set()  # the restores running
         self.chapters_closed = 0
+        self.restores = {"continued": 0, "afresh": 0, "skipped": 0}  # takeovers, and chapter entries left out
         self._init_consumer()
         self._closed = False
 
@@ -358,11 +570,64 @@ class ChapterSink(HubConsumer):
             return
         await self._stop_consuming()
         self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream_id, state in list(self._restoring.items()):  # its messages here would start wrong chapters
+            del self._restoring[stream_id]
+            state.done.set()
+            log.warning("chapters of a stream taken over not restored: the server shut down first",
+                        extra={"stream": stream_id, "captions_dropped": len(state.waiting)})
         for handle in self._ending.values():
             handle.cancel()
         self._ending.clear()
         for stream_id in list(self._rules):
             self._flush(stream_id)
+
+    def take_over(self, stream_id: str, history: ChapterHistory, since: float | None = None) -> None:
+        """This replica takes `stream_id` over (before it starts here): its chapters go on from what
+        its old owner published to `history` (the bus) since `since` (its registration, wall clock),
+        read in the background; its messages wait meanwhile, so that the first one captioned here is
+        chaptered after the old owner's. Whatever this replica still held of the stream (an earlier
+        ownership) is dropped unflushed: the bus says what was published."""
+        if self._closed:
+            return
+        self._cancel_restore(stream_id)
+        earlier = self._restoring.pop(stream_id, None)
+        if earlier is not None:  # taken, lost and taken again before its chapters were read back
+            earlier.done.set()
+        handle = self._ending.pop(stream_id, None)
+        if handle is not None:
+            handle.cancel()
+        self._rules.pop(stream_id, None)
+        self._kept.pop(stream_id, None)
+        self._read_upto.pop(stream_id, None)
+        if since is not None and not (math.isfinite(since) and since > 0):
+            since = None  # read from Redis: a registration time that is no time does not bound anything
+        state = self._restoring[stream_id] = _Restoring()
+        state.task = task = asyncio.get_running_loop().create_task(self._restore(stream_id, history, since),
+                                                                   name=f"chapters-restore:{stream_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._restore_done)
+
+    def _restore_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.errors += 1
+            log.error("reading a stream's chapters back failed", exc_info=task.exception())
+
+    async def settled(self, stream_id: str, timeout: float) -> bool:
+        """Wait (at most `timeout` s) until the stream's chapters are not being read back; False: still are."""
+        state = self._restoring.get(stream_id)
+        if state is None:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await state.done.wait()
+        except TimeoutError:
+            return False
+        return True
 
     def chapters(self, stream_id: str) -> list[Chapter]:
         """The closed chapters of the stream's current (or last) run kept here, oldest first: its media
@@ -374,11 +639,25 @@ class ChapterSink(HubConsumer):
         return rule.open_chapter if rule is not None else None
 
     def knows(self, stream_id: str) -> bool:
-        return stream_id in self._kept or stream_id in self._rules
+        return stream_id in self._kept or stream_id in self._rules or stream_id in self._restoring
 
     # -- loop side ----------------------------------------------------------------------
     def _on_message(self, message: HubMessage) -> None:
         payload = message.payload
+        sid = payload.stream_id
+        state = self._restoring.get(sid)
+        if state is not None:  # taken over: its chapters are being read back; after them
+            state.waiting.append(message)
+            if len(state.waiting) > _MAX_WAITING:
+                self._cancel_restore(sid)
+                self._restored(sid, None, f"more than {_MAX_WAITING} of its messages waited for them")
+            return
+        upto = self._read_upto.get(sid)
+        if upto is not None and message.bus_seq is not None:
+            if message.bus_seq > upto:
+                del self._read_upto[sid]
+            elif isinstance(payload, Caption):
+                return  # the restore read it already (and fed it to the rule)
         if isinstance(payload, Caption):
             if payload.stream_id in self._ending:  # its last windows are still being captioned: wait on
                 self._end_later(payload.stream_id)
@@ -397,6 +676,73 @@ class ChapterSink(HubConsumer):
                 handle = self._ending.pop(payload.stream_id, None)
                 if handle is not None:
                     handle.cancel()
+
+    async def _restore(self, stream_id: str, history: ChapterHistory, since: float | None) -> None:
+        recovery = ChapterRecovery(stream_id, keep=self.keep, since=since)
+        found, why = None, None
+        limit: asyncio.Timeout | None = None
+        try:
+            async with self._reading:  # the time limit starts with the reading, not with the wait for a turn
+                limit = asyncio.timeout(self.restore_timeout)
+                async with limit, contextlib.aclosing(history.newest_first(stream_id)) as messages:
+                    read_all = True
+                    async for message in messages:
+                        if not recovery.feed(message):
+                            read_all = False
+                            break
+            found = recovery.result(read_all=read_all)
+            if found is None and recovery.found != (0, 0):
+                why = "the bus no longer holds where the open chapter began (history trimmed past its retention)"
+        except Exception as exc:  # noqa: BLE001 - Redis unreachable (or a call timed out), anything else: afresh, said
+            why = (f"reading them back took more than {self.restore_timeout:g} s" if limit and limit.expired()
+                   else f"the bus could not be read ({type(exc).__name__}: {str(exc)[:200]})")
+        if recovery.skipped:
+            self.restores["skipped"] += recovery.skipped
+            if self.metrics is not None:
+                self.metrics.bus_errors.labels(op="bad_entry").inc(recovery.skipped)
+            log.warning("chapter messages on the bus that do not fit the stream's chapters were left out",
+                        extra={"stream": stream_id, "skipped": recovery.skipped})
+        self._restored(stream_id, found, why)
+
+    def _restored(self, stream_id: str, found: Continuation | None, why: str | None) -> None:
+        """The restore of a stream taken over ended: continue from `found`, or start afresh (`why`:
+        what went wrong; None: there was nothing to continue); then the messages that waited."""
+        state = self._restoring.pop(stream_id, None)
+        if state is None:
+            return
+        if found is not None:
+            rule = Chapterer(stream_id, hold=self.hold, similarity=self.similarity)
+            missed = rule.restore(found.closed, found.captions)
+            if rule.open_chapter is not None or missed:
+                self._rules[stream_id] = rule
+            else:  # its last run ended (its last chapter closed at its end): the next caption starts a new one
+                self._next_index[stream_id] = rule.next_index
+            self._kept.pop(stream_id, None)
+            self._kept[stream_id] = deque(found.closed, maxlen=self.keep)
+            while len(self._kept) > self.max_streams:
+                self._kept.popitem(last=False)
+            if found.upto is not None:
+                self._read_upto[stream_id] = found.upto
+            for chapter in missed:  # closed by the old owner's captions, but its event never reached the bus
+                self._closed_one(chapter)
+            self.restores["continued"] += 1
+            log.info("chapters of a stream taken over continue from the bus",
+                     extra={"stream": stream_id, "closed": len(found.closed), "captions": len(found.captions),
+                            "published_now": len(missed)})
+        elif why is not None:
+            self.restores["afresh"] += 1
+            if self.metrics is not None:
+                self.metrics.bus_errors.labels(op="chapters_afresh").inc()
+            log.warning("chapters of a stream taken over start afresh", extra={"stream": stream_id, "error": why})
+        state.done.set()
+        for message in state.waiting:
+            self._on_message(message)
+
+    def _cancel_restore(self, stream_id: str) -> None:
+        state = self._restoring.get(stream_id)
+        if state is not None and state.task is not None:
+            state.task.cancel()
+            state.task = None
 
     def _end_later(self, stream_id: str) -> None:
         handle = self._ending.pop(stream_id, None)

@@ -230,6 +230,13 @@ does; `start`/`end`: the window that settled it):
 {"v": 1, "type": "chapter", "stream_id": "cam1", "index": 3, "start": 96.0, "end": 130.5, "title": "two small red triangles move down", "emit_time": 1764050131.0}
 ```
 
+`GET /streams/{id}/chapters` lists the same objects (oldest first; while live
+the last has `"open": true`). With several replicas, a replica that has just
+taken a stream over reads its chapters back from the bus first (well under a
+second per stream at the default retention): meanwhile that route waits up to
+3 s, then answers `503 {"error": {"code": "chapters_restoring", ...}}` with
+`Retry-After: 1`. No `chapter` message is sent twice across a takeover.
+
 ### `error`
 A client message was rejected and ignored; the connection stays open.
 

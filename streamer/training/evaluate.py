@@ -196,7 +196,7 @@ def evaluate_questions(engine: Engine, windows: Iterator[tuple[list, object]], *
     every window is asked one question of each kind (`labelled_questions`)."""
     import numpy as np
 
-    from streamer.training.world import QUESTION_KINDS, labelled_questions
+    from streamer.training.world import QUESTION_KINDS, labelled_questions, same_answer
 
     rng = np.random.default_rng(seed)
     asked: list[tuple[str, list, str, str]] = []
@@ -208,9 +208,9 @@ def evaluate_questions(engine: Engine, windows: Iterator[tuple[list, object]], *
     got = answer_questions(engine, [(frames, q) for _, frames, q, _ in asked])
     accuracy = {}
     for kind in QUESTION_KINDS:
-        rows = [g == a for (k, _, _, a), g in zip(asked, got) if k == kind]
+        rows = [same_answer(g, a) for (k, _, _, a), g in zip(asked, got) if k == kind]
         accuracy[kind] = round(sum(rows) / len(rows), 4)
-    yes_no = [g == a for (k, _, _, a), g in zip(asked, got) if k in ("yes", "no")]
+    yes_no = [same_answer(g, a) for (k, _, _, a), g in zip(asked, got) if k in ("yes", "no")]
     accuracy["yes/no"] = round(sum(yes_no) / len(yes_no), 4)
-    wrong = [{"question": q, "answer": a, "got": g} for (_, _, q, a), g in zip(asked, got) if g != a][:10]
+    wrong = [{"question": q, "answer": a, "got": g} for (_, _, q, a), g in zip(asked, got) if not same_answer(g, a)][:10]
     return {"windows": len(asked) // len(QUESTION_KINDS), "accuracy": accuracy, "wrong": wrong}

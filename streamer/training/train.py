@@ -58,10 +58,15 @@ class TrainConfig(RunConfig):
     vision_lr_scale: float = 1.0  # the vision tower's learning rate, relative to `lr` (fine-tuning: below 1)
     # data="live": how often each question kind is asked, relative (kinds not named: 1; the bundled model: all 1)
     question_weights: tuple[tuple[str, float], ...] = ()
+    # data="live": the loss weight of what a question example says after its caption (checks, marker, answer),
+    # relative to the other tokens: a yes/no answer is 1 token in 20, and at weight 1 it stayed at chance
+    answer_weight: float = 1.0
 
 
 Example = tuple[list[np.ndarray], str]  # frames, caption
-QAExample = tuple[list[np.ndarray], str, str]  # frames, answer, question (the prefix the answer follows)
+# frames, text, question (the prefix the text follows), how many of the text's last words are the answer
+# (what follows the caption: a yes/no question's checks, the marker, the answer; they weigh `answer_weight`)
+QAExample = tuple[list[np.ndarray], str, str, int]
 
 
 SIMPLE_SUBJECT = ("square", "white", "big")
@@ -184,7 +189,7 @@ def live_windows(seed: int, frames: int = 6, short_side: int = 64, window: float
 
 
 # What the bundled model trains on (`--data live`), per example:
-LIVE_SHARE = 0.45  # a live-like window (else a clean clip of the world, as `streamer eval` draws them)
+LIVE_SHARE = 0.55  # a live-like window (else a clean clip of the world, as `streamer eval` draws them)
 QUESTION_SHARE = 0.5  # a question about the window (else its caption); its text is caption + "so" + answer
 
 
@@ -214,7 +219,8 @@ def live_world_examples(seed: int, frames: int = 6, size: int = 64, short_side: 
                 questions = labelled_questions(t, rng)
                 weights = np.array([(question_weights or {}).get(kind, 1.0) for kind, _, _ in questions])
                 _, question, answer = questions[int(rng.choice(len(questions), p=weights / weights.sum()))]
-                yield imgs, reasoned_answer(t.caption, answer), question
+                text = reasoned_answer(t.caption, answer, question)
+                yield imgs, text, question, len(text.split()) - len(t.caption.split())
             else:
                 yield imgs, t.caption
 
@@ -408,9 +414,13 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
         pixels = pixels.view(len(batch), frames, *pixels.shape[1:])
         if frames == 1:
             pixels = pixels[:, 0]
-        enc, labels = _text_batch(tokenizer, batch, device)
+        enc, labels, weights = _text_batch(tokenizer, batch, device, config.answer_weight)
         with autocast:
-            loss = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, pixel_values=pixels, labels=labels).loss
+            if weights is None:
+                loss = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, pixel_values=pixels, labels=labels).loss
+            else:
+                logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, pixel_values=pixels).logits
+                loss = weighted_text_loss(logits, labels, weights)
         done = step + 1
         shown.update(done, optimizer_step(loss, model, optimizer, scheduler), float(scheduler.get_last_lr()[0]))
         if done % config.save_every == 0 and done < config.steps:
@@ -424,16 +434,32 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
     return out
 
 
-def _text_batch(tokenizer, batch, device: torch.device):
-    """Token ids and labels; a question's [CLS] and words are context, not targets."""
+def _text_batch(tokenizer, batch, device: torch.device, answer_weight: float = 1.0):
+    """Token ids, labels and (with an `answer_weight` other than 1) per-token loss weights; a
+    question's [CLS] and words are context, not targets; an answer's tokens weigh `answer_weight`."""
     texts = [ex[1] if len(ex) == 2 else f"{ex[2]} {ex[1]}" for ex in batch]
     enc = tokenizer(texts, padding=True, return_tensors="pt").to(device)
     labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    weights = None if answer_weight == 1.0 else torch.ones(labels.shape, device=device)
     for row, ex in enumerate(batch):
-        if len(ex) == 3:
+        if len(ex) == 4:
             prefix = 1 + len(tokenizer(ex[2], add_special_tokens=False).input_ids)  # [CLS] + question
             labels[row, :prefix] = -100
-    return enc, labels
+            if weights is not None and ex[3] > 0:
+                answer = " ".join(ex[1].split()[-ex[3]:])
+                end = int(enc.attention_mask[row].sum()) - 1  # [SEP]
+                weights[row, end - len(tokenizer(answer, add_special_tokens=False).input_ids) : end] = answer_weight
+    return enc, labels, weights
+
+
+def weighted_text_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """GIT's captioning loss (each text position predicts the next token; image positions and -100
+    labels ignored) with a weight per target token, normalised by the weights."""
+    text = logits[:, -labels.shape[1] : -1].float()  # logits = image tokens, then text tokens
+    target, weight = labels[:, 1:], weights[:, 1:] * (labels[:, 1:] != -100)
+    losses = torch.nn.functional.cross_entropy(text.reshape(-1, text.shape[-1]), target.clamp(min=0).reshape(-1),
+                                               reduction="none").view_as(weight)
+    return (losses * weight).sum() / weight.sum().clamp(min=1e-9)
 
 
 def _save(path: Path, model, tokenizer, processor, config: TrainConfig, step: int, optimizer, scheduler) -> None:

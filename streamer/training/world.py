@@ -32,7 +32,9 @@ __all__ = [
     "questions_for",
     "random_live_scene",
     "random_scene",
+    "reasoned_answer",
     "render_video",
+    "same_answer",
     "window_times",
     "world_vocabulary",
     "write_video",
@@ -58,6 +60,7 @@ REVERSED = {"left": "right", "right": "left", "up": "down", "down": "up", "appea
 BACKGROUNDS = ("black", "gray", "noise")
 
 _PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+_SINGULAR = {plural: shape for shape, plural in _PLURAL.items()}
 
 
 @dataclass(frozen=True)
@@ -366,9 +369,29 @@ NONE = "none"  # the answer about a window with nothing in view
 ANSWER_MARKER = "so"
 
 
-def reasoned_answer(caption: str, answer: str) -> str:
-    """The text the bundled model learns to say after a question."""
+def reasoned_answer(caption: str, answer: str, question: str = "") -> str:
+    """The text the bundled model learns to say after a question: its caption,
+    the marker, the answer. A shape is answered with the caption's own noun
+    ("circles" when it said two), a copy rather than a translation. A yes/no
+    question ("is there a red circle ?") is checked one word at a time between
+    the caption and the marker: "two small red squares move up red yes circle
+    no so no". Each check only asks whether the word just said occurs in the
+    caption, and the answer is the AND of the checks; answering in one step
+    (both words at once) stayed at chance (the model card)."""
+    said = caption.split()
+    if answer in SHAPES:
+        answer = next((w for w in said if _SINGULAR.get(w, w) == answer), answer)
+    asked = question.split()
+    if len(asked) == 6 and asked[:3] == ["is", "there", "a"]:
+        colour, shape = asked[3], asked[4]
+        seen = lambda word: "yes" if any(_SINGULAR.get(w, w) == word for w in said) else "no"
+        return f"{caption} {colour} {seen(colour)} {shape} {seen(shape)} {ANSWER_MARKER} {answer}"
     return f"{caption} {ANSWER_MARKER} {answer}"
+
+
+def same_answer(got: str, expected: str) -> bool:
+    """Whether an answer is right: a shape in the singular or the plural names it."""
+    return _SINGULAR.get(got, got) == _SINGULAR.get(expected, expected)
 
 
 def labelled_questions(truth: WindowTruth | Scene, rng: np.random.Generator | None = None) -> list[tuple[str, str, str]]:

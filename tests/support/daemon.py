@@ -80,6 +80,18 @@ async def add_stream(session: aiohttp.ClientSession, running: Running, **body) -
         return data
 
 
+async def add_to_cluster(session: aiohttp.ClientSession, a: Running, b: Running, timeout: float = 30.0,
+                         **body) -> tuple[Running, Running]:
+    """Add a stream through replica `a` of a two-replica cluster and wait until one of them captions
+    it (either may win the lease): (its owner, the other replica)."""
+    await add_stream(session, a, **body)
+    deadline = time.monotonic() + timeout
+    while not any(body["id"] in r.daemon.streams for r in (a, b)):
+        assert time.monotonic() < deadline, "no replica took the stream"
+        await asyncio.sleep(0.1)  # ownership is decided in Redis: nothing here to await
+    return (a, b) if body["id"] in a.daemon.streams else (b, a)
+
+
 async def read_messages(ws, until, timeout: float) -> list[dict]:
     """Read messages until `until(messages)` holds; fail after `timeout` seconds."""
     messages: list[dict] = []
@@ -87,7 +99,7 @@ async def read_messages(ws, until, timeout: float) -> list[dict]:
     while not until(messages):
         try:
             raw = await asyncio.wait_for(ws.recv(), max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             counts: dict = {}
             for m in captions_of(messages):
                 counts[m["stream_id"]] = counts.get(m["stream_id"], 0) + 1

@@ -103,3 +103,26 @@ def save_git_checkpoint(
         renamed = {k.replace("img_temporal_embedding", "img_temperal_embedding"): v for k, v in tensors.items()}
         save_file(renamed, str(weights), metadata={"format": "pt"})
     return path
+
+
+def greedy_reference(engine, window, prompt: str | None, max_new_tokens: int) -> tuple[str, float]:
+    """transformers' own greedy `model.generate(pixel_values=..., input_ids=[CLS] + prompt)` on an
+    engine's window: (the text after the prompt, the mean log-prob of its tokens). The reference the
+    engine's captions and answers are held to."""
+    import numpy as np
+
+    from streamer.engine.preprocess import preprocess_frames
+
+    frames = engine._fit(window.frames)
+    pixels = preprocess_frames([f.image for f in frames], engine.spec, engine.device, engine.dtype)
+    pixels = pixels.view(1, engine.num_frames, *pixels.shape[1:])
+    prefix = [engine.tokenizer.cls_token_id]
+    if prompt is not None:
+        prefix += engine.tokenizer(prompt, add_special_tokens=False).input_ids
+    with torch.inference_mode():
+        out = engine.model.generate(pixel_values=pixels, input_ids=torch.tensor([prefix]), max_new_tokens=max_new_tokens,
+                                    do_sample=False, output_scores=True, return_dict_in_generate=True)
+    new = out.sequences[0, len(prefix) :]
+    logps = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, new)]
+    text = " ".join(engine.tokenizer.decode(new, skip_special_tokens=True).split())
+    return text, float(np.mean(logps))

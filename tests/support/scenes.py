@@ -53,3 +53,14 @@ def names_colour_and_shape(title: str, caption: str) -> bool:
     shape = next(s for s in SHAPES if s in words or f"{s}s" in words)
     said = set(title.split())
     return colour in said and (shape in said or f"{shape}s" in said)
+
+
+def bundled_captions(video: Path, window: float = 3.0, hop: float = 1.0) -> list:
+    """The bundled model's captions of every window of a video (1 thread, offline: caption_file)."""
+    from streamer.defaults import BUNDLED_MODEL
+    from streamer.engine import Engine, EngineConfig
+    from streamer.pipeline.offline import CaptionJob, caption_file
+    from streamer.pipeline.sampler import SamplerConfig
+
+    engine = Engine.load(EngineConfig(model=str(BUNDLED_MODEL), threads=1, max_new_tokens=20))
+    return list(caption_file(engine, CaptionJob(str(video), SamplerConfig(window=window, frames=engine.num_frames, hop=hop))))

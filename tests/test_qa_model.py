@@ -264,6 +264,8 @@ async def test_the_daemon_answers_with_each_streams_qa_model(tmp_path, tiny_mode
         assert samples["streamer_engine_kv_hits_total", None] == daemon.engine.stats.kv_hits >= 1
         async with http.get(f"{d.http}/readyz") as resp:
             assert resp.status == 200
+            ready = await resp.json()
+        assert ready["model"] == str(tiny_model) and ready["qa_models"] == sorted([str(qa_model), str(qa_model_2)])
 
         # a window leaving the history is freed in the QA model's cache too; a stream gone, everywhere
         history = daemon.streams["cam"].history

@@ -101,7 +101,7 @@ async def _caption_clips(request: web.Request, clips: list[bytes], max_length: i
         # decoding is blocking work: off the loop
         windows.append(
             await loop.run_in_executor(None, _clip_window, data, f"_clip{request_id}.{i}", engine.num_frames,
-                                       engine.frame_short_side, request.app[CONFIG_KEY].max_image_pixels)
+                                       daemon.frame_short_side, request.app[CONFIG_KEY].max_image_pixels)
         )
     return await _results(daemon, windows, max_length, question)
 
@@ -212,7 +212,7 @@ async def caption_frames(request: web.Request) -> web.Response:
         loop = asyncio.get_running_loop()
         images = [
             await loop.run_in_executor(None, _decode_image, _b64(f, f"frames[{i}]"), f"frames[{i}]",
-                                       daemon.engine.frame_short_side, request.app[CONFIG_KEY].max_image_pixels)
+                                       daemon.frame_short_side, request.app[CONFIG_KEY].max_image_pixels)
             for i, f in enumerate(req.frames)
         ]
         now, stream_id = time.time(), f"_frames{next(_REQUEST_IDS)}"

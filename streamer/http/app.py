@@ -110,7 +110,7 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response({"status": "starting", "reason": service.phase}, status=503)
     ready, reason = daemon.readiness()
     if ready:
-        qa_models = {"qa_models": sorted(daemon.qa_engines)} if getattr(daemon, "qa_engines", None) else {}
+        qa_models = {"qa_models": sorted(daemon.qa_engines)} if daemon.qa_engines else {}
         return web.json_response({"status": "ready", "model": daemon.engine.model_name, **qa_models,
                                   "streams": len(daemon.streams)})
     status = reason if reason in ("draining", "starting") else "not_ready"

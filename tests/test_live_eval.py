@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -18,6 +19,7 @@ from streamer.training.live import (
     live_evaluation,
     live_scenes,
     score_captions,
+    score_runs,
     stabilized,
 )
 
@@ -56,6 +58,27 @@ def test_scoring_of_a_hand_made_sequence():
     # window (A->B at 5, B->C at 11, C->B at 12) are the cuts'
     assert s["flicker"] == 3 and s["flicker_per_100"] == 18.75
     assert [w["start"] for w in s["wrong"]] == [2.25, 12.25]
+
+
+def test_the_exact_interval_resamples_scenes_not_windows():
+    # the hand-made sequence: scene A 3 of 4 right, B 4 of 4, C 3 of 4
+    lo, hi = score_captions(windows(SEQUENCE), SCENES)["exact_ci95"]
+    assert 0.75 <= lo < 10 / 12 < hi <= 1.0
+    # 4 wrong windows of 12 either way: all in one scene is less evidence than spread over three
+    # (windows of one scene fail together), so its interval is wider
+    spread = windows([A, A, X, X] + [A, B] + [B, B, X, B] + [B, C] + [B, C, C, C])
+    clumped = windows([X, X, X, X] + [A, B] + [B, B, B, B] + [B, C] + [C, C, C, C])
+    assert score_captions(spread, SCENES)["exact"] == score_captions(clumped, SCENES)["exact"] == pytest.approx(8 / 12, abs=1e-4)
+    (slo, shi), (clo, chi) = score_captions(spread, SCENES)["exact_ci95"], score_captions(clumped, SCENES)["exact_ci95"]
+    assert chi - clo > shi - slo
+    assert score_captions(windows([A] * 16), SCENES[:1])["exact_ci95"] is None  # one scene: no interval
+    # two cells of a live evaluation play the same scenes: they are resampled together, not as new evidence
+    def cell() -> list[Segment]:
+        return [replace(seg, scene=n) for n, seg in enumerate(SCENES)]
+
+    as_new = score_runs([(clumped, SCENES), (clumped, list(map(replace, SCENES)))])["exact_ci95"]
+    as_same = score_runs([(clumped, cell()), (clumped, cell())])["exact_ci95"]
+    assert as_same[1] - as_same[0] > as_new[1] - as_new[0]
 
 
 def test_a_cut_never_named_is_missed_and_a_scene_that_changes_is_not_flicker():
@@ -146,7 +169,11 @@ def test_eval_live_command_writes_the_json(tmp_path):
     report = json.loads(out.read_text())
     assert tuple(report) == LIVE_KEYS and report["seed"] == 7 and report["scenes"] == 3
     assert report["source"] == "synthetic:random" and report["off"]["windows"] >= 5
-    assert "stabilizer off: exact" in result.stdout and "flicker" in result.stdout
+    # the default is a matrix (two frame rates x a square and a wide frame), scored together, with an interval
+    assert [c["name"] for c in report["cells"]] == ["128x128@15", "160x90@15", "128x128@30", "160x90@30"]
+    lo, hi = report["off"]["exact_ci95"]
+    assert lo <= report["off"]["exact"] <= hi
+    assert "stabilizer off: exact" in result.stdout and "flicker" in result.stdout and "% over scenes)" in result.stdout
 
 
 def test_a_users_manifest_of_timed_captions_is_scored_the_same_way(tmp_path):

@@ -113,6 +113,27 @@ def test_training_lowers_the_loss_and_the_result_loads(tmp_path, caplog):
     assert set(caption.text.split()) <= set(world_vocabulary())
 
 
+def test_a_new_model_can_be_built_larger_and_still_loads_and_captions(tmp_path):
+    # the room a GPU run has (issue #14: 4 x 4 patches of 16 pixels see where things are coarsely)
+    out = tmp_path / "wide"
+    result = subprocess.run([sys.executable, "-m", "streamer", "train", "--out", str(out), "--steps", "2", "--batch-size", "2",
+                             "--warmup", "1", "--threads", "1", "--image-size", "48", "--patch-size", "8", "--hidden", "64",
+                             "--layers", "2", "--frames", "4"], check=False, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    vision = config["vision_config"]
+    assert (vision["image_size"], vision["patch_size"], vision["hidden_size"], vision["num_hidden_layers"]) == (48, 8, 64, 2)
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_image_with_embedding"]) == (64, 2, 4)
+    engine = Engine.load(EngineConfig(model=str(out), max_new_tokens=6))
+    assert engine.num_frames == 4
+    ((window, _),) = list(synthetic_clips(1, seed=2, frames=4, size=48))
+    assert set(engine.caption([window])[0].text.split()) <= set(world_vocabulary())
+    bad = subprocess.run([sys.executable, "-m", "streamer", "train", "--out", str(tmp_path / "x"), "--image-size", "50"],
+                         check=False, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "a multiple of --patch-size (50 / 16)" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_a_killed_training_run_resumes_from_its_newest_checkpoint(tmp_path):
     out = tmp_path / "m"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -294,6 +315,19 @@ def test_live_examples_go_through_h264_and_the_daemons_resize():
     assert any(ex[1].endswith(" still") for ex in examples)  # still scenes, and objects standing after they appear
 
 
+def test_the_live_share_sets_how_much_of_the_data_is_live_windows(tmp_path):
+    from streamer.training.train import live_world_examples
+
+    def frame_shapes(share: float) -> set:
+        return {ex[0][0].shape for ex in itertools.islice(live_world_examples(seed=3, live_share=share), 60)}
+
+    assert frame_shapes(0.0) == {(64, 64, 3)}  # clean clips only: square, as `streamer eval` draws them
+    assert len(frame_shapes(1.0)) > 1  # live windows: several aspect ratios
+    bad = subprocess.run([sys.executable, "-m", "streamer", "train", "--out", str(tmp_path / "x"), "--data", "live",
+                          "--live-share", "1.5"], check=False, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "a share is 0-1" in bad.stderr and not (tmp_path / "x").exists()
+
+
 def test_only_the_answer_counts_in_the_loss_and_it_can_weigh_more():
     from streamer.engine.fresh import new_git_model, word_tokenizer
     from streamer.training.train import _text_batch, weighted_text_loss
@@ -310,6 +344,10 @@ def test_only_the_answer_counts_in_the_loss_and_it_can_weigh_more():
     assert weights is None  # weight 1: the model's own loss
     _, _, weights = _text_batch(tok, batch, torch.device("cpu"), answer_weight=5.0)
     assert weights[0].tolist()[:15] == [1.0] * 12 + [5.0, 5.0, 1.0] and (weights[1] == 1).all()  # "so red" weigh 5
+    # the event word ("still") of the caption weighs `event_weight`, in a caption and inside an answer's text
+    _, _, weights = _text_batch(tok, batch, torch.device("cpu"), answer_weight=5.0, event_weight=3.0)
+    assert weights[0].tolist()[:15] == [1.0] * 11 + [3.0, 5.0, 5.0, 1.0]
+    assert weights[1].tolist()[:8] == [1.0] * 6 + [3.0, 1.0]  # [CLS] a big red circle is still [SEP]
     # the weighted loss is GIT's own loss when every weight is 1, and follows the weights otherwise
     model, _ = new_git_model(tok, seed=0, text_layers=1, image_size=64, patch_size=16)
     pixels = torch.rand(2, 6, 3, 64, 64)

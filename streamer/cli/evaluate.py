@@ -22,12 +22,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     live = ev.add_argument_group("live evaluation (--live): a long stream with scene cuts through the daemon")
     live.add_argument("--live", action="store_true", help="score captions of a live stream: accuracy inside scenes "
                       "and across cuts, change delay, flicker; with and without the stabilizer")
-    live.add_argument("--scenes", type=positive_int, default=20, help="synthetic scenes back to back (default 20)")
+    live.add_argument("--scenes", type=positive_int, default=50,
+                      help="synthetic scenes back to back, per cell (default 50: fewer leave the figures a lottery)")
     live.add_argument("--scene-seconds", type=float, default=6.0, help="mean scene length (default 6 s, +-25%%)")
     live.add_argument("--scene-set", choices=["random", "demo"], default="random",
                       help="random: the world's live generator; demo: the scenes `streamer demo` plays")
-    live.add_argument("--fps", default="15", help="frame rates, comma-separated: a matrix with --size (default 15)")
-    live.add_argument("--size", default="128x128", help="WxH, comma-separated (default 128x128)")
+    live.add_argument("--fps", default="15,30", help="frame rates, comma-separated: a matrix with --size (default 15,30)")
+    live.add_argument("--size", default="128x128,160x90", help="WxH, comma-separated (default 128x128,160x90)")
     live.add_argument("--bpp", type=float, default=0.1,
                       help="H.264 bits per pixel per frame (default 0.1: a camera's 6 Mbit/s at 1080p30)")
     live.add_argument("--window", type=float, default=3.0)
@@ -143,7 +144,9 @@ def format_live(result: dict) -> str:
     for key, label in (("off", "stabilizer off"), ("hold", f"hold {stab['windows']} windows")):
         s = result[key]
         d = s["change_delay"]
-        lines.append(f"  {label:>16}: exact {pct(s['exact'])} on {s['inside']} windows inside scenes, "
+        ci = s["exact_ci95"]
+        interval = f" (95% {ci[0]:.0%}-{ci[1]:.0%} over scenes)" if ci else ""
+        lines.append(f"  {label:>16}: exact {pct(s['exact'])}{interval} on {s['inside']} windows inside scenes, "
                      f"straddling {pct(s['straddle']['accuracy'])}, change delay median {secs(d['median'])} "
                      f"max {secs(d['max'])} ({d['missed']} of {d['cuts']} cuts missed), "
                      f"flicker {s['flicker_per_100']}/100 windows")

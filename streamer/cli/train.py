@@ -40,6 +40,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--answer-weight", type=_answer_weight, default=1.0,
                     help="--data live: loss weight of a question's answer tokens (and a yes/no question's checks) "
                          "relative to the caption's (default 1)")
+    tr.add_argument("--event-weight", type=_answer_weight, default=1.0,
+                    help="loss weight of a caption's last word, its event (left, up, appears, still...), "
+                         "relative to the other tokens (default 1)")
+    tr.add_argument("--live-share", type=_share, default=0.55,
+                    help="--data live: share of live-like windows, the rest clean clips (default 0.55)")
+    size = tr.add_argument_group("a new model's size (--model new; the bundled model: 64, 16, 128, 3, 6)")
+    size.add_argument("--image-size", type=positive_int, default=64, help="input resolution (pixels, square)")
+    size.add_argument("--patch-size", type=positive_int, default=16, help="ViT patch side (pixels)")
+    size.add_argument("--hidden", type=positive_int, default=128, help="width of the vision and text transformers")
+    size.add_argument("--layers", type=positive_int, default=3, help="layers of each of the two transformers")
+    size.add_argument("--frames", type=positive_int, default=6, help="frames per window")
     tr.add_argument("--fixed-positions", action="store_true",
                     help="keep the ViT position embeddings frozen (a new model gets large random ones)")
     tr.set_defaults(run=run_train)
@@ -64,14 +75,25 @@ def _question_weights(text: str) -> tuple[tuple[str, float], ...]:
     return tuple(weights)
 
 
-def _answer_weight(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        weight = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: a number") from None
+
+
+def _answer_weight(text: str) -> float:
+    weight = _number(text)
     if not 0 < weight <= 100:
         raise argparse.ArgumentTypeError(f"{text!r}: a weight is above 0 and at most 100")
     return weight
+
+
+def _share(text: str) -> float:
+    share = _number(text)
+    if not 0 <= share <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a share is 0-1")
+    return share
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -84,7 +106,8 @@ def run_train(args: argparse.Namespace) -> int:
         warmup=args.warmup, seed=args.seed, device=args.device, save_every=args.save_every, resume=args.resume,
         threads=args.threads, log_every=args.log_every, world=args.world, reversed_twins=args.reversed_twins,
         fixed_positions=args.fixed_positions, vision_lr_scale=args.vision_lr_scale, answer_weight=args.answer_weight,
-        **({"question_weights": args.question_weights} if args.question_weights else {}),
+        event_weight=args.event_weight, live_share=args.live_share, image_size=args.image_size,
+        patch_size=args.patch_size, hidden=args.hidden, layers=args.layers, frames=args.frames, **({"question_weights": args.question_weights} if args.question_weights else {}),
     )
     out = train(config)
     print(f"model saved to {out}; use it with: streamer caption VIDEO --model {out}")

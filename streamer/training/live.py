@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SEED = 20_000  # training draws from small seeds and held-out clips from 10_000: never seen
 PARTS = ("count", "size", "colour", "shape", "event")
-SCORE_KEYS = ("windows", "inside", "exact", "parts", "straddle", "change_delay", "flicker", "flicker_per_100",
+SCORE_KEYS = ("windows", "inside", "exact", "exact_ci95", "parts", "straddle", "change_delay", "flicker", "flicker_per_100",
               "unscored", "wrong")
 LIVE_KEYS = ("model", "source", "truth", "seed", "scenes", "scene_seconds", "window", "hop", "frames",
              "stabilizer", "cells", "off", "hold", "sweep", "coco", "seconds")
@@ -84,12 +84,14 @@ class Segment:
 
     `truth(start, end)`, given a window's extent in the segment's own time
     (0 = the segment's first frame), says what that window shows; None: the
-    fixed `caption` for every window."""
+    fixed `caption` for every window. `scene`: segments of several runs with the same `scene`
+    show the same thing (the cells of a live evaluation): `exact_ci95` resamples them together."""
 
     start: float
     end: float
     caption: str
     truth: Callable[[float, float], str] | None = field(default=None, compare=False, repr=False)
+    scene: int | None = field(default=None, compare=False)
 
     def caption_for(self, window_start: float, window_end: float) -> str:
         if self.truth is None:
@@ -135,6 +137,10 @@ def score_runs(runs: Sequence[Run]) -> dict[str, Any]:
 
     - exact, parts: on inside windows, the caption against the segment's truth
       for that window (whole caption; count, size, colour, shape, event).
+    - exact_ci95: a 95% interval on `exact`, [low, high], resampling scenes
+      (segments, or `Segment.scene` across runs: windows of one scene fail
+      together, so a binomial interval over windows would be too narrow);
+      None below 2 scenes with inside windows.
     - straddle: accuracy on straddling windows, either side's truth accepted.
     - change_delay: per cut whose new segment shows something else, media time
       from the cut to the `end` (last frame) of the first window with a frame
@@ -153,6 +159,7 @@ def score_runs(runs: Sequence[Run]) -> dict[str, Any]:
     delays: list[float] = []
     missed = cuts_scored = 0
     wrong: list[dict[str, Any]] = []
+    per_scene: dict[Any, list[int]] = {}  # scene -> [right, inside windows], for exact_ci95
     for captions, segments in runs:
         caps = sorted(captions, key=lambda c: c.index)
         segs = sorted(segments, key=lambda s: s.start)
@@ -165,6 +172,9 @@ def score_runs(runs: Sequence[Run]) -> dict[str, Any]:
                 truth = seg.caption_for(*cap.extent)
                 inside += 1
                 exact += cap.text == truth
+                tally = per_scene.setdefault(id(seg) if seg.scene is None else seg.scene, [0, 0])
+                tally[0] += cap.text == truth
+                tally[1] += 1
                 got, want = _parts(cap.text), _parts(truth)
                 for part in PARTS:
                     parts_right[part] += got[part] == want[part]
@@ -209,6 +219,7 @@ def score_runs(runs: Sequence[Run]) -> dict[str, Any]:
         "windows": windows,
         "inside": inside,
         "exact": _ratio(exact, inside),
+        "exact_ci95": _scene_bootstrap(list(per_scene.values())),
         "parts": {part: _ratio(parts_right[part], inside) for part in PARTS},
         "straddle": {"windows": straddling, "accuracy": _ratio(straddle_right, straddling)},
         "change_delay": _delay_summary(delays, cuts_scored, missed),
@@ -231,6 +242,17 @@ def _place(cap: TimedCaption, segments: Sequence[Segment]) -> tuple[str, list[Se
 
 def _ratio(n: int, d: int) -> float | None:
     return None if d == 0 else round(n / d, 4)
+
+
+def _scene_bootstrap(per_scene: list[list[int]], draws: int = 2000) -> list[float] | None:
+    """95% percentile interval of right / inside over scenes drawn with replacement (seeded: the same
+    captions give the same interval)."""
+    if len(per_scene) < 2:
+        return None
+    right, n = np.array(per_scene, dtype=float).T
+    picks = np.random.default_rng(0).integers(len(per_scene), size=(draws, len(per_scene)))
+    ratios = right[picks].sum(1) / n[picks].sum(1)
+    return [round(float(q), 4) for q in np.percentile(ratios, [2.5, 97.5])]
 
 
 def _delay_summary(delays: list[float], cuts: int, missed: int) -> dict[str, Any]:
@@ -515,8 +537,8 @@ def live_evaluation(
                 video = encode_h264(Path(tmp) / f"live-{cell.name}.mp4", video_frames, cell.fps, bitrate)
                 del video_frames
                 view = _engine_view(engine, cell.height, cell.width)
-                segments = [Segment(s, e, scene.caption, _truth_for(scene, frames, view, cell.width / cell.height))
-                            for scene, s, e in spans]
+                segments = [Segment(s, e, scene.caption, _truth_for(scene, frames, view, cell.width / cell.height), n)
+                            for n, (scene, s, e) in enumerate(spans)]
                 say(f"live eval: {cell.name}, {len(segments)} scenes, {spans[-1][2]:.0f} s of video at "
                     f"{bitrate / 1000:.0f} kbit/s")
                 played = asyncio.run(_play(engine, video, window, hop, realtime))

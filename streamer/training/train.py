@@ -49,8 +49,14 @@ class TrainConfig(RunConfig):
     """A caption run (`streamer train`): RunConfig's fields, then its data and model options."""
 
     data: str = "synthetic"  # "synthetic" (clean world clips), "live" (live-like windows + questions) or a manifest .jsonl
-    image_size: int = 64  # model="new" only: input resolution and ViT patch size
+    # model="new" only, its size: input resolution, ViT patch size, width, layers (vision and text each),
+    # frames per window. The bundled model is 64 / 16 / 128 / 3 / 6: 4 x 4 patches see where things are
+    # coarsely, and live windows show it (streamer/models/world-git/README.md); a GPU can train more.
+    image_size: int = 64
     patch_size: int = 16
+    hidden: int = 128
+    layers: int = 3
+    frames: int = 6
     # How the bundled model learned left from right (streamer/models/world-git/README.md):
     world: str = "full"  # synthetic data: "full", or "simple" (one kind of object: only the event varies)
     reversed_twins: bool = False  # synthetic data: each clip is followed by itself backwards, opposite event
@@ -61,6 +67,16 @@ class TrainConfig(RunConfig):
     # data="live": the loss weight of what a question example says after its caption (checks, marker, answer),
     # relative to the other tokens: a yes/no answer is 1 token in 20, and at weight 1 it stayed at chance
     answer_weight: float = 1.0
+    # the loss weight of a caption's last word (what happens: "left", "up", "appears", "still"), relative to the
+    # other tokens: live, the event is what is still wrong (a direction reversed) while the rest is learned
+    event_weight: float = 1.0
+    live_share: float = 0.55  # data="live": the share of live-like windows (the rest: clean clips, as `streamer eval` draws them)
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size or self.hidden % 4 or min(self.layers, self.frames, self.patch_size) < 1:
+            raise StreamerError(f"a new model needs --image-size a multiple of --patch-size ({self.image_size} / "
+                                f"{self.patch_size}), --hidden a multiple of 4 ({self.hidden}: 4 attention heads), "
+                                f"--layers and --frames at least 1 ({self.layers}, {self.frames})")
 
 
 Example = tuple[list[np.ndarray], str]  # frames, caption
@@ -188,13 +204,12 @@ def live_windows(seed: int, frames: int = 6, short_side: int = 64, window: float
             yield [rgb[i] for i in picked], truth
 
 
-# What the bundled model trains on (`--data live`), per example:
-LIVE_SHARE = 0.55  # a live-like window (else a clean clip of the world, as `streamer eval` draws them)
+# What the bundled model trains on (`--data live`), per example (the live-window share: TrainConfig.live_share):
 QUESTION_SHARE = 0.5  # a question about the window (else its caption); its text is caption + "so" + answer
 
 
 def live_world_examples(seed: int, frames: int = 6, size: int = 64, short_side: int = 64,
-                        question_weights: dict[str, float] | None = None):
+                        question_weights: dict[str, float] | None = None, live_share: float = 0.55):
     """Captions and questions on live-like windows and clean world clips, each
     followed by its reversed twin (frames backwards, the opposite event), so
     that the direction stays learned from frame order. `question_weights`: how
@@ -206,7 +221,7 @@ def live_world_examples(seed: int, frames: int = 6, size: int = 64, short_side: 
     rng = np.random.default_rng(seed)
     live = live_windows(seed + 1, frames, short_side)
     while True:
-        if rng.random() < LIVE_SHARE:
+        if rng.random() < live_share:
             frames_, truth = next(live)
         else:
             start = float(rng.uniform(0.0, 4.0))
@@ -293,7 +308,8 @@ def _build_or_load(config: TrainConfig, device: torch.device):
 
         tokenizer = word_tokenizer(world_vocabulary())
         model, processor = new_git_model(
-            tokenizer, seed=config.seed, text_layers=3, image_size=config.image_size, patch_size=config.patch_size,
+            tokenizer, seed=config.seed, image_size=config.image_size, patch_size=config.patch_size,
+            hidden=config.hidden, vision_layers=config.layers, text_layers=config.layers, frames=config.frames,
             fixed_positions=config.fixed_positions,
         )
         model = model.to(device)
@@ -383,7 +399,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
         )
     elif config.data == "live":
         examples = live_world_examples(config.seed + start_step, frames=frames, size=size, short_side=spec.short_side or size,
-                                       question_weights=dict(config.question_weights))
+                                       question_weights=dict(config.question_weights), live_share=config.live_share)
     else:
         examples = manifest_examples(config.data, frames, spec.short_side, config.seed + start_step)
 
@@ -414,7 +430,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
         pixels = pixels.view(len(batch), frames, *pixels.shape[1:])
         if frames == 1:
             pixels = pixels[:, 0]
-        enc, labels, weights = _text_batch(tokenizer, batch, device, config.answer_weight)
+        enc, labels, weights = _text_batch(tokenizer, batch, device, config.answer_weight, config.event_weight)
         with autocast:
             if weights is None:
                 loss = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, pixel_values=pixels, labels=labels).loss
@@ -434,21 +450,32 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
     return out
 
 
-def _text_batch(tokenizer, batch, device: torch.device, answer_weight: float = 1.0):
-    """Token ids, labels and (with an `answer_weight` other than 1) per-token loss weights; a
-    question's [CLS] and words are context, not targets; an answer's tokens weigh `answer_weight`."""
+def _text_batch(tokenizer, batch, device: torch.device, answer_weight: float = 1.0, event_weight: float = 1.0):
+    """Token ids, labels and (with an `answer_weight` or `event_weight` other than 1) per-token loss
+    weights; a question's [CLS] and words are context, not targets; an answer's tokens weigh
+    `answer_weight`, the caption's last word (its event) `event_weight`."""
     texts = [ex[1] if len(ex) == 2 else f"{ex[2]} {ex[1]}" for ex in batch]
     enc = tokenizer(texts, padding=True, return_tensors="pt").to(device)
     labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-    weights = None if answer_weight == 1.0 else torch.ones(labels.shape, device=device)
+    weights = None if answer_weight == event_weight == 1.0 else torch.ones(labels.shape, device=device)
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
     for row, ex in enumerate(batch):
+        prefix = 1  # [CLS]
         if len(ex) == 4:
-            prefix = 1 + len(tokenizer(ex[2], add_special_tokens=False).input_ids)  # [CLS] + question
+            prefix += count(ex[2])  # + the question
             labels[row, :prefix] = -100
             if weights is not None and ex[3] > 0:
                 answer = " ".join(ex[1].split()[-ex[3]:])
                 end = int(enc.attention_mask[row].sum()) - 1  # [SEP]
-                weights[row, end - len(tokenizer(answer, add_special_tokens=False).input_ids) : end] = answer_weight
+                weights[row, end - count(answer) : end] = answer_weight
+        if weights is not None and event_weight != 1.0:
+            words = ex[1].split()
+            caption = words[: len(words) - ex[3]] if len(ex) == 4 else words
+            before = prefix + count(" ".join(caption[:-1]))
+            weights[row, before : before + count(caption[-1])] = event_weight
     return enc, labels, weights
 
 

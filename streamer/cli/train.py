@@ -107,7 +107,8 @@ def run_train(args: argparse.Namespace) -> int:
         threads=args.threads, log_every=args.log_every, world=args.world, reversed_twins=args.reversed_twins,
         fixed_positions=args.fixed_positions, vision_lr_scale=args.vision_lr_scale, answer_weight=args.answer_weight,
         event_weight=args.event_weight, live_share=args.live_share, image_size=args.image_size,
-        patch_size=args.patch_size, hidden=args.hidden, layers=args.layers, frames=args.frames, **({"question_weights": args.question_weights} if args.question_weights else {}),
+        patch_size=args.patch_size, hidden=args.hidden, layers=args.layers, frames=args.frames,
+        **({"question_weights": args.question_weights} if args.question_weights else {}),
     )
     out = train(config)
     print(f"model saved to {out}; use it with: streamer caption VIDEO --model {out}")

@@ -43,6 +43,8 @@ __all__ = ["TrainConfig", "manifest_examples", "synthetic_examples", "train"]
 
 log = logging.getLogger(__name__)
 
+LIVE_SHARE = 0.55  # --data live: the share of live-like windows the bundled model trained on (the rest: clean clips)
+
 
 @dataclass(frozen=True)
 class TrainConfig(RunConfig):
@@ -70,7 +72,7 @@ class TrainConfig(RunConfig):
     # the loss weight of a caption's last word (what happens: "left", "up", "appears", "still"), relative to the
     # other tokens: live, the event is what is still wrong (a direction reversed) while the rest is learned
     event_weight: float = 1.0
-    live_share: float = 0.55  # data="live": the share of live-like windows (the rest: clean clips, as `streamer eval` draws them)
+    live_share: float = LIVE_SHARE  # data="live": the share of live-like windows (the rest: clean clips)
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size or self.hidden % 4 or min(self.layers, self.frames, self.patch_size) < 1:
@@ -209,7 +211,7 @@ QUESTION_SHARE = 0.5  # a question about the window (else its caption); its text
 
 
 def live_world_examples(seed: int, frames: int = 6, size: int = 64, short_side: int = 64,
-                        question_weights: dict[str, float] | None = None, live_share: float = 0.55):
+                        question_weights: dict[str, float] | None = None, live_share: float = LIVE_SHARE):
     """Captions and questions on live-like windows and clean world clips, each
     followed by its reversed twin (frames backwards, the opposite event), so
     that the direction stays learned from frame order. `question_weights`: how

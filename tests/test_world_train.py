@@ -132,6 +132,10 @@ def test_a_new_model_can_be_built_larger_and_still_loads_and_captions(tmp_path):
                          check=False, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "a multiple of --patch-size (50 / 16)" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "x").exists()
+    huge = subprocess.run([sys.executable, "-m", "streamer", "train", "--out", str(tmp_path / "y"), "--hidden", "65536",
+                           "--image-size", "8192"], check=False, capture_output=True, text=True, timeout=60)
+    assert huge.returncode == 2 and "--image-size 8192 (at most 1024), --hidden 65536 (at most 4096)" in huge.stderr
+    assert not (tmp_path / "y").exists()
 
 
 def test_a_killed_training_run_resumes_from_its_newest_checkpoint(tmp_path):
@@ -348,6 +352,9 @@ def test_only_the_answer_counts_in_the_loss_and_it_can_weigh_more():
     _, _, weights = _text_batch(tok, batch, torch.device("cpu"), answer_weight=5.0, event_weight=3.0)
     assert weights[0].tolist()[:15] == [1.0] * 11 + [3.0, 5.0, 5.0, 1.0]
     assert weights[1].tolist()[:8] == [1.0] * 6 + [3.0, 1.0]  # [CLS] a big red circle is still [SEP]
+    # a manifest's empty caption has no event word: nothing to weigh, nothing to fail on
+    _, _, weights = _text_batch(tok, [(frames, "")], torch.device("cpu"), event_weight=3.0)
+    assert (weights == 1).all()
     # the weighted loss is GIT's own loss when every weight is 1, and follows the weights otherwise
     model, _ = new_git_model(tok, seed=0, text_layers=1, image_size=64, patch_size=16)
     pixels = torch.rand(2, 6, 3, 64, 64)

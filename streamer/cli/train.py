@@ -37,10 +37,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--question-weights", type=_question_weights, default=None, metavar="KIND=W,...",
                     help="--data live: how often each question kind is asked, relative (default: all 1; "
                          "kinds: colour, shape, count, direction, yes, no)")
-    tr.add_argument("--answer-weight", type=_answer_weight, default=1.0,
+    tr.add_argument("--answer-weight", type=_loss_weight, default=1.0,
                     help="--data live: loss weight of a question's answer tokens (and a yes/no question's checks) "
                          "relative to the caption's (default 1)")
-    tr.add_argument("--event-weight", type=_answer_weight, default=1.0,
+    tr.add_argument("--event-weight", type=_loss_weight, default=1.0,
                     help="loss weight of a caption's last word, its event (left, up, appears, still...), "
                          "relative to the other tokens (default 1)")
     tr.add_argument("--live-share", type=_share, default=0.55,
@@ -82,7 +82,7 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r}: a number") from None
 
 
-def _answer_weight(text: str) -> float:
+def _loss_weight(text: str) -> float:
     weight = _number(text)
     if not 0 < weight <= 100:
         raise argparse.ArgumentTypeError(f"{text!r}: a weight is above 0 and at most 100")

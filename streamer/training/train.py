@@ -79,6 +79,12 @@ class TrainConfig(RunConfig):
             raise StreamerError(f"a new model needs --image-size a multiple of --patch-size ({self.image_size} / "
                                 f"{self.patch_size}), --hidden a multiple of 4 ({self.hidden}: 4 attention heads), "
                                 f"--layers and --frames at least 1 ({self.layers}, {self.frames})")
+        # bounds a typo cannot get past into an allocation that takes the machine's memory (git-base: 224/16/768/12/6)
+        limits = {"image-size": (self.image_size, 1024), "hidden": (self.hidden, 4096), "layers": (self.layers, 48),
+                  "frames": (self.frames, 64)}
+        over = [f"--{name} {value} (at most {most})" for name, (value, most) in limits.items() if value > most]
+        if over:
+            raise StreamerError("a new model's size is out of range: " + ", ".join(over))
 
 
 Example = tuple[list[np.ndarray], str]  # frames, caption
@@ -473,9 +479,9 @@ def _text_batch(tokenizer, batch, device: torch.device, answer_weight: float = 1
                 answer = " ".join(ex[1].split()[-ex[3]:])
                 end = int(enc.attention_mask[row].sum()) - 1  # [SEP]
                 weights[row, end - count(answer) : end] = answer_weight
-        if weights is not None and event_weight != 1.0:
-            words = ex[1].split()
-            caption = words[: len(words) - ex[3]] if len(ex) == 4 else words
+        words = ex[1].split()
+        caption = words[: len(words) - ex[3]] if len(ex) == 4 else words
+        if weights is not None and event_weight != 1.0 and caption:  # a manifest's caption may be empty
             before = prefix + count(" ".join(caption[:-1]))
             weights[row, before : before + count(caption[-1])] = event_weight
     return enc, labels, weights

@@ -138,6 +138,85 @@ def test_a_new_model_can_be_built_larger_and_still_loads_and_captions(tmp_path):
     assert not (tmp_path / "y").exists()
 
 
+def test_a_models_input_can_be_grown_keeping_what_it_learned(tmp_path):
+    # issue #14: more patches for where things are, warm-started from a trained model rather than from nothing
+    from streamer.engine.fresh import save_new_git_model
+    from streamer.engine.loader import load_model
+    from streamer.training.train import GROWN_POSITION_NOISE, grow_input
+
+    small = save_new_git_model(tmp_path / "small", world_vocabulary(), seed=4, image_size=32, patch_size=16, hidden=32,
+                               vision_layers=1, text_layers=1)
+    loaded = load_model(str(small), "cpu", "float32")
+    grown, processor = grow_input(loaded.model, loaded.image_processor, 64, seed=1)
+    old = loaded.model.git.image_encoder.vision_model.embeddings.position_embedding.weight.detach()
+    new = grown.git.image_encoder.vision_model.embeddings.position_embedding.weight.detach()
+    assert new.shape[0] == 1 + 4 * 4 and torch.equal(new[0], old[0])
+    # new patch (row, col) of the 4 x 4 grid lies in old patch (row // 2, col // 2) of the 2 x 2 one
+    for row, col in itertools.product(range(4), range(4)):
+        parent = old[1 + (row // 2) * 2 + col // 2]
+        assert abs(float((new[1 + row * 4 + col] - parent).norm()) - GROWN_POSITION_NOISE) < 1e-4
+    assert len({tuple(r.tolist()) for r in new[1:]}) == 16  # neighbours under one old patch tell apart
+    kept = grown.state_dict()
+    for name, weight in loaded.model.state_dict().items():  # everything else, the patch embedding included, kept
+        if "vision_model.embeddings.position" not in name:
+            assert torch.equal(kept[name], weight), name
+    assert (processor.size.shortest_edge, processor.crop_size.height, processor.crop_size.width) == (64, 64, 64)
+
+    out = tmp_path / "grown"
+    cmd = [sys.executable, "-m", "streamer", "train", "--model", str(small), "--steps", "2", "--batch-size", "2",
+           "--warmup", "1", "--threads", "1"]
+    result = subprocess.run(cmd + ["--out", str(out), "--grow-image-size", "64"], check=False, capture_output=True,
+                            text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "config.json").read_text())["vision_config"]["image_size"] == 64
+    engine = Engine.load(EngineConfig(model=str(out), max_new_tokens=6))
+    assert engine.spec.crop_hw == (64, 64) and engine.frame_short_side == 64  # decoders hand it 64-pixel frames
+    ((window, _),) = list(synthetic_clips(1, seed=2, frames=engine.num_frames, size=64))
+    assert set(engine.caption([window])[0].text.split()) <= set(world_vocabulary())
+    for extra, message in ((["--grow-image-size", "40"], "a multiple of the model's patch size (16)"),
+                           (["--grow-image-size", "2048"], "1-1024 pixels")):
+        bad = subprocess.run(cmd + ["--out", str(tmp_path / "bad")] + extra, check=False, capture_output=True, text=True,
+                             timeout=120)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
+        assert not (tmp_path / "bad").exists()
+    new_model = subprocess.run([sys.executable, "-m", "streamer", "train", "--out", str(tmp_path / "bad"),
+                                "--grow-image-size", "128"], check=False, capture_output=True, text=True, timeout=60)
+    assert new_model.returncode == 2 and "a new one takes --image-size" in new_model.stderr
+
+
+def _fingerprint(batch):
+    return tuple((caption, np.stack(frames).tobytes()) for frames, caption in batch)
+
+
+def test_example_workers_render_distinct_reproducible_batches_and_stop_with_the_run(tmp_path, caplog):
+    # a GPU's step is short next to rendering and encoding the world's examples: workers render them
+    import multiprocessing
+    from functools import partial
+
+    from streamer.training.loop import example_batches
+    from streamer.training.train import synthetic_examples
+
+    make = partial(synthetic_examples, frames=2, size=16)
+    first = _fingerprint(next(example_batches(make, 5, 3, workers=2)))
+    stream = example_batches(make, 5, 3, workers=2)
+    batches = [_fingerprint(next(stream)) for _ in range(6)]
+    del stream
+    assert batches[0] == first  # same seed, same workers: the same batches, in the same order
+    assert len(set(batches)) == 6  # no two workers draw the same examples
+    in_process = example_batches(make, 5, 3, workers=0)
+    assert _fingerprint(next(in_process)) not in batches  # the training process's own stream is another seed's
+
+    caplog.set_level("WARNING", logger="streamer.training.train")
+    out = train(TrainConfig(out=str(tmp_path / "m"), steps=6, batch_size=4, warmup=1, save_every=3, log_every=2,
+                            threads=1, data_workers=2), progress=False)
+    assert [r.step for r in caplog.records if hasattr(r, "loss")] == [2, 4, 6]
+    assert (out / "model.safetensors").is_file()
+    assert not [p for p in multiprocessing.active_children() if p.is_alive()]  # the workers stopped with the run
+    bad = subprocess.run([sys.executable, "-m", "streamer", "train", "--out", str(tmp_path / "x"), "--data-workers", "65"],
+                         check=False, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--data-workers 65: 0-64" in bad.stderr and not (tmp_path / "x").exists()
+
+
 def test_a_killed_training_run_resumes_from_its_newest_checkpoint(tmp_path):
     out = tmp_path / "m"
     env = dict(os.environ, HF_HUB_OFFLINE="1")

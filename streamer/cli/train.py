@@ -27,6 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     tr.add_argument("--save-every", type=positive_int, default=500)
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    tr.add_argument("--data-workers", type=int, default=0, metavar="N",
+                    help="processes that render training examples (default 0: the training process); a GPU needs "
+                         "them, as the world's examples are drawn and H.264-encoded on the CPU")
     tr.add_argument("--log-every", type=positive_int, default=50, help="steps between log lines (no terminal)")
     tr.add_argument("--world", default="full", choices=["full", "simple"],
                     help="synthetic data: the full world, or one kind of object so that only the event varies")
@@ -51,6 +54,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     size.add_argument("--hidden", type=positive_int, default=128, help="width of the vision and text transformers")
     size.add_argument("--layers", type=positive_int, default=3, help="layers of each of the two transformers")
     size.add_argument("--frames", type=positive_int, default=6, help="frames per window")
+    tr.add_argument("--grow-image-size", type=positive_int, default=None, metavar="PIXELS",
+                    help="--model DIR: train it at this square input size (a multiple of its patch size), every weight "
+                         "kept and its position table regrown, so that more patches see where things are")
     tr.add_argument("--fixed-positions", action="store_true",
                     help="keep the ViT position embeddings frozen (a new model gets large random ones)")
     tr.set_defaults(run=run_train)
@@ -108,6 +114,7 @@ def run_train(args: argparse.Namespace) -> int:
         fixed_positions=args.fixed_positions, vision_lr_scale=args.vision_lr_scale, answer_weight=args.answer_weight,
         event_weight=args.event_weight, live_share=args.live_share, image_size=args.image_size,
         patch_size=args.patch_size, hidden=args.hidden, layers=args.layers, frames=args.frames,
+        grow_image_size=args.grow_image_size, data_workers=args.data_workers,
         **({"question_weights": args.question_weights} if args.question_weights else {}),
     )
     out = train(config)

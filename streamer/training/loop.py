@@ -7,14 +7,18 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["Progress", "RunConfig", "cosine_schedule", "optimizer_step", "save_checkpoint", "save_training_state"]
+__all__ = ["MAX_DATA_WORKERS", "Progress", "RunConfig", "cosine_schedule", "example_batches", "optimizer_step",
+           "save_checkpoint", "save_training_state"]
+
+MAX_DATA_WORKERS = 64
+WORKER_SEED_STRIDE = 1_000_003  # worker k draws from seed + stride * (k + 1): streams that never meet
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,38 @@ class RunConfig:
     resume: bool = False  # continue from the newest checkpoint in `out`
     log_every: int = 50
     threads: int | None = None  # torch CPU threads (1 avoids oversubscription on a busy machine)
+    # processes that render examples (0: the training process itself). The world's examples are rendered and
+    # H.264-encoded on the CPU: on a GPU the model's step is the short part, and one process cannot keep up.
+    data_workers: int = 0
+
+
+class _Batches(torch.utils.data.IterableDataset):
+    """Endless batches of `make(seed)`'s examples; in a DataLoader worker, each worker from its own seed."""
+
+    def __init__(self, make: Callable[[int], Iterator[Any]], seed: int, batch_size: int) -> None:
+        self.make, self.seed, self.batch_size = make, seed, batch_size
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        info = torch.utils.data.get_worker_info()
+        examples = self.make(self.seed if info is None else self.seed + WORKER_SEED_STRIDE * (info.id + 1))
+        while True:
+            yield [next(examples) for _ in range(self.batch_size)]
+
+
+def _as_is(batch: Any) -> Any:
+    return batch  # the default collate would turn frames into tensors; the trainer preprocesses them itself
+
+
+def example_batches(make: Callable[[int], Iterator[Any]], seed: int, batch_size: int, workers: int = 0
+                    ) -> Iterator[list[Any]]:
+    """Batches of examples, rendered here (`workers` 0) or by `workers` processes, each drawing from its own seed.
+    Same seed, same workers: the same batches in the same order (the DataLoader takes its workers in turn)."""
+    dataset = _Batches(make, seed, batch_size)
+    if workers <= 0:
+        return iter(dataset)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                                         prefetch_factor=4, persistent_workers=True)
+    return iter(loader)
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, steps: int) -> torch.optim.lr_scheduler.LambdaLR:

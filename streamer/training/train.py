@@ -11,21 +11,24 @@ are the text prefix after [CLS] (GIT-VQA style) and only the answer's tokens
 count in the loss.
 
 A plain loop (AdamW, warm-up + cosine decay, gradient clipping, bf16
-autocast on a GPU); progress and loss on a terminal bar or in log lines;
+autocast on a GPU; examples rendered by `--data-workers` processes, each
+from its own seed); progress and loss on a terminal bar or in log lines;
 `--out DIR/checkpoint-N` every `--save-every` steps with the optimizer state,
 and `--resume` continues from the newest one. The final model is a
 `save_pretrained` directory that `streamer caption/serve --model DIR` loads.
+`--grow-image-size` trains an existing model at a larger input (`grow_input`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import random
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -37,7 +40,16 @@ import torch
 from streamer.engine.loader import load_model, resolve_device
 from streamer.engine.preprocess import PreprocessSpec, preprocess_frames
 from streamer.errors import StreamerError
-from streamer.training.loop import Progress, RunConfig, cosine_schedule, optimizer_step, save_checkpoint, save_training_state
+from streamer.training.loop import (
+    MAX_DATA_WORKERS,
+    Progress,
+    RunConfig,
+    cosine_schedule,
+    example_batches,
+    optimizer_step,
+    save_checkpoint,
+    save_training_state,
+)
 
 __all__ = ["TrainConfig", "manifest_examples", "synthetic_examples", "train"]
 
@@ -73,8 +85,17 @@ class TrainConfig(RunConfig):
     # other tokens: live, the event is what is still wrong (a direction reversed) while the rest is learned
     event_weight: float = 1.0
     live_share: float = LIVE_SHARE  # data="live": the share of live-like windows (the rest: clean clips)
+    # an existing model (not "new"): train it at this input size, its position table regrown (`grow_input`)
+    grow_image_size: int | None = None
 
     def __post_init__(self) -> None:
+        if not 0 <= self.data_workers <= MAX_DATA_WORKERS:
+            raise StreamerError(f"--data-workers {self.data_workers}: 0-{MAX_DATA_WORKERS}")
+        if self.grow_image_size is not None:
+            if self.model == "new":
+                raise StreamerError("--grow-image-size grows an existing model (--model DIR); a new one takes --image-size")
+            if not 0 < self.grow_image_size <= 1024:
+                raise StreamerError(f"--grow-image-size {self.grow_image_size}: 1-1024 pixels")
         if self.image_size % self.patch_size or self.hidden % 4 or min(self.layers, self.frames, self.patch_size) < 1:
             raise StreamerError(f"a new model needs --image-size a multiple of --patch-size ({self.image_size} / "
                                 f"{self.patch_size}), --hidden a multiple of 4 ({self.hidden}: 4 attention heads), "
@@ -331,6 +352,9 @@ def _build_or_load(config: TrainConfig, device: torch.device):
             if missing:
                 log.warning("widening the vocabulary", extra={"new_words": len(missing), "model": config.model})
                 model, tokenizer = widen_vocabulary(model, tokenizer, world_vocabulary())
+    if config.grow_image_size not in (None, model.config.vision_config.image_size):  # (a resumed run: grown already)
+        model, processor = grow_input(model, processor, config.grow_image_size, seed=config.seed)
+        model = model.to(device)
     if config.data == "live":
         from streamer.training.world import ANSWER_MARKER
 
@@ -338,6 +362,51 @@ def _build_or_load(config: TrainConfig, device: torch.device):
     if config.fixed_positions:
         model.git.image_encoder.vision_model.embeddings.position_embedding.weight.requires_grad_(False)
     return model, tokenizer, processor
+
+
+GROWN_POSITION_NOISE = 3.0  # norm of the random part each grown patch position gets (the bundled model's are 8)
+
+
+def grow_input(model, processor, size: int, *, seed: int = 0):
+    """The same GIT at a larger (or smaller) square input: `size` x `size` pixels, same patch size, so
+    more patches see the frame (the bundled model's 4 x 4 locate objects coarsely: world-git/README.md).
+
+    Every weight is kept but the vision tower's position table, which is regrown on the new grid: each
+    new patch starts at the position of the old patch its centre lies in, plus a random vector of norm
+    GROWN_POSITION_NOISE so that neighbours under one old patch tell apart from the first step; training
+    shapes the rest. Returns (model, processor) with the new input size."""
+    from transformers import GitForCausalLM
+
+    vision = model.config.vision_config
+    patch = int(vision.patch_size)
+    if size % patch:
+        raise StreamerError(f"--grow-image-size {size}: a multiple of the model's patch size ({patch})")
+    old_grid, new_grid = int(vision.image_size) // patch, size // patch
+    old = model.git.image_encoder.vision_model.embeddings.position_embedding.weight.detach().cpu()
+    config = copy.deepcopy(model.config)
+    config.vision_config.image_size = size
+    generator = torch.Generator().manual_seed(seed)
+    grown = GitForCausalLM(config)
+    kept = {k: v for k, v in model.state_dict().items() if "vision_model.embeddings.position" not in k}
+    missing, unexpected = grown.load_state_dict(kept, strict=False)
+    if unexpected or any("vision_model.embeddings.position" not in k for k in missing):
+        raise StreamerError(f"cannot grow this model's input: unexpected {unexpected}, missing {missing}")
+    rows = torch.arange(new_grid).repeat_interleave(new_grid)  # patch index -> (row, column), row-major as ViT
+    cols = torch.arange(new_grid).repeat(new_grid)
+    parent = ((2 * rows + 1) * old_grid // (2 * new_grid)) * old_grid + (2 * cols + 1) * old_grid // (2 * new_grid)
+    noise = torch.randn(new_grid * new_grid, old.shape[1], generator=generator)
+    noise = noise / noise.norm(dim=1, keepdim=True) * GROWN_POSITION_NOISE
+    with torch.no_grad():
+        table = grown.git.image_encoder.vision_model.embeddings.position_embedding.weight
+        table[0] = old[0]  # the class token's
+        table[1:] = old[1 + parent] + noise
+    settings = processor.to_dict()
+    settings.update(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    settings.pop("image_processor_type", None)
+    settings.pop("processor_class", None)
+    log.warning("grew the model's input", extra={"from_px": int(vision.image_size), "to_px": size,
+                                                 "patches": f"{old_grid}x{old_grid} -> {new_grid}x{new_grid}"})
+    return grown, type(processor)(**settings)
 
 
 def widen_vocabulary(model, tokenizer, words: list[str]):
@@ -382,7 +451,6 @@ def _latest_checkpoint(out: Path) -> Path | None:
 
 def train(config: TrainConfig, *, progress: bool = True) -> Path:
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -396,20 +464,21 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
     else:
         model, tokenizer, processor = _build_or_load(config, device)
         state = None
+    out.mkdir(parents=True, exist_ok=True)  # after the model: one that cannot load or grow leaves no directory
     model.train()
     spec = PreprocessSpec.from_processor(processor)
     frames = int(model.config.num_image_with_embedding or 1)
     size = spec.crop_hw[0] if spec.crop_hw else 64
-    examples: Iterator[Example | QAExample]
+    make: Callable[[int], Iterator[Example | QAExample]]  # seed -> examples
     if config.data == "synthetic":
-        examples = synthetic_examples(
-            config.seed + start_step, frames=frames, size=size, world=config.world, reversed_twins=config.reversed_twins
-        )
+        make = partial(synthetic_examples, frames=frames, size=size, world=config.world,
+                       reversed_twins=config.reversed_twins)
     elif config.data == "live":
-        examples = live_world_examples(config.seed + start_step, frames=frames, size=size, short_side=spec.short_side or size,
-                                       question_weights=dict(config.question_weights), live_share=config.live_share)
+        make = partial(live_world_examples, frames=frames, size=size, short_side=spec.short_side or size,
+                       question_weights=dict(config.question_weights), live_share=config.live_share)
     else:
-        examples = manifest_examples(config.data, frames, spec.short_side, config.seed + start_step)
+        make = partial(manifest_examples, config.data, frames, spec.short_side)
+    batches = example_batches(make, config.seed + start_step, config.batch_size, config.data_workers)
 
     # (vision tower?, weight decay?) -> parameters. A lower rate for the tower (`vision_lr_scale`) lets a
     # fine-tune teach the decoder new words without wiping what the tower learned (shape went from 95% to
@@ -433,7 +502,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
 
     shown = Progress(config.steps, start_step, show=progress, desc="train", log_every=config.log_every, log=log)
     for step in range(start_step, config.steps):
-        batch = [next(examples) for _ in range(config.batch_size)]
+        batch = next(batches)
         pixels = preprocess_frames([img for ex in batch for img in ex[0]], spec, device, torch.float32)
         pixels = pixels.view(len(batch), frames, *pixels.shape[1:])
         if frames == 1:
@@ -451,6 +520,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
             save_checkpoint(out, done, partial(_save, model=model, tokenizer=tokenizer, processor=processor,
                                                config=config, step=done, optimizer=optimizer, scheduler=scheduler))
     shown.close()
+    del batches  # stops the example workers now, not whenever the collector gets to them
     model.eval()
     _save(out, model, tokenizer, processor, config, config.steps, None, None)
     for old in [*out.glob("checkpoint-*"), *out.glob(".checkpoint-*.tmp")]:

@@ -173,6 +173,12 @@ def test_a_models_input_can_be_grown_keeping_what_it_learned(tmp_path):
     assert engine.spec.crop_hw == (64, 64) and engine.frame_short_side == 64  # decoders hand it 64-pixel frames
     ((window, _),) = list(synthetic_clips(1, seed=2, frames=engine.num_frames, size=64))
     assert set(engine.caption([window])[0].text.split()) <= set(world_vocabulary())
+    # a resumed run loads its checkpoint, grown already: its learned positions are not regrown
+    from streamer.training.train import _build_or_load
+
+    trained = engine.model.git.image_encoder.vision_model.embeddings.position_embedding.weight.detach()
+    again, _, _ = _build_or_load(TrainConfig(out=str(out), model=str(out), grow_image_size=64), torch.device("cpu"))
+    assert torch.equal(again.git.image_encoder.vision_model.embeddings.position_embedding.weight.detach(), trained)
     for extra, message in ((["--grow-image-size", "40"], "a multiple of the model's patch size (16)"),
                            (["--grow-image-size", "2048"], "1-1024 pixels")):
         bad = subprocess.run(cmd + ["--out", str(tmp_path / "bad")] + extra, check=False, capture_output=True, text=True,

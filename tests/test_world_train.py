@@ -180,7 +180,9 @@ def test_a_models_input_can_be_grown_keeping_what_it_learned(tmp_path):
     again, _, _ = _build_or_load(TrainConfig(out=str(out), model=str(out), grow_image_size=64), torch.device("cpu"))
     assert torch.equal(again.git.image_encoder.vision_model.embeddings.position_embedding.weight.detach(), trained)
     for extra, message in ((["--grow-image-size", "40"], "a multiple of the model's patch size (16)"),
-                           (["--grow-image-size", "2048"], "1-1024 pixels")):
+                           (["--grow-image-size", "2048"], "1-1024 pixels"),
+                           # not silently ignored: an existing model's size is not --image-size's to change
+                           (["--image-size", "128", "--layers", "4"], "--image-size --layers size a new model")):
         bad = subprocess.run(cmd + ["--out", str(tmp_path / "bad")] + extra, check=False, capture_output=True, text=True,
                              timeout=120)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr

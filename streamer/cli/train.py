@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--save-every", type=positive_int, default=500)
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     tr.add_argument("--data-workers", type=int, default=0, metavar="N",
-                    help="processes that render training examples (default 0: the training process); a GPU needs "
+                    help="processes that render caption training examples (default 0: the training process); a GPU needs "
                          "them, as the world's examples are drawn and H.264-encoded on the CPU")
     tr.add_argument("--log-every", type=positive_int, default=50, help="steps between log lines (no terminal)")
     tr.add_argument("--world", default="full", choices=["full", "simple"],
@@ -46,14 +46,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--event-weight", type=_loss_weight, default=1.0,
                     help="loss weight of a caption's last word, its event (left, up, appears, still...), "
                          "relative to the other tokens (default 1)")
-    tr.add_argument("--live-share", type=_share, default=0.55,
-                    help="--data live: share of live-like windows, the rest clean clips (default 0.55)")
+    tr.add_argument("--live-share", type=_share,
+                    help="--data live: share of live-like windows, the rest clean clips (default: the bundled "
+                         "model's, 0.55)")
     size = tr.add_argument_group("a new model's size (--model new; the bundled model: 64, 16, 128, 3, 6)")
-    size.add_argument("--image-size", type=positive_int, default=64, help="input resolution (pixels, square)")
-    size.add_argument("--patch-size", type=positive_int, default=16, help="ViT patch side (pixels)")
-    size.add_argument("--hidden", type=positive_int, default=128, help="width of the vision and text transformers")
-    size.add_argument("--layers", type=positive_int, default=3, help="layers of each of the two transformers")
-    size.add_argument("--frames", type=positive_int, default=6, help="frames per window")
+    size.add_argument("--image-size", type=positive_int, help="input resolution (pixels, square; default 64)")
+    size.add_argument("--patch-size", type=positive_int, help="ViT patch side (pixels; default 16)")
+    size.add_argument("--hidden", type=positive_int, help="width of the vision and text transformers (default 128)")
+    size.add_argument("--layers", type=positive_int, help="layers of each of the two transformers (default 3)")
+    size.add_argument("--frames", type=positive_int, help="frames per window (default 6)")
     tr.add_argument("--grow-image-size", type=positive_int, default=None, metavar="PIXELS",
                     help="--model DIR: train it at this square input size (a multiple of its patch size), every weight "
                          "kept and its position table regrown, so that more patches see where things are")
@@ -102,19 +103,27 @@ def _share(text: str) -> float:
     return share
 
 
+_NEW_MODEL_SIZES = ("image_size", "patch_size", "hidden", "layers", "frames")  # TrainConfig's fields
+
+
 def run_train(args: argparse.Namespace) -> int:
     if args.task == "speech":
         return run_train_speech(args)
+    from streamer.errors import StreamerError
     from streamer.training.train import TrainConfig, train
 
+    sizes = {key: getattr(args, key) for key in _NEW_MODEL_SIZES if getattr(args, key) is not None}
+    if sizes and args.model != "new":
+        flags = " ".join(f"--{key.replace('_', '-')}" for key in sizes)
+        raise StreamerError(f"{flags} size a new model (--model new); an existing model keeps its size "
+                            "(its input can grow: --grow-image-size)")
     config = TrainConfig(
         out=args.out, model=args.model, data=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         warmup=args.warmup, seed=args.seed, device=args.device, save_every=args.save_every, resume=args.resume,
         threads=args.threads, log_every=args.log_every, world=args.world, reversed_twins=args.reversed_twins,
         fixed_positions=args.fixed_positions, vision_lr_scale=args.vision_lr_scale, answer_weight=args.answer_weight,
-        event_weight=args.event_weight, live_share=args.live_share, image_size=args.image_size,
-        patch_size=args.patch_size, hidden=args.hidden, layers=args.layers, frames=args.frames,
-        grow_image_size=args.grow_image_size, data_workers=args.data_workers,
+        event_weight=args.event_weight, grow_image_size=args.grow_image_size, data_workers=args.data_workers,
+        **sizes, **({"live_share": args.live_share} if args.live_share is not None else {}),
         **({"question_weights": args.question_weights} if args.question_weights else {}),
     )
     out = train(config)

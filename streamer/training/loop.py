@@ -39,9 +39,6 @@ class RunConfig:
     resume: bool = False  # continue from the newest checkpoint in `out`
     log_every: int = 50
     threads: int | None = None  # torch CPU threads (1 avoids oversubscription on a busy machine)
-    # processes that render examples (0: the training process itself). The world's examples are rendered and
-    # H.264-encoded on the CPU: on a GPU the model's step is the short part, and one process cannot keep up.
-    data_workers: int = 0
 
 
 class _Batches(torch.utils.data.IterableDataset):

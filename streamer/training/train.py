@@ -87,6 +87,9 @@ class TrainConfig(RunConfig):
     live_share: float = LIVE_SHARE  # data="live": the share of live-like windows (the rest: clean clips)
     # an existing model (not "new"): train it at this input size, its position table regrown (`grow_input`)
     grow_image_size: int | None = None
+    # processes that render examples (0: the training process itself). The world's examples are rendered and
+    # H.264-encoded on the CPU: on a GPU the model's step is the short part, and one process cannot keep up.
+    data_workers: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.data_workers <= MAX_DATA_WORKERS:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -223,6 +224,41 @@ def test_example_workers_render_distinct_reproducible_batches_and_stop_with_the_
     bad = subprocess.run([sys.executable, "-m", "streamer", "train", "--out", str(tmp_path / "x"), "--data-workers", "65"],
                          check=False, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--data-workers 65: 0-64" in bad.stderr and not (tmp_path / "x").exists()
+
+
+_RENDER_LOCK = threading.Lock()  # stands for any lock a library takes while rendering or encoding
+
+
+def _examples_behind_the_render_lock(seed: int):
+    from streamer.training.train import synthetic_examples
+
+    with _RENDER_LOCK:
+        pass
+    yield from synthetic_examples(seed, frames=2, size=16)
+
+
+def test_example_workers_do_not_inherit_a_lock_another_trainer_thread_holds():
+    # A fork copies a lock held by another thread at that instant, held forever in the child: CI hung 300 s on
+    # exactly that. Workers that start from a clean forkserver render while the trainer's thread holds it.
+    from streamer.training.loop import example_batches
+
+    released = threading.Event()
+    taken = threading.Event()
+
+    def hold() -> None:
+        with _RENDER_LOCK:
+            taken.set()
+            released.wait(60)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert taken.wait(10)
+    try:
+        batch = next(example_batches(_examples_behind_the_render_lock, 3, 2, workers=1))
+    finally:
+        released.set()
+        holder.join()
+    assert len(batch) == 2 and all(len(frames) == 2 for frames, _ in batch)
 
 
 def test_a_killed_training_run_resumes_from_its_newest_checkpoint(tmp_path):

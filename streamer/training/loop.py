@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import shutil
 import sys
 import time
@@ -19,6 +20,7 @@ __all__ = ["MAX_DATA_WORKERS", "Progress", "RunConfig", "cosine_schedule", "exam
 
 MAX_DATA_WORKERS = 64
 WORKER_SEED_STRIDE = 1_000_003  # worker k draws from seed + stride * (k + 1): streams that never meet
+DATA_WORKER_TIMEOUT_S = 300.0  # a batch later than this is a stuck worker: the run fails, naming it, not hangs
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,14 @@ def example_batches(make: Callable[[int], Iterator[Any]], seed: int, batch_size:
     dataset = _Batches(make, seed, batch_size)
     if workers <= 0:
         return iter(dataset)
+    # Workers fork from a forkserver (one clean, single-threaded process that has imported the renderer once),
+    # not from the trainer: a plain fork copies every lock another of the trainer's threads holds at that instant
+    # (a test runner's, a notebook's, a library's), and a worker that needs one waits forever. CI saw exactly that.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", getattr(make, "func", make).__module__])  # no-op once it runs
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                                         prefetch_factor=4, persistent_workers=True)
+                                         prefetch_factor=4, persistent_workers=True, multiprocessing_context=context,
+                                         timeout=DATA_WORKER_TIMEOUT_S)
     return iter(loader)
 
 

@@ -193,6 +193,17 @@ def test_a_models_input_can_be_grown_keeping_what_it_learned(tmp_path):
     assert new_model.returncode == 2 and "a new one takes --image-size" in new_model.stderr
 
 
+def test_train_refuses_flags_its_task_does_not_read(tmp_path, capsys):
+    # `--task speech --data live` used to train speech as if --data were not there
+    from streamer.cli import main
+
+    speech = main(["train", "--task", "speech", "--out", str(tmp_path / "s"), "--data", "live", "--event-weight", "2"])
+    assert speech == 2 and "--data --event-weight: not read by --task speech" in capsys.readouterr().err
+    caption = main(["train", "--out", str(tmp_path / "c"), "--nonspeech-share", "0.2"])
+    assert caption == 2 and "--nonspeech-share: not read by --task caption" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists() and not (tmp_path / "c").exists()
+
+
 def _fingerprint(batch):
     return tuple((caption, np.stack(frames).tobytes()) for frames, caption in batch)
 

@@ -60,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                          "kept and its position table regrown, so that more patches see where things are")
     tr.add_argument("--fixed-positions", action="store_true",
                     help="keep the ViT position embeddings frozen (a new model gets large random ones)")
-    tr.set_defaults(run=run_train)
+    tr.set_defaults(run=run_train, task_defaults={dest: tr.get_default(dest) for dest in _CAPTION_ONLY + _SPEECH_ONLY})
 
 
 def _question_weights(text: str) -> tuple[tuple[str, float], ...]:
@@ -104,12 +104,22 @@ def _share(text: str) -> float:
 
 
 _NEW_MODEL_SIZES = ("image_size", "patch_size", "hidden", "layers", "frames")  # TrainConfig's fields
+# Flags only one task reads: the other task would ignore them without a word, so it refuses them.
+_CAPTION_ONLY = ("data", "data_workers", "world", "reversed_twins", "vision_lr_scale", "question_weights", "answer_weight",
+                 "event_weight", "live_share", *_NEW_MODEL_SIZES, "grow_image_size", "fixed_positions")
+_SPEECH_ONLY = ("nonspeech_share",)
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from streamer.errors import StreamerError
+
+    unread = [dest for dest in (_CAPTION_ONLY if args.task == "speech" else _SPEECH_ONLY)
+              if getattr(args, dest) != args.task_defaults[dest]]
+    if unread:
+        flags = " ".join(f"--{dest.replace('_', '-')}" for dest in unread)
+        raise StreamerError(f"{flags}: not read by --task {args.task}")
     if args.task == "speech":
         return run_train_speech(args)
-    from streamer.errors import StreamerError
     from streamer.training.train import TrainConfig, train
 
     sizes = {key: getattr(args, key) for key in _NEW_MODEL_SIZES if getattr(args, key) is not None}

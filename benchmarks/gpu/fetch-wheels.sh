@@ -2,7 +2,7 @@
 # Wheels a lent GPU machine lacks (it has CUDA torch, transformers, numpy, pillow, pytest, prometheus-client, tqdm;
 # no network, Python 3.12): PyAV, aiortc and its stack, pydantic, websockets, pytest-asyncio. Versions are the
 # ones this checkout's .venv runs, so the GPU runs what CI tested. Writes .whl/ (git-ignored), about 45 MB:
-# with the tracked tree it stays under the device tool's 64 MiB per call. Run here, once, where pip reaches PyPI:
+# with the tracked tree (16 MB on 2026-12-07) about 60 of the device tool's 64 MiB a call. Run here, once:
 #   bash benchmarks/gpu/fetch-wheels.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."

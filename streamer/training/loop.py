@@ -20,7 +20,7 @@ __all__ = ["MAX_DATA_WORKERS", "Progress", "RunConfig", "cosine_schedule", "exam
 
 MAX_DATA_WORKERS = 64
 WORKER_SEED_STRIDE = 1_000_003  # worker k draws from seed + stride * (k + 1): streams that never meet
-DATA_WORKER_TIMEOUT_S = 300.0  # a batch later than this is a stuck worker: the run fails, naming it, not hangs
+DATA_WORKER_TIMEOUT_S = 300.0  # a batch later than this is a stuck worker: the run fails ("DataLoader timed out")
 
 
 @dataclass(frozen=True)

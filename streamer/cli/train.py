@@ -110,22 +110,24 @@ _CAPTION_ONLY = ("data", "data_workers", "world", "reversed_twins", "vision_lr_s
 _SPEECH_ONLY = ("nonspeech_share",)
 
 
+def _flags(dests) -> str:
+    return " ".join(f"--{dest.replace('_', '-')}" for dest in dests)  # argparse dests as the user typed them
+
+
 def run_train(args: argparse.Namespace) -> int:
     from streamer.errors import StreamerError
 
     unread = [dest for dest in (_CAPTION_ONLY if args.task == "speech" else _SPEECH_ONLY)
               if getattr(args, dest) != args.task_defaults[dest]]
     if unread:
-        flags = " ".join(f"--{dest.replace('_', '-')}" for dest in unread)
-        raise StreamerError(f"{flags}: not read by --task {args.task}")
+        raise StreamerError(f"{_flags(unread)}: not read by --task {args.task}")
     if args.task == "speech":
         return run_train_speech(args)
     from streamer.training.train import TrainConfig, train
 
     sizes = {key: getattr(args, key) for key in _NEW_MODEL_SIZES if getattr(args, key) is not None}
     if sizes and args.model != "new":
-        flags = " ".join(f"--{key.replace('_', '-')}" for key in sizes)
-        raise StreamerError(f"{flags} size a new model (--model new); an existing model keeps its size "
+        raise StreamerError(f"{_flags(sizes)} size a new model (--model new); an existing model keeps its size "
                             "(its input can grow: --grow-image-size)")
     config = TrainConfig(
         out=args.out, model=args.model, data=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

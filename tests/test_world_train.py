@@ -193,6 +193,60 @@ def test_a_models_input_can_be_grown_keeping_what_it_learned(tmp_path):
     assert new_model.returncode == 2 and "a new one takes --image-size" in new_model.stderr
 
 
+def test_a_models_width_can_be_grown_and_it_still_says_what_it_said(tmp_path):
+    # issue #14: more capacity for motion, warm-started from the bundled model (Net2Net widening)
+    from streamer.defaults import BUNDLED_MODEL
+    from streamer.engine.loader import load_model
+    from streamer.engine.preprocess import PreprocessSpec, preprocess_frames
+    from streamer.training.train import _build_or_load, grow_width
+
+    loaded = load_model(str(BUNDLED_MODEL), "cpu", "float32")
+    old = loaded.model.eval()
+    exact = grow_width(old, 256, noise=0.0).eval()
+    grown = grow_width(old, 256, seed=3).eval()
+    assert (grown.config.hidden_size, grown.config.vision_config.hidden_size, grown.config.num_attention_heads) == (256, 256, 8)
+    assert sum(p.numel() for p in grown.parameters()) > 3.5 * sum(p.numel() for p in old.parameters())
+    clips = list(synthetic_clips(12, seed=5, frames=6, size=64))
+    spec = PreprocessSpec.from_processor(loaded.image_processor)
+    pixels = preprocess_frames([f.image for w, _ in clips for f in w.frames], spec, torch.device("cpu"), torch.float32)
+    pixels = pixels.view(len(clips), 6, *pixels.shape[1:])
+    ids = torch.tensor([[loaded.tokenizer.cls_token_id]] * len(clips))
+    with torch.no_grad():
+        logits = old(input_ids=ids, pixel_values=pixels).logits
+        assert torch.allclose(exact(input_ids=ids, pixel_values=pixels).logits, logits, atol=1e-3)  # the same function
+        said = [loaded.tokenizer.decode(r, skip_special_tokens=True)
+                for r in old.generate(pixel_values=pixels, input_ids=ids, max_new_tokens=12)]
+        says = [loaded.tokenizer.decode(r, skip_special_tokens=True)
+                for r in grown.generate(pixel_values=pixels, input_ids=ids, max_new_tokens=12)]
+    assert says == said and sum(s == truth for s, (_, truth) in zip(said, clips)) >= 10  # right, and still right
+    # the noise tells each copied unit from its copy: else they would get the same gradients for ever
+    patch = grown.git.image_encoder.vision_model.embeddings.patch_embedding.weight
+    assert not torch.equal(patch[:128], patch[128:])
+
+    out = tmp_path / "wide"
+    cmd = [sys.executable, "-m", "streamer", "train", "--model", str(BUNDLED_MODEL), "--steps", "2", "--batch-size", "2",
+           "--warmup", "1", "--threads", "1", "--precision", "bf16"]
+    result = subprocess.run(cmd + ["--out", str(out), "--grow-hidden", "256"], check=False, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["hidden_size"], saved["vision_config"]["hidden_size"], saved["dtype"]) == (256, 256, "float32")
+    engine = Engine.load(EngineConfig(model=str(out), max_new_tokens=12))
+    assert set(engine.caption([clips[0][0]])[0].text.split()) <= set(world_vocabulary())
+    # a resumed run loads its checkpoint, grown already: not widened again
+    again, _, _ = _build_or_load(TrainConfig(out=str(out), model=str(out), grow_hidden=256), torch.device("cpu"))
+    assert again.config.hidden_size == 256
+    for extra, message in ((["--grow-hidden", "200"], "a whole multiple of the model's width (128"),
+                           (["--grow-hidden", "8192"], "1-4096")):
+        bad = subprocess.run(cmd + ["--out", str(tmp_path / "bad")] + extra, check=False, capture_output=True, text=True,
+                             timeout=120)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
+        assert not (tmp_path / "bad").exists()
+    new_model = subprocess.run([sys.executable, "-m", "streamer", "train", "--out", str(tmp_path / "bad"),
+                                "--grow-hidden", "256"], check=False, capture_output=True, text=True, timeout=60)
+    assert new_model.returncode == 2 and "a new one takes --hidden" in new_model.stderr
+
+
 def test_train_refuses_flags_its_task_does_not_read(tmp_path, capsys):
     # `--task speech --data live` used to train speech as if --data were not there
     from streamer.cli import main

@@ -58,6 +58,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--grow-image-size", type=positive_int, default=None, metavar="PIXELS",
                     help="--model DIR: train it at this square input size (a multiple of its patch size), every weight "
                          "kept and its position table regrown, so that more patches see where things are")
+    tr.add_argument("--grow-hidden", type=positive_int, default=None, metavar="WIDTH",
+                    help="--model DIR: widen its two transformers to this width (a whole multiple of theirs), starting "
+                         "from what the model says (each unit copied, Net2Net), for more capacity than it has")
+    tr.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="auto: bf16 autocast on a GPU, fp32 on a CPU; bf16: on a CPU too (fast where it has bf16 "
+                         "matrix units, e.g. Intel AMX)")
     tr.add_argument("--fixed-positions", action="store_true",
                     help="keep the ViT position embeddings frozen (a new model gets large random ones)")
     tr.set_defaults(run=run_train, task_defaults={dest: tr.get_default(dest) for dest in _CAPTION_ONLY + _SPEECH_ONLY})
@@ -106,7 +112,8 @@ def _share(text: str) -> float:
 _NEW_MODEL_SIZES = ("image_size", "patch_size", "hidden", "layers", "frames")  # TrainConfig's fields
 # Flags only one task reads: the other task would ignore them without a word, so it refuses them.
 _CAPTION_ONLY = ("data", "data_workers", "world", "reversed_twins", "vision_lr_scale", "question_weights", "answer_weight",
-                 "event_weight", "live_share", *_NEW_MODEL_SIZES, "grow_image_size", "fixed_positions")
+                 "event_weight", "live_share", *_NEW_MODEL_SIZES, "grow_image_size", "grow_hidden", "precision",
+                 "fixed_positions")
 _SPEECH_ONLY = ("nonspeech_share",)
 
 
@@ -128,13 +135,14 @@ def run_train(args: argparse.Namespace) -> int:
     sizes = {key: getattr(args, key) for key in _NEW_MODEL_SIZES if getattr(args, key) is not None}
     if sizes and args.model != "new":
         raise StreamerError(f"{_flags(sizes)} size a new model (--model new); an existing model keeps its size "
-                            "(its input can grow: --grow-image-size)")
+                            "(its input can grow: --grow-image-size, its width: --grow-hidden)")
     config = TrainConfig(
         out=args.out, model=args.model, data=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         warmup=args.warmup, seed=args.seed, device=args.device, save_every=args.save_every, resume=args.resume,
         threads=args.threads, log_every=args.log_every, world=args.world, reversed_twins=args.reversed_twins,
         fixed_positions=args.fixed_positions, vision_lr_scale=args.vision_lr_scale, answer_weight=args.answer_weight,
         event_weight=args.event_weight, grow_image_size=args.grow_image_size, data_workers=args.data_workers,
+        grow_hidden=args.grow_hidden, precision=args.precision,
         **sizes, **({"live_share": args.live_share} if args.live_share is not None else {}),
         **({"question_weights": args.question_weights} if args.question_weights else {}),
     )

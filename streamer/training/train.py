@@ -16,7 +16,9 @@ from its own seed); progress and loss on a terminal bar or in log lines;
 `--out DIR/checkpoint-N` every `--save-every` steps with the optimizer state,
 and `--resume` continues from the newest one. The final model is a
 `save_pretrained` directory that `streamer caption/serve --model DIR` loads.
-`--grow-image-size` trains an existing model at a larger input (`grow_input`).
+`--grow-image-size` trains an existing model at a larger input (`grow_input`),
+`--grow-hidden` at a larger width (`grow_width`), each starting from what the
+model says.
 """
 
 from __future__ import annotations
@@ -87,6 +89,11 @@ class TrainConfig(RunConfig):
     live_share: float = LIVE_SHARE  # data="live": the share of live-like windows (the rest: clean clips)
     # an existing model (not "new"): train it at this input size, its position table regrown (`grow_input`)
     grow_image_size: int | None = None
+    # an existing model: widen both transformers to this width, a whole multiple of theirs (`grow_width`)
+    grow_hidden: int | None = None
+    # "auto": bf16 autocast on a GPU, fp32 on a CPU; "bf16" on a CPU too, where it has bf16 matrix units (AMX:
+    # 1.3x the bundled model's step, 1.8x at width 256, benchmarks/README.md); "fp32" everywhere
+    precision: str = "auto"
     # processes that render examples (0: the training process itself). The world's examples are rendered and
     # H.264-encoded on the CPU: on a GPU the model's step is the short part, and one process cannot keep up.
     data_workers: int = 0
@@ -99,6 +106,13 @@ class TrainConfig(RunConfig):
                 raise StreamerError("--grow-image-size grows an existing model (--model DIR); a new one takes --image-size")
             if not 0 < self.grow_image_size <= 1024:
                 raise StreamerError(f"--grow-image-size {self.grow_image_size}: 1-1024 pixels")
+        if self.grow_hidden is not None:
+            if self.model == "new":
+                raise StreamerError("--grow-hidden grows an existing model (--model DIR); a new one takes --hidden")
+            if not 0 < self.grow_hidden <= 4096:
+                raise StreamerError(f"--grow-hidden {self.grow_hidden}: 1-4096")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise StreamerError(f"--precision {self.precision!r}: auto, bf16 or fp32")
         if self.image_size % self.patch_size or self.hidden % 4 or min(self.layers, self.frames, self.patch_size) < 1:
             raise StreamerError(f"a new model needs --image-size a multiple of --patch-size ({self.image_size} / "
                                 f"{self.patch_size}), --hidden a multiple of 4 ({self.hidden}: 4 attention heads), "
@@ -358,6 +372,8 @@ def _build_or_load(config: TrainConfig, device: torch.device):
     if config.grow_image_size not in (None, model.config.vision_config.image_size):  # (a resumed run: grown already)
         model, processor = grow_input(model, processor, config.grow_image_size, seed=config.seed)
         model = model.to(device)
+    if config.grow_hidden not in (None, model.config.hidden_size):  # (a resumed run: grown already)
+        model = grow_width(model, config.grow_hidden, seed=config.seed).to(device)
     if config.data == "live":
         from streamer.training.world import ANSWER_MARKER
 
@@ -410,6 +426,55 @@ def grow_input(model, processor, size: int, *, seed: int = 0):
     log.warning("grew the model's input", extra={"from_px": int(vision.image_size), "to_px": size,
                                                  "patches": f"{old_grid}x{old_grid} -> {new_grid}x{new_grid}"})
     return grown, type(processor)(**settings)
+
+
+GROWN_WIDTH_NOISE = 1e-3  # relative size of the noise that tells a widened unit from its copy
+
+
+def grow_width(model, hidden: int, *, seed: int = 0, noise: float = GROWN_WIDTH_NOISE):
+    """The same GIT, both transformers `hidden` wide (a whole multiple k of their width), saying what it said.
+
+    Net2Net's widening (Chen et al., 2016), for GIT: every unit of the residual stream, the attention heads
+    and the feed-forward layers is copied k times, and every weight that reads a copied unit is divided by k,
+    so each layer computes the same sum. A LayerNorm over k copies of a vector has the vector's mean and
+    variance, and a head's width stays, so the widened model's outputs are the model's (up to float error,
+    tests/test_train.py). The copies would get the same gradients for ever (the vision tower has no dropout to
+    tell them apart): every widened weight gets noise of `noise` times its own spread."""
+    from transformers import GitForCausalLM
+
+    old_hidden = int(model.config.hidden_size)
+    vision = model.config.vision_config
+    if int(vision.hidden_size) != old_hidden or hidden % old_hidden or hidden < old_hidden:
+        raise StreamerError(f"--grow-hidden {hidden}: a whole multiple of the model's width ({old_hidden}, "
+                            f"vision {int(vision.hidden_size)}: both must be the same)")
+    k = hidden // old_hidden
+    config = copy.deepcopy(model.config)
+    for part in (config, config.vision_config):
+        part.hidden_size *= k
+        part.intermediate_size *= k
+        part.num_attention_heads *= k  # the same head width: the heads are copied with their units
+    grown = GitForCausalLM(config).to(next(model.parameters()).device)
+    readers = {f"{name}.weight" for name, module in grown.named_modules() if isinstance(module, torch.nn.Linear)}
+    old_state = model.state_dict()
+    generator = torch.Generator().manual_seed(seed)
+    new_state = {}
+    for name, target in grown.state_dict().items():
+        value = old_state[name]
+        if value.ndim != target.ndim or any(t % v for t, v in zip(target.shape, value.shape)):
+            raise StreamerError(f"cannot widen {name}: {tuple(value.shape)} -> {tuple(target.shape)}")
+        repeats = [t // v for t, v in zip(target.shape, value.shape)]
+        value = value.repeat(*repeats)
+        if name in readers and repeats[1] > 1:
+            value = value / repeats[1]  # a Linear's input is k copies of each unit: read each 1/k
+        if noise and value.is_floating_point() and value.numel() > 1 and any(r > 1 for r in repeats):
+            spread = float(value.std()) or 1.0
+            value = value + torch.randn(value.shape, generator=generator).to(value) * noise * spread
+        new_state[name] = value
+    grown.load_state_dict(new_state)
+    grown.generation_config = copy.deepcopy(model.generation_config)
+    log.warning("grew the model's width", extra={"from_hidden": old_hidden, "to_hidden": hidden,
+                                                 "parameters": sum(p.numel() for p in grown.parameters())})
+    return grown
 
 
 def widen_vocabulary(model, tokenizer, words: list[str]):
@@ -501,7 +566,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = _autocast(config.precision, device)
 
     shown = Progress(config.steps, start_step, show=progress, desc="train", log_every=config.log_every, log=log)
     for step in range(start_step, config.steps):
@@ -529,6 +594,15 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
     for old in [*out.glob("checkpoint-*"), *out.glob(".checkpoint-*.tmp")]:
         shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _autocast(precision: str, device: torch.device):
+    """bf16 autocast where `precision` asks for it (weights and optimizer stay fp32)."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    if device.type == "cpu" and not torch.backends.mkldnn.is_available():
+        raise StreamerError("--precision bf16 on the CPU needs torch's oneDNN")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _text_batch(tokenizer, batch, device: torch.device, answer_weight: float = 1.0, event_weight: float = 1.0):

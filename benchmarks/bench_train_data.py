@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import log, machine_info  # noqa: E402
+from benchmarks.common import log, machine_info, save_result  # noqa: E402
 from streamer.training.loop import example_batches  # noqa: E402
 from streamer.training.train import live_world_examples  # noqa: E402
 
@@ -64,24 +64,13 @@ def main() -> int:
     result = {"what": "streamer train --data live: examples rendered per second (batches of "
                       f"{args.batch_size}, input {args.size} px), in the training process (0) vs worker processes",
               "machine": machine_info(), "batches": args.batches, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 3))
+    def draw(ax) -> None:
         ax.bar([str(r["workers"]) for r in rows], [r["examples_per_second"] for r in rows])
         ax.set_xlabel("--data-workers")
         ax.set_ylabel("examples / s")
-        ax.set_title(f"{result['machine']['cpu_model']}, {result['machine']['cpu_count']} cores", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out.with_suffix(".png"), dpi=90)
-    except ImportError:
-        log("no matplotlib: JSON only")
+
+    save_result(Path(args.out), result, draw)
     print(json.dumps(rows))
     return 0
 

@@ -28,22 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from benchmarks.common import log, machine_info
+from benchmarks.common import cpu_flags, log, machine_info, save_result
 from streamer.defaults import BUNDLED_MODEL
 from streamer.engine.loader import load_model
 from streamer.engine.preprocess import PreprocessSpec, preprocess_frames
 from streamer.training.train import _text_batch, grow_width, live_world_examples
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(f for f in set(flags) if f.startswith("amx") or f in ("avx512_bf16", "avx512f"))
 
 
 def step_seconds(model, pixels, enc, labels, weights, steps: int, bf16: bool) -> float:
@@ -97,29 +88,16 @@ def main() -> int:
     result = {"what": f"streamer train: one step (forward, backward, AdamW) on a batch of {args.batch_size} live "
                       "examples, fp32 vs bf16 autocast, median of "
                       f"{args.steps} steps", "machine": machine_info(cpu_flags=cpu_flags()), "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 3))
+    def draw(ax) -> None:
         x = range(len(rows))
         ax.bar([i - 0.2 for i in x], [r["fp32_step_s"] for r in rows], 0.4, label="fp32")
         ax.bar([i + 0.2 for i in x], [r["bf16_step_s"] for r in rows], 0.4, label="bf16 autocast")
         ax.set_xticks(list(x), [f"width {r['hidden']}" for r in rows])
         ax.set_ylabel("seconds / step")
         ax.legend()
-        machine = result["machine"]
-        ax.set_title(f"{machine['cpu_model']}, {machine['torch_threads']} threads, {' '.join(machine['cpu_flags'])}",
-                     fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out.with_suffix(".png"), dpi=90)
-    except ImportError:
-        log("no matplotlib: JSON only")
+
+    save_result(Path(args.out), result, draw)
     print(json.dumps(rows))
     return 0
 

@@ -3,6 +3,7 @@ records about the machine it ran on."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,39 @@ def cpu_model() -> str | None:
     except OSError:
         pass
     return platform.processor() or None
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's bf16 matrix flags (AMX, AVX512-BF16): whether bf16 runs on units made for it."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(f for f in set(flags) if f.startswith("amx") or f in ("avx512_bf16", "avx512f"))
+
+
+def save_result(out: Path, result: dict[str, Any], draw: Callable[[Any], None]) -> None:
+    """The result as JSON at `out`, and `draw(ax)`'s bar chart beside it (.png), titled with the machine,
+    where matplotlib is installed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("no matplotlib: JSON only")
+        return
+    fig, ax = plt.subplots(figsize=(5, 3))
+    draw(ax)
+    machine = result["machine"]
+    flags = " ".join(machine.get("cpu_flags", []))
+    ax.set_title(f"{machine['cpu_model']}, {machine['cpu_count']} cores, {machine['torch_threads']} threads {flags}",
+                 fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=90)
 
 
 def machine_info(**extra: Any) -> dict[str, Any]:

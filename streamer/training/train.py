@@ -92,7 +92,7 @@ class TrainConfig(RunConfig):
     # an existing model: widen both transformers to this width, a whole multiple of theirs (`grow_width`)
     grow_hidden: int | None = None
     # "auto": bf16 autocast on a GPU, fp32 on a CPU; "bf16" on a CPU too, where it has bf16 matrix units (AMX:
-    # 1.3x the bundled model's step, 1.8x at width 256, benchmarks/README.md); "fp32" everywhere
+    # 1.18x the bundled model's step, 1.55x at width 256, benchmarks/bench_train_step.py); "fp32" everywhere
     precision: str = "auto"
     # processes that render examples (0: the training process itself). The world's examples are rendered and
     # H.264-encoded on the CPU: on a GPU the model's step is the short part, and one process cannot keep up.
@@ -438,7 +438,7 @@ def grow_width(model, hidden: int, *, seed: int = 0, noise: float = GROWN_WIDTH_
     and the feed-forward layers is copied k times, and every weight that reads a copied unit is divided by k,
     so each layer computes the same sum. A LayerNorm over k copies of a vector has the vector's mean and
     variance, and a head's width stays, so the widened model's outputs are the model's (up to float error,
-    tests/test_train.py). The copies would get the same gradients for ever (the vision tower has no dropout to
+    tests/test_world_train.py). The copies would get the same gradients for ever (the vision tower has no dropout to
     tell them apart): every widened weight gets noise of `noise` times its own spread."""
     from transformers import GitForCausalLM
 

@@ -203,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="tiny", help="tiny, base (git-base-vatex shape, random weights) or a checkpoint dir")
     ap.add_argument("--streams", default="1,4,16,64", help="stream counts (default 1,4,16,64)")
     ap.add_argument("--ticks", type=int, default=2, help="measured ticks per stream count, after one cold tick (default 2)")
-    ap.add_argument("--naive-max-streams", type=int, default=16, help="run the naive loop up to this many streams (default 16)")
+    ap.add_argument("--naive-max-streams", type=int, default=16,
+                    help="run the naive loop up to this many streams (default 16; 0: not at all, e.g. where the "
+                         "transformers installed cannot run it: 5.17's GIT generate indexes past 1024 positions)")
     ap.add_argument("--cpu-batch", type=int, default=8)
     ap.add_argument("--cpu-dtypes", default="float32", help="engine-cpu dtypes, e.g. float32,bfloat16 ('' = no CPU engine)")
     ap.add_argument("--cuda-batch", type=int, default=64)
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         base_cfg["threads"] = args.threads
     log(f"loading {path} (fp32, CPU)")
     cpu32 = Engine.load(EngineConfig(device="cpu", dtype="float32", **base_cfg))
-    runners = [Runner("naive", None, cpu32.loaded, 1, args.max_new_tokens, False)]
+    runners = [Runner("naive", None, cpu32.loaded, 1, args.max_new_tokens, False)] if args.naive_max_streams > 0 else []
     for dtype in [d for d in args.cpu_dtypes.split(",") if d]:
         engine = cpu32 if dtype == "float32" else Engine.load(EngineConfig(device="cpu", dtype=dtype, **base_cfg))
         name = "engine-cpu" if dtype == "float32" else f"engine-cpu-{dtype}"

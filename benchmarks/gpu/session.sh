@@ -4,7 +4,8 @@
 #   there: run(command="bash benchmarks/gpu/session.sh", carry=[".whl"], timeout_s=600)
 # Most important first, each step under its own limit so that one stuck step leaves time for the rest:
 #   1. tests/test_precision.py (bf16/fp16 on CUDA decode what fp32 decodes);
-#   2. bench_streams.py on the base shape, engine-cuda against the naive loop (issue 4's GPU targets);
+#   2. bench_streams.py on the base shape, engine-cuda against the naive loop (issue 4's GPU targets; the engine
+#      alone where the image's transformers cannot run the naive loop, see below);
 #   3. issue 14's GPU run: the bundled model grown to 128 px, trained with bf16 autocast and the world's
 #      examples rendered by --data-workers, then scored on the selection eval (live seed 21000, clips 11000).
 # Everything lands in $OUT/gpu-session.tar.gz (logs, step timings, result JSON, the trained model).
@@ -20,7 +21,10 @@ OUT=${OUT:-/tmp/gpu-out}
 work=/tmp/gpu-session
 mkdir -p "$OUT" "$work"
 device=${DEVICE:-cuda}
-[ "${WHEELS:-1}" = 0 ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+if [ "${WHEELS:-1}" != 0 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  cp -r .whl/site/. /tmp/site/  # the bert tokenizer's files (fetch-wheels.sh)
+fi
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
 step() {  # name, limit in s, command...: its output in $work/NAME.log, its status and seconds in steps.txt
@@ -31,6 +35,7 @@ step() {  # name, limit in s, command...: its output in $work/NAME.log, its stat
   rc=$?
   echo "$name rc=$rc seconds=$(($(date +%s) - began)) limit=$limit" | tee -a "$work/steps.txt"
   tail -n 4 "$work/$name.log"
+  return $rc
 }
 
 left() { echo $((budget - ($(date +%s) - started))); }
@@ -38,8 +43,13 @@ left() { echo $((budget - ($(date +%s) - started))); }
 step env 30 bash -c 'nvidia-smi -L; lscpu | grep "Model name"; python3 -c "import torch, transformers, av, aiortc, pydantic
 print(torch.__version__, torch.cuda.get_device_name(), transformers.__version__, av.__version__)"'
 step precision 100 python3 -m pytest -q -p no:cacheprovider tests/test_precision.py
+# The naive loop is transformers' own generate: the device image's 5.17 fails it on the base shape (its GIT
+# offsets text positions by the 1182 cached image tokens, past the 1024 it has; checked on a CPU with 5.17,
+# 2026-12-07), and 5.25 with its hub does not fit in the carry. Then the engine alone: figures without the ratio.
 step streams 110 python3 benchmarks/bench_streams.py --model base --streams 1,4,16,64 --naive-max-streams 4 \
-  --cpu-dtypes '' --out "$work"
+  --cpu-dtypes '' --out "$work" ||
+  step streams-engine 90 python3 benchmarks/bench_streams.py --model base --streams 1,4,16,64 --naive-max-streams 0 \
+    --cpu-dtypes '' --out "$work"
 step train $(($(left) - 150)) python3 -m streamer train --out "$work/g128" --model streamer/world-git \
   --grow-image-size 128 --data live --device "$device" --data-workers "${WORKERS:-14}" --steps "${STEPS:-5000}" \
   --batch-size 32 --lr 3e-4 --warmup 200 --seed 71 --save-every 500 --log-every 250 \

@@ -16,7 +16,6 @@ Writes benchmarks/results/train-step-cpu.json and .png.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import statistics
@@ -32,7 +31,7 @@ from benchmarks.common import cpu_flags, log, machine_info, save_result
 from streamer.defaults import BUNDLED_MODEL
 from streamer.engine.loader import load_model
 from streamer.engine.preprocess import PreprocessSpec, preprocess_frames
-from streamer.training.train import _text_batch, grow_width, live_world_examples
+from streamer.training.train import _autocast, _text_batch, grow_width, live_world_examples
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -43,7 +42,7 @@ def step_seconds(model, pixels, enc, labels, weights, steps: int, bf16: bool) ->
 
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)  # a tiny rate: the model barely changes across runs
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    autocast = _autocast("bf16" if bf16 else "fp32", torch.device("cpu"))  # what `--precision` makes of it
     times = []
     for _ in range(steps + 1):
         began = time.perf_counter()

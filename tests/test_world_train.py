@@ -202,7 +202,7 @@ def test_a_models_width_can_be_grown_and_it_still_says_what_it_said(tmp_path):
     from streamer.defaults import BUNDLED_MODEL
     from streamer.engine.loader import load_model
     from streamer.engine.preprocess import PreprocessSpec, preprocess_frames
-    from streamer.training.train import grow_width
+    from streamer.training.train import _autocast, grow_width
 
     loaded = load_model(str(BUNDLED_MODEL), "cpu", "float32")
     old = loaded.model.eval()
@@ -226,6 +226,13 @@ def test_a_models_width_can_be_grown_and_it_still_says_what_it_said(tmp_path):
     # the noise tells each copied unit from its copy: else they would get the same gradients for ever
     patch = grown.git.image_encoder.vision_model.embeddings.patch_embedding.weight
     assert not torch.equal(patch[:128], patch[128:])
+
+    # --precision bf16 runs the matrix products in bf16 on the CPU too; auto leaves a CPU run in fp32
+    layer = torch.nn.Linear(4, 4)
+    with _autocast("bf16", torch.device("cpu")):
+        assert layer(torch.ones(1, 4)).dtype == torch.bfloat16
+    with _autocast("auto", torch.device("cpu")):
+        assert layer(torch.ones(1, 4)).dtype == torch.float32
 
     out = tmp_path / "wide"
     cmd = [sys.executable, "-m", "streamer", "train", "--model", str(BUNDLED_MODEL), "--steps", "2", "--batch-size", "2",

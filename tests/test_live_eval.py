@@ -60,6 +60,16 @@ def test_scoring_of_a_hand_made_sequence():
     assert [w["start"] for w in s["wrong"]] == [2.25, 12.25]
 
 
+def test_scores_are_split_by_kind_of_window_where_the_world_names_them():
+    # scene A's windows starting before 2 s are slivers at the edge, the rest whole; B and C name no kind
+    edge = replace(SCENES[0], kind=lambda start, end: "moving: mostly out" if start < 2.0 else "moving: whole")
+    s = score_captions(windows(SEQUENCE), [edge, *SCENES[1:]])
+    # inside A: windows 0, 1 (slivers, right) and 2, 3 (whole: X wrong in the event, A right)
+    assert s["kinds"] == {"moving: mostly out": {"windows": 2, "exact": 1.0, "event": 1.0},
+                          "moving: whole": {"windows": 2, "exact": 0.5, "event": 0.5}}
+    assert score_captions(windows(SEQUENCE), SCENES)["kinds"] == {}  # a manifest's segments: no split
+
+
 def test_the_exact_interval_resamples_scenes_not_windows():
     # the hand-made sequence: scene A 3 of 4 right, B 4 of 4, C 3 of 4
     lo, hi = score_captions(windows(SEQUENCE), SCENES)["exact_ci95"]
@@ -138,6 +148,9 @@ def test_a_live_evaluation_through_the_daemon(demo_run):
     for key in ("off", "hold"):
         assert tuple(r[key]) == SCORE_KEYS
         assert r[key]["inside"] + r[key]["straddle"]["windows"] + r[key]["unscored"] == cell["windows"]
+        # every window inside a scene has its kind (the demo's scenes only move)
+        assert sum(k["windows"] for k in r[key]["kinds"].values()) == r[key]["inside"]
+        assert all(name.startswith("moving") for name in r[key]["kinds"])
         delay = r[key]["change_delay"]
         assert delay["cuts"] == 7 and delay["named"] + delay["missed"] == 7
         if delay["max"] is not None:  # a window names the new scene only once it holds frames of it

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -427,6 +428,57 @@ def test_live_scene_truth_agrees_with_the_pixels():
     assert events >= {"left", "right", "up", "down", "appears", "disappears", "still", NOTHING}
 
 
+def _shown_fraction(scene, obj, t: float, size: int = 64) -> float:
+    """How much of one object a 64x64 frame shows at time t: its pixels against those it has when drawn at the
+    same sub-pixel phase well inside the frame."""
+    from dataclasses import replace
+
+    x, y = scene._position(obj, t)
+    alone = replace(scene, objects=(replace(obj, x=x, y=y, vx=0.0, vy=0.0),), background="black", wrap=False)
+    inside = replace(alone, objects=(replace(alone.objects[0], x=x - np.floor(x * size) / size + 0.5,
+                                             y=y - np.floor(y * size) / size + 0.5),))
+    return colour_pixels([alone.frame(0.0)], obj.colour)[0] / colour_pixels([inside.frame(0.0)], obj.colour)[0]
+
+
+def test_window_kinds_agree_with_the_pixels():
+    """`Scene.window_kind` (the live evaluation splits its score by it): an object called whole shows all of
+    itself in every frame, one mostly out all of itself in at most 2 of 6, and one that wraps jumps across
+    the frame between two frames."""
+    from streamer.training.world import MOTIONS, WINDOW_KINDS, Obj, Scene, centre_crop_view, random_live_scene, window_times
+
+    rng = np.random.default_rng(12)
+    seen = set()
+    for _ in range(300):
+        scene = random_live_scene(rng)
+        start = float(rng.uniform(0.0, 5.0))
+        kind = scene.window_kind(start, start + 3.0)
+        seen.add(kind)
+        assert kind in WINDOW_KINDS
+        assert (kind == scene.truth_for_window(start, start + 3.0).event) != kind.startswith("moving")
+        if not kind.startswith("moving"):
+            continue
+        times = window_times(start, start + 3.0)
+        in_view = [o for o in scene.objects if any(scene._in_view(o, t, (0.0, 0.0, 1.0, 1.0), 1.0) for t in times)]
+        whole = min(sum(_shown_fraction(scene, obj, t) > 0.99 for t in times) for obj in in_view)
+        # (a frame the geometry calls cut can keep every pixel: a triangle's corner between pixel centres)
+        if kind == "moving: whole":
+            assert whole == 6, (scene, start)
+        elif kind == "moving: partly out":
+            assert 3 <= whole, (scene, start)
+        elif kind == "moving: mostly out":
+            assert whole <= 3, (scene, start)
+        elif kind == "moving: wraps":
+            axis = 1 if MOTIONS[scene.event][0] else 0  # numpy's: columns for left/right
+            rgb = np.array(COLOURS[scene.objects[0].colour], np.uint8)
+            along = [np.nonzero(np.all(scene.frame(t) == rgb, axis=-1))[axis].mean() / 64 for t in times]
+            assert any(abs(a - b) > 0.3 for a, b in itertools.pairwise(along)), (scene, start, along)
+    assert seen >= {"moving: whole", "moving: partly out", "moving: mostly out", "moving: wraps", "still"}
+    # a wide frame's centre crop: the same path is whole in the square frame and cut at the crop's sides
+    crossing = Scene((Obj("square", "red", "small", 0.2, 0.5, 0.2, 0.0),), "right", wrap=False)
+    assert crossing.window_kind(0.0, 3.0) == "moving: whole"
+    assert crossing.window_kind(0.0, 3.0, **centre_crop_view(160, 90)) == "moving: partly out"
+
+
 def test_questions_have_the_window_s_answers_and_yes_no_is_balanced():
     from streamer.training.world import (
         QUESTION_KINDS,
@@ -589,3 +641,31 @@ def test_an_answer_is_read_after_the_models_marker():
         answer_marker = "so"
 
     assert answer_marker(Config()) == "so" and answer_marker(object()) is None
+
+
+def test_the_motion_probe_s_windows_show_what_they_are_named_for():
+    """benchmarks/probe_motion.py draws the conclusions of the model card's motion probes: its centre windows
+    cross the middle, its side windows stay on one side, its edge windows show an object that enters (more of
+    it in the last frame than the first) or leaves (less), and each truth names the way the pixels move."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("probe_motion", Path(__file__).parents[1] / "benchmarks" / "probe_motion.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    for name in probe.PROBES:
+        for frames, truth, where, _ in probe.probe_windows(name, 60, seed=3, size=64):
+            words = truth.split()
+            event, colour = words[-1], words[2]
+            axis = 1 if event in ("left", "right") else 0  # numpy's: columns for left/right
+            mask = [np.all(f == np.array(COLOURS[colour], np.uint8), axis=-1) for f in frames]
+            area = [int(m.sum()) for m in mask]
+            if name == "edge":
+                assert (area[-1] > area[0]) == (where == "enters"), (truth, where, area)
+                continue
+            along = [(np.nonzero(m)[axis].min() + np.nonzero(m)[axis].max()) / 2 / 64 for m in mask]  # box centre
+            sign = 1 if event in ("right", "down") else -1
+            assert all(sign * (b - a) > 0 for a, b in itertools.pairwise(along)), (truth, along)
+            if name == "centre":
+                assert along[0] < 0.5 < along[-1] or along[-1] < 0.5 < along[0]
+            else:
+                assert (min(along) > 0.5 or max(along) < 0.5) and (min(along) > 0.5) == (where == "high side")

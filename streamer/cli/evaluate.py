@@ -155,6 +155,10 @@ def format_live(result: dict) -> str:
                      f"missed {row['missed']}, flicker {row['flicker_per_100']}/100")
     parts = result["off"]["parts"]
     lines.append("  parts (off): " + ", ".join(f"{k} {pct(v)}" for k, v in parts.items()))
+    kinds = result["off"]["kinds"]
+    if kinds:  # where the errors are
+        lines.append("  by kind of window (off): " + ", ".join(
+            f"{name} {pct(row['exact'])} of {row['windows']}" for name, row in kinds.items()))
     return "\n".join(lines)
 
 

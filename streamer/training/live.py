@@ -67,8 +67,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SEED = 20_000  # training draws from small seeds and held-out clips from 10_000: never seen
 PARTS = ("count", "size", "colour", "shape", "event")
-SCORE_KEYS = ("windows", "inside", "exact", "exact_ci95", "parts", "straddle", "change_delay", "flicker", "flicker_per_100",
-              "unscored", "wrong")
+SCORE_KEYS = ("windows", "inside", "exact", "exact_ci95", "parts", "kinds", "straddle", "change_delay", "flicker",
+              "flicker_per_100", "unscored", "wrong")
 LIVE_KEYS = ("model", "source", "truth", "seed", "scenes", "scene_seconds", "window", "hop", "frames",
              "stabilizer", "cells", "off", "hold", "sweep", "coco", "seconds")
 _EPS = 1e-6
@@ -85,18 +85,25 @@ class Segment:
     `truth(start, end)`, given a window's extent in the segment's own time
     (0 = the segment's first frame), says what that window shows; None: the
     fixed `caption` for every window. `scene`: segments of several runs with the same `scene`
-    show the same thing (the cells of a live evaluation): `exact_ci95` resamples them together."""
+    show the same thing (the cells of a live evaluation): `exact_ci95` resamples them together.
+    `kind(start, end)`, in the same time, names what makes that window easy or hard (the world's
+    `Scene.window_kind`: "moving: mostly out" for slivers at the edge...): scores split by it;
+    None: not split (a user's manifest)."""
 
     start: float
     end: float
     caption: str
     truth: Callable[[float, float], str] | None = field(default=None, compare=False, repr=False)
     scene: int | None = field(default=None, compare=False)
+    kind: Callable[[float, float], str] | None = field(default=None, compare=False, repr=False)
 
     def caption_for(self, window_start: float, window_end: float) -> str:
         if self.truth is None:
             return self.caption
         return self.truth(window_start - self.start, window_end - self.start)
+
+    def kind_for(self, window_start: float, window_end: float) -> str | None:
+        return None if self.kind is None else self.kind(window_start - self.start, window_end - self.start)
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,9 @@ def score_runs(runs: Sequence[Run]) -> dict[str, Any]:
 
     - exact, parts: on inside windows, the caption against the segment's truth
       for that window (whole caption; count, size, colour, shape, event).
+    - kinds: exact and event accuracy on inside windows split by `Segment.kind_for` ({kind: {windows,
+      exact, event}} by name; {} when no segment names kinds): where the
+      errors are (whole objects, slivers at the edge, still scenes...).
     - exact_ci95: a 95% interval on `exact`, [low, high], resampling scenes
       (segments, or `Segment.scene` across runs: windows of one scene fail
       together, so a binomial interval over windows would be too narrow);
@@ -160,6 +170,7 @@ def score_runs(runs: Sequence[Run]) -> dict[str, Any]:
     missed = cuts_scored = 0
     wrong: list[dict[str, Any]] = []
     per_scene: dict[Any, list[int]] = {}  # scene -> [right, inside windows], for exact_ci95
+    per_kind: dict[str, list[int]] = {}  # kind -> [right, event right, inside windows]
     for captions, segments in runs:
         caps = sorted(captions, key=lambda c: c.index)
         segs = sorted(segments, key=lambda s: s.start)
@@ -178,6 +189,12 @@ def score_runs(runs: Sequence[Run]) -> dict[str, Any]:
                 got, want = _parts(cap.text), _parts(truth)
                 for part in PARTS:
                     parts_right[part] += got[part] == want[part]
+                kind_name = seg.kind_for(*cap.extent)
+                if kind_name is not None:
+                    counts = per_kind.setdefault(kind_name, [0, 0, 0])
+                    counts[0] += cap.text == truth
+                    counts[1] += got["event"] == want["event"]
+                    counts[2] += 1
                 if cap.text != truth and len(wrong) < 10:
                     wrong.append({"start": round(cap.start, 3), "end": round(cap.end, 3), "caption": cap.text,
                                   "reference": truth})
@@ -221,6 +238,8 @@ def score_runs(runs: Sequence[Run]) -> dict[str, Any]:
         "exact": _ratio(exact, inside),
         "exact_ci95": _scene_bootstrap(list(per_scene.values())),
         "parts": {part: _ratio(parts_right[part], inside) for part in PARTS},
+        "kinds": {name: {"windows": n, "exact": _ratio(right, n), "event": _ratio(event, n)}
+                  for name, (right, event, n) in sorted(per_kind.items())},
         "straddle": {"windows": straddling, "accuracy": _ratio(straddle_right, straddling)},
         "change_delay": _delay_summary(delays, cuts_scored, missed),
         "flicker": flicker,
@@ -371,6 +390,12 @@ def _engine_view(engine: Any, height: int, width: int) -> tuple[float, float, fl
 def _truth_for(scene: Any, frames: int, view: tuple[float, float, float, float], aspect: float):
     if hasattr(scene, "caption_for_window"):
         return lambda s, e: scene.caption_for_window(s, e, frames, view=view, aspect=aspect)
+    return None
+
+
+def _kind_for(scene: Any, frames: int, view: tuple[float, float, float, float], aspect: float):
+    if hasattr(scene, "window_kind"):
+        return lambda s, e: scene.window_kind(s, e, frames, view=view, aspect=aspect)
     return None
 
 
@@ -537,7 +562,9 @@ def live_evaluation(
                 video = encode_h264(Path(tmp) / f"live-{cell.name}.mp4", video_frames, cell.fps, bitrate)
                 del video_frames
                 view = _engine_view(engine, cell.height, cell.width)
-                segments = [Segment(s, e, scene.caption, _truth_for(scene, frames, view, cell.width / cell.height), n)
+                aspect = cell.width / cell.height
+                segments = [Segment(s, e, scene.caption, _truth_for(scene, frames, view, aspect), n,
+                                    _kind_for(scene, frames, view, aspect))
                             for n, (scene, s, e) in enumerate(spans)]
                 say(f"live eval: {cell.name}, {len(segments)} scenes, {spans[-1][2]:.0f} s of video at "
                     f"{bitrate / 1000:.0f} kbit/s")

@@ -12,6 +12,7 @@ that shuffles frames or swaps channels gets captions wrong.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -22,6 +23,7 @@ __all__ = [
     "QUESTION_KINDS",
     "SHAPES",
     "STILL",
+    "WINDOW_KINDS",
     "Obj",
     "Scene",
     "WindowTruth",
@@ -54,6 +56,9 @@ EVENTS = tuple(MOTIONS) + ("appears", "disappears")
 STILL = "still"  # the event of a window whose objects do not move ("a big red circle is still")
 NOTHING = "nothing"  # the caption of a window with no object in view
 LIVE_EVENTS = EVENTS + (STILL,)
+# `Scene.window_kind`: what a window shows, from easy to hard to caption
+WINDOW_KINDS = (NOTHING, STILL, "appears", "disappears", "moving: whole", "moving: partly out", "moving: mostly out",
+                "moving: wraps")
 # what each event looks like with the frames played backwards
 REVERSED = {"left": "right", "right": "left", "up": "down", "down": "up", "appears": "disappears", "disappears": "appears",
             STILL: STILL, NOTHING: NOTHING}
@@ -130,6 +135,37 @@ class Scene:
         """The ground-truth caption of the window [start, end) (see `truth_for_window`):
         the training data, the held-out clips and the live evaluation all use it."""
         return self.truth_for_window(start, end, frames, **view).caption
+
+    def window_kind(
+        self, start: float, end: float, frames: int = 6, view: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0),
+        aspect: float = 1.0,
+    ) -> str:
+        """Which kind of window [start, end) is, to split a score by what makes a window hard (WINDOW_KINDS):
+        the truth's event where nothing moves across the view ("nothing", "still", "appears", "disappears"),
+        else how much of the moving objects the view shows over the window's frames: "moving: whole" (every
+        object in view entirely inside in every frame), "moving: partly out" (entirely inside in 3-5 of 6 frames),
+        "moving: mostly out" (in at most 2: slivers at the view's edge), or "moving: wraps" (an object jumps
+        from one edge to the other between two frames, which reads as the opposite motion)."""
+        event = self.truth_for_window(start, end, frames, view=view, aspect=aspect).event
+        if event not in MOTIONS:
+            return event
+        times = window_times(start, end, frames)
+        if self.wrap and any(np.abs(np.subtract(self._position(obj, a), self._position(obj, b))).max() > 0.5
+                             for obj in self.objects for a, b in itertools.pairwise(times)):
+            return "moving: wraps"
+        shown = [obj for obj in self.objects if any(self._in_view(obj, t, view, aspect) for t in times)]
+        whole = min(sum(self._whole_in_view(obj, t, view, aspect) for t in times) for obj in shown)
+        if whole == len(times):
+            return "moving: whole"
+        return "moving: partly out" if 2 * whole >= len(times) else "moving: mostly out"
+
+    def _whole_in_view(self, obj: Obj, t: float, view: tuple[float, float, float, float], aspect: float) -> bool:
+        x, y = self._position(obj, t)
+        ry = SIZES[obj.size] / 2
+        rx = ry / aspect
+        x0, y0, x1, y1 = view
+        x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, 1.0), min(y1, 1.0)
+        return self.visible(t) and x - rx >= x0 and x + rx <= x1 and y - ry >= y0 and y + ry <= y1
 
     def _position(self, obj: Obj, t: float) -> tuple[float, float]:
         x, y = obj.x + obj.vx * t, obj.y + obj.vy * t

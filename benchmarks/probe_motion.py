@@ -7,7 +7,8 @@ probes isolate the motion: clean frames at the model's input size, one or two ob
 
 - centre: whole objects crossing the middle of the frame, 0.03-0.3 frame/s (the training clips: 0.15-0.23);
 - side:   whole objects moving slowly (0.04-0.09 frame/s) on one side of the frame, never crossing the middle;
-- edge:   objects entering or leaving at an edge (0.05-0.4 frame/s, as live scenes), sliver to whole.
+- edge:   objects entering or leaving at an edge (0.05-0.4 frame/s, as live scenes), sliver to whole
+          (`world.random_edge_scene`, what `streamer train --edge-share` trains on).
 
 Scores are split by path (direction, where) and by speed. A model that reads motion from frame to frame
 gets side as centre at the same speed; one that learned where objects are at the start or end of a
@@ -29,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import log, machine_info, save_result
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import log, machine_info, save_result
 from streamer.defaults import BUNDLED_MODEL
 from streamer.training.evaluate import _parts
 from streamer.training.world import (
@@ -43,6 +44,7 @@ from streamer.training.world import (
     SIZES,
     Obj,
     Scene,
+    random_edge_scene,
     window_times,
 )
 
@@ -52,28 +54,26 @@ WINDOW = 3.0
 
 def probe_scene(rng: np.random.Generator, probe: str) -> tuple[Scene, str]:
     """A scene whose window [0, 3) the probe asks about, and where its path lies (for the split)."""
+    if probe == "edge":  # what `streamer train --edge-share` draws: a model trained on it has seen such windows
+        scene = random_edge_scene(rng, WINDOW)
+        first = scene.objects[0]
+        at_high_edge = (first.x + first.vx * WINDOW / 2 if first.vx else first.y + first.vy * WINDOW / 2) > 0.5
+        return scene, "enters" if at_high_edge == (first.vx + first.vy < 0) else "leaves"
     event = list(MOTIONS)[rng.integers(len(MOTIONS))]
     dx, dy = MOTIONS[event]
-    sign = dx + dy  # +1: right / down
     size = list(SIZES)[rng.integers(len(SIZES))]
     r = SIZES[size] / 2
-    if probe == "edge":
-        speed = _log_uniform(rng, 0.05, 0.4)
-        at_high_edge = bool(rng.integers(2))
-        middle = float(at_high_edge) + rng.uniform(-r, r)  # the centre at mid-window: a sliver to a whole object
-        where = "enters" if at_high_edge == (sign < 0) else "leaves"
+    speed = _log_uniform(rng, 0.03, 0.3) if probe == "centre" else rng.uniform(0.04, 0.09)
+    travel = speed * WINDOW
+    if probe == "centre":
+        middle = 0.5 + rng.uniform(-0.25, 0.25) * travel  # the first and last frames on either side
+        where = "crosses"
     else:
-        speed = _log_uniform(rng, 0.03, 0.3) if probe == "centre" else rng.uniform(0.04, 0.09)
-        travel = speed * WINDOW
-        if probe == "centre":
-            middle = 0.5 + rng.uniform(-0.25, 0.25) * travel  # the first and last frames on either side
-            where = "crosses"
-        else:
-            high = bool(rng.integers(2))
-            lo, hi = (r + 0.02 + travel / 2, 0.5 - travel / 2) if not high else (0.5 + travel / 2, 1 - r - 0.02 - travel / 2)
-            middle = rng.uniform(lo, max(lo, hi))
-            where = "high side" if high else "low side"
-    along = middle - sign * speed * WINDOW / 2
+        high = bool(rng.integers(2))
+        lo, hi = (r + 0.02 + travel / 2, 0.5 - travel / 2) if not high else (0.5 + travel / 2, 1 - r - 0.02 - travel / 2)
+        middle = rng.uniform(lo, max(lo, hi))
+        where = "high side" if high else "low side"
+    along = middle - (dx + dy) * travel / 2
     count = 1 if rng.random() < 0.7 else 2
     shape, colour = SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))]
     objects = []

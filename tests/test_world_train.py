@@ -573,6 +573,44 @@ def test_the_live_share_sets_how_much_of_the_data_is_live_windows(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "streamer", "train", "--out", str(tmp_path / "x"), "--data", "live",
                           "--live-share", "1.5"], check=False, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "a share is 0-1" in bad.stderr and not (tmp_path / "x").exists()
+    over = subprocess.run([sys.executable, "-m", "streamer", "train", "--out", str(tmp_path / "x"), "--data", "live",
+                           "--live-share", "0.6", "--edge-share", "0.5"], check=False, capture_output=True, text=True,
+                          timeout=60)
+    assert over.returncode == 2 and "0-1 in all" in over.stderr and not (tmp_path / "x").exists()
+
+
+def test_edge_and_placed_clips_show_what_the_bundled_model_guessed_at():
+    """--edge-share: clean clips whose objects enter (more of them in the last frame than in the first) or
+    leave (less) at an edge, named by the direction; --placed-share: clips of any event whose path does not
+    cross the middle of the frame as `streamer eval`'s clips always do."""
+    from streamer.training.train import live_world_examples
+    from streamer.training.world import MOTIONS
+
+    def captions(**shares) -> list[tuple[list, str]]:
+        out = itertools.islice(live_world_examples(seed=5, live_share=0.0, **shares), 0, 160, 2)  # not the twins
+        # a question's example: its caption, then what it says after it (checks, "so", the answer)
+        return [(ex[0], " ".join(ex[1].split()[: len(ex[1].split()) - (ex[3] if len(ex) == 4 else 0)])) for ex in out]
+
+    grew = 0
+    for frames, caption in captions(edge_share=1.0):
+        assert frames[0].shape == (64, 64, 3) and caption.split()[-1] in MOTIONS, caption
+        area = colour_pixels([frames[0], frames[-1]], caption.split()[2])
+        assert area[0] != area[-1], caption  # entering or leaving: the view shows more or less of it
+        grew += area[-1] > area[0]
+    assert 20 < grew < 60  # both, about as often
+    placed = captions(placed_share=1.0)
+    events = {caption.split()[-1] for _, caption in placed}
+    assert events >= {"left", "right", "up", "down", "appears", "disappears"}
+    crossing = 0
+    for frames, caption in placed:
+        event = caption.split()[-1]
+        if event in MOTIONS:
+            axis = 1 if event in ("left", "right") else 0
+            masks = [np.all(f == np.array(COLOURS[caption.split()[2]], np.uint8), axis=-1) for f in (frames[0], frames[-1])]
+            if all(m.any() for m in masks):
+                ends = [(np.nonzero(m)[axis].min() + np.nonzero(m)[axis].max()) / 128 for m in masks]
+                crossing += (ends[0] - 0.5) * (ends[1] - 0.5) < 0
+    assert crossing < 0.5 * sum(c.split()[-1] in MOTIONS for _, c in placed)  # most paths stay on one side
 
 
 def test_only_the_answer_counts_in_the_loss_and_it_can_weigh_more():

@@ -87,6 +87,10 @@ class TrainConfig(RunConfig):
     # other tokens: live, the event is what is still wrong (a direction reversed) while the rest is learned
     event_weight: float = 1.0
     live_share: float = LIVE_SHARE  # data="live": the share of live-like windows (the rest: clean clips)
+    # data="live": the shares of clean clips whose objects enter or leave at an edge, and whose paths lie anywhere
+    # in the frame at slower speeds (`live_world_examples`); 0 for the bundled model's stages 1-4
+    edge_share: float = 0.0
+    placed_share: float = 0.0
     # an existing model (not "new"): train it at this input size, its position table regrown (`grow_input`)
     grow_image_size: int | None = None
     # an existing model: widen both transformers to this width, a whole multiple of theirs (`grow_width`)
@@ -111,6 +115,9 @@ class TrainConfig(RunConfig):
                 raise StreamerError("--grow-hidden grows an existing model (--model DIR); a new one takes --hidden")
             if not 0 < self.grow_hidden <= 4096:
                 raise StreamerError(f"--grow-hidden {self.grow_hidden}: 1-4096")
+        shares = {"live-share": self.live_share, "edge-share": self.edge_share, "placed-share": self.placed_share}
+        if min(shares.values()) < 0 or sum(shares.values()) > 1 + 1e-9:
+            raise StreamerError(" + ".join(f"--{k} {v:g}" for k, v in shares.items()) + ": shares of the data, 0-1 in all")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise StreamerError(f"--precision {self.precision!r}: auto, bf16 or fp32")
         if self.image_size % self.patch_size or self.hidden % 4 or min(self.layers, self.frames, self.patch_size) < 1:
@@ -255,20 +262,45 @@ QUESTION_SHARE = 0.5  # a question about the window (else its caption); its text
 
 
 def live_world_examples(seed: int, frames: int = 6, size: int = 64, short_side: int = 64,
-                        question_weights: dict[str, float] | None = None, live_share: float = LIVE_SHARE):
+                        question_weights: dict[str, float] | None = None, live_share: float = LIVE_SHARE,
+                        edge_share: float = 0.0, placed_share: float = 0.0):
     """Captions and questions on live-like windows and clean world clips, each
     followed by its reversed twin (frames backwards, the opposite event), so
     that the direction stays learned from frame order. `question_weights`: how
     often each question kind is asked (TrainConfig.question_weights): the kinds
     learned last get asked more (a shape answer is copied from the caption;
-    yes/no compares two words of the question with the caption's)."""
-    from streamer.training.world import WindowTruth, clip, labelled_questions, random_scene, reasoned_answer
+    yes/no compares two words of the question with the caption's).
+    `edge_share` and `placed_share` of the clean clips are drawn where the
+    bundled model guesses (`benchmarks/probe_motion.py`): objects entering or
+    leaving at an edge (`random_edge_scene`), and paths anywhere in the frame
+    at slower speeds (`random_placed_scene`); the rest as `streamer eval` draws."""
+    from streamer.training.world import (
+        MOTIONS,
+        NOTHING,
+        WindowTruth,
+        clip,
+        labelled_questions,
+        random_edge_scene,
+        random_placed_scene,
+        random_scene,
+        reasoned_answer,
+    )
 
     rng = np.random.default_rng(seed)
     live = live_windows(seed + 1, frames, short_side)
     while True:
-        if rng.random() < live_share:
+        draw = rng.random()
+        if draw < live_share:
             frames_, truth = next(live)
+        elif draw < live_share + edge_share + placed_share:
+            placed = draw >= live_share + edge_share
+            scene = (random_placed_scene if placed else random_edge_scene)(rng)
+            truth = scene.truth_for_window(0.0, 3.0, frames)
+            # an edge window whose object stays under a quarter in view says nothing of the edge; windows with
+            # nothing in view are kept at 1 in 4, as in `live_windows`
+            if (truth.event not in MOTIONS and not placed) or (truth.event == NOTHING and rng.random() > 0.25):
+                continue
+            frames_ = clip(scene, frames=frames, size=size)
         else:
             start = float(rng.uniform(0.0, 4.0))
             scene = random_scene(rng, start=start)
@@ -543,7 +575,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
                        reversed_twins=config.reversed_twins)
     elif config.data == "live":
         make = partial(live_world_examples, frames=frames, size=size, short_side=spec.short_side or size,
-                       question_weights=dict(config.question_weights), live_share=config.live_share)
+                       question_weights=dict(config.question_weights), live_share=config.live_share,
+                       edge_share=config.edge_share, placed_share=config.placed_share)
     else:
         make = partial(manifest_examples, config.data, frames, spec.short_side)
     batches = example_batches(make, config.seed + start_step, config.batch_size, config.data_workers)

@@ -32,7 +32,9 @@ __all__ = [
     "demo_scenes",
     "labelled_questions",
     "questions_for",
+    "random_edge_scene",
     "random_live_scene",
+    "random_placed_scene",
     "random_scene",
     "reasoned_answer",
     "render_video",
@@ -357,6 +359,44 @@ def random_live_scene(rng: np.random.Generator, seconds: float = 8.0) -> Scene:
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     event_time = rng.uniform(0.5, seconds - 0.5) if event in ("appears", "disappears") else 0.0
     return Scene(tuple(objects), event, background, event_time, seed=int(rng.integers(2**31)), wrap=wrap)
+
+
+def random_edge_scene(rng: np.random.Generator, duration: float = 3.0) -> Scene:
+    """A scene whose window [0, duration) sees its object(s) enter or leave the frame at an edge, at any of
+    the live generator's speeds (0.05-0.4 frame/s), from a sliver to the whole object at mid-window: the
+    windows the bundled model was at chance on (`benchmarks/probe_motion.py`), drawn clean and on purpose."""
+    event = list(MOTIONS)[rng.integers(len(MOTIONS))]
+    sign = sum(MOTIONS[event])  # +1: right / down
+    speed = float(np.exp(rng.uniform(np.log(0.05), np.log(0.4))))
+    size = list(SIZES)[rng.integers(len(SIZES))]
+    radius = SIZES[size] / 2
+    middle = float(rng.integers(2)) + rng.uniform(-radius, radius)  # the centre at mid-window: on an edge
+    return _placed(rng, event, size, middle - sign * speed * duration / 2, speed, duration)
+
+
+def random_placed_scene(rng: np.random.Generator, duration: float = 3.0) -> Scene:
+    """A world clip of any event whose path lies anywhere in the frame, edges included, at 0.05-0.25 frame/s:
+    where an object is says nothing of which way it moves (`random_scene`'s always cross the middle, fast)."""
+    event = EVENTS[rng.integers(len(EVENTS))]
+    sign = sum(MOTIONS.get(event, (0, 0)))
+    speed = float(np.exp(rng.uniform(np.log(0.05), np.log(0.25))))
+    size = list(SIZES)[rng.integers(len(SIZES))]
+    return _placed(rng, event, size, rng.uniform(0.0, 1.0) - sign * speed * duration / 2, speed, duration)
+
+
+def _placed(rng: np.random.Generator, event: str, size: str, along: float, speed: float, duration: float) -> Scene:
+    """One or two objects of a random kind starting at `along` on the event's axis, in lanes across it; no wrap."""
+    shape, colour = SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))]
+    dx, dy = MOTIONS.get(event, (0, 0))
+    count = 1 if rng.random() < 0.7 else 2
+    objects = []
+    for i in range(count):
+        lane = (i + 0.5) / count + rng.uniform(-0.05, 0.05) if count > 1 else rng.uniform(0.2, 0.8)
+        x, y = (lane, along) if dy else (along, lane) if dx else (rng.uniform(0.15, 0.85), lane)
+        objects.append(Obj(shape, colour, size, x, y, dx * speed, dy * speed))
+    event_time = rng.uniform(0.3, 0.7) * duration if event in ("appears", "disappears") else 0.0
+    background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    return Scene(tuple(objects), event, background, event_time, seed=int(rng.integers(2**31)), wrap=False)
 
 
 def clip(scene: Scene, frames: int = 6, duration: float = 3.0, start: float = 0.0, size: int = 64) -> list[np.ndarray]:

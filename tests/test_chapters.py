@@ -114,7 +114,11 @@ def test_a_flicker_inside_a_scene_does_not_cut_a_chapter_but_a_lasting_change_do
     # model's slow scenes sometimes say "still" once, and that window next to an odd one is a change)
     k = next(k for k, window in inside.items()
              if len(window) >= 3 and all(captions[i].text == scenes.scenes[k][0] for i in window))
-    for i in inside[k]:  # one odd window anywhere in it: the same chapters, within a hop
+    # One odd window anywhere in it but its last: the same chapters, within a hop. The last inside window is
+    # followed by windows that straddle the cut and may name the next scene already (stage 5 of the bundled
+    # model names 36% of straddling windows): an odd window there is the first of a lasting change, the cut
+    # seen one window early, and no rule can tell it from one.
+    for i in inside[k][:-1]:
         assert_scene_chapters(run(with_foreign({i})), scenes)
     # the whole scene saying something else is a lasting change: its chapter is titled by it
     lasting = run(with_foreign(set(inside[k])))

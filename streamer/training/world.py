@@ -162,28 +162,26 @@ class Scene:
         return "moving: partly out" if 2 * whole >= len(times) else "moving: mostly out"
 
     def _whole_in_view(self, obj: Obj, t: float, view: tuple[float, float, float, float], aspect: float) -> bool:
-        x, y = self._position(obj, t)
-        ry = SIZES[obj.size] / 2
-        rx = ry / aspect
-        x0, y0, x1, y1 = view
-        x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, 1.0), min(y1, 1.0)
-        return self.visible(t) and x - rx >= x0 and x + rx <= x1 and y - ry >= y0 and y + ry <= y1
+        inside_x, inside_y, rx, ry = self._inside(obj, t, view, aspect)
+        return self.visible(t) and inside_x >= 2 * rx - 1e-9 and inside_y >= 2 * ry - 1e-9
 
     def _position(self, obj: Obj, t: float) -> tuple[float, float]:
         x, y = obj.x + obj.vx * t, obj.y + obj.vy * t
         return (x % 1.0, y % 1.0) if self.wrap else (x, y)
 
     def _in_view(self, obj: Obj, t: float, view: tuple[float, float, float, float], aspect: float) -> bool:
-        if not self.visible(t):
-            return False
+        inside_x, inside_y, rx, ry = self._inside(obj, t, view, aspect)
+        return self.visible(t) and inside_x >= 0.5 * rx and inside_y >= 0.5 * ry
+
+    def _inside(self, obj: Obj, t: float, view: tuple[float, float, float, float], aspect: float
+                ) -> tuple[float, float, float, float]:
+        """How much of the object's width and height lies inside the view at t, and its radii (frame units)."""
         x, y = self._position(obj, t)
         ry = SIZES[obj.size] / 2  # radius in frame heights
         rx = ry / aspect  # in frame widths
         x0, y0, x1, y1 = view
         x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, 1.0), min(y1, 1.0)
-        inside_x = min(x + rx, x1) - max(x - rx, x0)
-        inside_y = min(y + ry, y1) - max(y - ry, y0)
-        return inside_x >= 0.5 * rx and inside_y >= 0.5 * ry
+        return min(x + rx, x1) - max(x - rx, x0), min(y + ry, y1) - max(y - ry, y0), rx, ry
 
     @property
     def reversed_caption(self) -> str:
@@ -337,7 +335,7 @@ def random_live_scene(rng: np.random.Generator, seconds: float = 8.0) -> Scene:
     size = list(SIZES)[rng.integers(len(SIZES))]
     event = LIVE_EVENTS[rng.choice(len(LIVE_EVENTS), p=[0.14, 0.14, 0.14, 0.14, 0.13, 0.13, 0.18])]
     count = 1 if rng.random() < 0.7 else 2
-    speed = float(np.exp(rng.uniform(np.log(0.05), np.log(0.4))))
+    speed = _log_uniform(rng, 0.05, 0.4)
     dx, dy = MOTIONS.get(event, (0, 0))
     wrap = bool(rng.random() < 0.5)
     if wrap or not (dx or dy):
@@ -367,7 +365,7 @@ def random_edge_scene(rng: np.random.Generator, duration: float = 3.0) -> Scene:
     windows the bundled model was at chance on (`benchmarks/probe_motion.py`), drawn clean and on purpose."""
     event = list(MOTIONS)[rng.integers(len(MOTIONS))]
     sign = sum(MOTIONS[event])  # +1: right / down
-    speed = float(np.exp(rng.uniform(np.log(0.05), np.log(0.4))))
+    speed = _log_uniform(rng, 0.05, 0.4)
     size = list(SIZES)[rng.integers(len(SIZES))]
     radius = SIZES[size] / 2
     middle = float(rng.integers(2)) + rng.uniform(-radius, radius)  # the centre at mid-window: on an edge
@@ -379,9 +377,14 @@ def random_placed_scene(rng: np.random.Generator, duration: float = 3.0) -> Scen
     where an object is says nothing of which way it moves (`random_scene`'s always cross the middle, fast)."""
     event = EVENTS[rng.integers(len(EVENTS))]
     sign = sum(MOTIONS.get(event, (0, 0)))
-    speed = float(np.exp(rng.uniform(np.log(0.05), np.log(0.25))))
+    speed = _log_uniform(rng, 0.05, 0.25)
     size = list(SIZES)[rng.integers(len(SIZES))]
     return _placed(rng, event, size, rng.uniform(0.0, 1.0) - sign * speed * duration / 2, speed, duration)
+
+
+def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    """Speeds spread evenly over their ratio: as many between 0.05 and 0.1 as between 0.2 and 0.4."""
+    return float(np.exp(rng.uniform(np.log(low), np.log(high))))
 
 
 def _placed(rng: np.random.Generator, event: str, size: str, along: float, speed: float, duration: float) -> Scene:

@@ -577,6 +577,9 @@ def test_the_live_share_sets_how_much_of_the_data_is_live_windows(tmp_path):
                            "--live-share", "0.6", "--edge-share", "0.5"], check=False, capture_output=True, text=True,
                           timeout=60)
     assert over.returncode == 2 and "0-1 in all" in over.stderr and not (tmp_path / "x").exists()
+    ignored = subprocess.run([sys.executable, "-m", "streamer", "train", "--out", str(tmp_path / "x"), "--data", "synthetic",
+                              "--edge-share", "0.2"], check=False, capture_output=True, text=True, timeout=60)
+    assert ignored.returncode == 2 and "would ignore them" in ignored.stderr and not (tmp_path / "x").exists()
 
 
 def test_edge_and_placed_clips_show_what_the_bundled_model_guessed_at():

@@ -116,6 +116,9 @@ class TrainConfig(RunConfig):
             if not 0 < self.grow_hidden <= 4096:
                 raise StreamerError(f"--grow-hidden {self.grow_hidden}: 1-4096")
         shares = {"live-share": self.live_share, "edge-share": self.edge_share, "placed-share": self.placed_share}
+        if self.data != "live" and (self.live_share != LIVE_SHARE or self.edge_share or self.placed_share):
+            raise StreamerError(f"--live-share, --edge-share, --placed-share mix --data live; --data {self.data} "
+                                "would ignore them")
         if min(shares.values()) < 0 or sum(shares.values()) > 1 + 1e-9:
             raise StreamerError(" + ".join(f"--{k} {v:g}" for k, v in shares.items()) + ": shares of the data, 0-1 in all")
         if self.precision not in ("auto", "bf16", "fp32"):

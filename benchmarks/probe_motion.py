@@ -8,7 +8,10 @@ probes isolate the motion: clean frames at the model's input size, one or two ob
 - centre: whole objects crossing the middle of the frame, 0.03-0.3 frame/s (the training clips: 0.15-0.23);
 - side:   whole objects moving slowly (0.04-0.09 frame/s) on one side of the frame, never crossing the middle;
 - edge:   objects entering or leaving at an edge (0.05-0.4 frame/s, as live scenes), sliver to whole
-          (`world.random_edge_scene`, what `streamer train --edge-share` trains on).
+          (`world.random_edge_scene`, what `streamer train --edge-share` trains on);
+- wrap:   objects leaving one edge and coming back at the other between two frames (0.05-0.4 frame/s;
+          `world.random_wrap_scene`, what `streamer train --wrap-share` trains on): the jump across the frame
+          goes against the motion, which only the object's steps before and after it show.
 
 Scores are split by path (direction, where) and by speed. A model that reads motion from frame to frame
 gets side as centre at the same speed; one that learned where objects are at the start or end of a
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import sys
 from pathlib import Path
 
@@ -45,10 +49,11 @@ from streamer.training.world import (
     Obj,
     Scene,
     random_edge_scene,
+    random_wrap_scene,
     window_times,
 )
 
-PROBES = ("centre", "side", "edge")
+PROBES = ("centre", "side", "edge", "wrap")
 WINDOW = 3.0
 
 
@@ -59,6 +64,14 @@ def probe_scene(rng: np.random.Generator, probe: str) -> tuple[Scene, str]:
         first = scene.objects[0]
         at_high_edge = (first.x + first.vx * WINDOW / 2 if first.vx else first.y + first.vy * WINDOW / 2) > 0.5
         return scene, "enters" if at_high_edge == (first.vx + first.vy < 0) else "leaves"
+    if probe == "wrap":  # the share of the window before the jump: the object leaves early or comes back late
+        scene = random_wrap_scene(rng, WINDOW)
+        times = window_times(0.0, WINDOW)
+        first = scene.objects[0]
+        steps = [abs(np.subtract(scene._position(first, a), scene._position(first, b))).max() > 0.5
+                 for a, b in itertools.pairwise(times)]
+        jump = steps.index(True)  # of 5 steps between 6 frames
+        return scene, "jumps early" if jump < 2 else "jumps mid-window" if jump == 2 else "jumps late"
     event = list(MOTIONS)[rng.integers(len(MOTIONS))]
     dx, dy = MOTIONS[event]
     size = list(SIZES)[rng.integers(len(SIZES))]

@@ -580,6 +580,11 @@ def test_the_live_share_sets_how_much_of_the_data_is_live_windows(tmp_path):
     ignored = subprocess.run([sys.executable, "-m", "streamer", "train", "--out", str(tmp_path / "x"), "--data", "synthetic",
                               "--edge-share", "0.2"], check=False, capture_output=True, text=True, timeout=60)
     assert ignored.returncode == 2 and "would ignore them" in ignored.stderr and not (tmp_path / "x").exists()
+    wraps = subprocess.run([sys.executable, "-m", "streamer", "train", "--out", str(tmp_path / "x"), "--data", "live",
+                            "--live-share", "0.5", "--edge-share", "0.3", "--wrap-share", "0.3"], check=False,
+                           capture_output=True, text=True, timeout=60)
+    assert wraps.returncode == 2 and "--wrap-share 0.3 + --cut-share 0: shares of the data" in wraps.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_edge_and_placed_clips_show_what_the_bundled_model_guessed_at():
@@ -614,6 +619,54 @@ def test_edge_and_placed_clips_show_what_the_bundled_model_guessed_at():
                 ends = [(np.nonzero(m)[axis].min() + np.nonzero(m)[axis].max()) / 128 for m in masks]
                 crossing += (ends[0] - 0.5) * (ends[1] - 0.5) < 0
     assert crossing < 0.5 * sum(c.split()[-1] in MOTIONS for _, c in placed)  # most paths stay on one side
+
+
+def test_wrap_clips_jump_across_the_frame_against_their_caption():
+    """--wrap-share: clean clips whose object leaves one edge and comes back at the other between two frames.
+    In the pixels the jump goes against the motion (its centroid leaps across the frame the other way), while
+    every step before and after the jump goes with it: the caption names the motion, not the jump."""
+    from streamer.training.train import live_world_examples
+    from streamer.training.world import MOTIONS
+
+    examples = list(itertools.islice(live_world_examples(seed=7, live_share=0.0, wrap_share=1.0), 0, 120, 2))
+    checked = 0
+    for ex in examples:
+        frames, caption = ex[0], " ".join(ex[1].split()[: len(ex[1].split()) - (ex[3] if len(ex) == 4 else 0)])
+        event = caption.split()[-1]
+        assert event in MOTIONS, caption
+        if caption.startswith("two"):  # pairs: two centroids per frame; the single objects say it plainly
+            continue
+        axis, sign = (1, MOTIONS[event][0]) if event in ("left", "right") else (0, MOTIONS[event][1])
+        rgb = np.array(COLOURS[caption.split()[2]], np.uint8)
+        masks = [np.all(f == rgb, axis=-1) for f in frames]
+        along = [np.nonzero(m)[axis].mean() / 64 if m.any() else None for m in masks]
+        steps = [b - a for a, b in itertools.pairwise(along) if a is not None and b is not None]
+        jumps = [step for step in steps if abs(step) > 0.4]
+        assert jumps and all(np.sign(step) == -sign for step in jumps), (caption, along)  # across, the other way
+        assert all(np.sign(step) != -sign for step in steps if abs(step) < 0.1), (caption, along)  # small steps: with it
+        checked += 1
+    assert checked > 25
+
+
+def test_cut_clips_show_still_objects_cut_by_an_edge_of_the_frame():
+    """--cut-share: clean clips of still objects of which a quarter to all shows, cut by an edge of the frame
+    as a wide frame's centre crop cuts them at its sides; the caption names them all, still."""
+    from streamer.training.train import live_world_examples
+    from streamer.training.world import Obj, Scene
+
+    cut = 0
+    for ex in itertools.islice(live_world_examples(seed=11, live_share=0.0, cut_share=1.0), 0, 160, 2):
+        frames, caption = ex[0], " ".join(ex[1].split()[: len(ex[1].split()) - (ex[3] if len(ex) == 4 else 0)])
+        words = caption.split()
+        assert words[-1] == "still" and all(np.array_equal(frames[0], f) for f in frames[1:]), caption
+        count, size, colour, shape = (1 if words[0] == "a" else 2), words[1], words[2], words[3].rstrip("s")
+        whole = colour_pixels([Scene((Obj(shape, colour, size, 0.5, 0.5),), "still").frame(0.0)], colour)[0]
+        mask = np.all(frames[0] == np.array(COLOURS[colour], np.uint8), axis=-1)
+        shown = mask.sum() / (count * whole)
+        assert 0.04 < shown < 1.1, (caption, shown)  # a quarter of a triangle: its tip (1/16); whole: +-pixels
+        touches = mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any()
+        cut += touches and shown < 0.9
+    assert cut > 40  # most of them cut, some whole
 
 
 def test_only_the_answer_counts_in_the_loss_and_it_can_weigh_more():
@@ -687,7 +740,8 @@ def test_an_answer_is_read_after_the_models_marker():
 def test_the_motion_probe_s_windows_show_what_they_are_named_for():
     """benchmarks/probe_motion.py draws the conclusions of the model card's motion probes: its centre windows
     cross the middle, its side windows stay on one side, its edge windows show an object that enters (more of
-    it in the last frame than the first) or leaves (less), and each truth names the way the pixels move."""
+    it in the last frame than the first) or leaves (less), its wrap windows leap across the frame once against
+    the motion, and each truth names the way the pixels move."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("probe_motion", Path(__file__).parents[1] / "benchmarks" / "probe_motion.py")
@@ -705,6 +759,11 @@ def test_the_motion_probe_s_windows_show_what_they_are_named_for():
                 continue
             along = [(np.nonzero(m)[axis].min() + np.nonzero(m)[axis].max()) / 2 / 64 for m in mask]  # box centre
             sign = 1 if event in ("right", "down") else -1
+            if name == "wrap":  # one leap across the frame against the motion, early, mid-window or late
+                leaps = [n for n, (a, b) in enumerate(itertools.pairwise(along)) if sign * (b - a) < -0.4]
+                assert len(leaps) == 1 or (len(leaps) == 2 and where == "jumps early"), (truth, along)
+                assert where == ("jumps early" if leaps[0] < 2 else "jumps mid-window" if leaps[0] == 2 else "jumps late")
+                continue
             assert all(sign * (b - a) > 0 for a, b in itertools.pairwise(along)), (truth, along)
             if name == "centre":
                 assert along[0] < 0.5 < along[-1] or along[-1] < 0.5 < along[0]

@@ -53,6 +53,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="--data live: share of clean clips whose objects enter or leave at an edge (default 0)")
     tr.add_argument("--placed-share", type=_share, default=0.0,
                     help="--data live: share of clean clips whose paths lie anywhere in the frame, slower (default 0)")
+    tr.add_argument("--wrap-share", type=_share, default=0.0,
+                    help="--data live: share of clean clips whose objects leave one edge and come back at the "
+                         "other mid-window (default 0)")
+    tr.add_argument("--cut-share", type=_share, default=0.0,
+                    help="--data live: share of clean clips of still objects cut by an edge of the frame (default 0)")
     size = tr.add_argument_group("a new model's size (--model new; the bundled model: 64, 16, 128, 3, 6)")
     size.add_argument("--image-size", type=positive_int, help="input resolution (pixels, square; default 64)")
     size.add_argument("--patch-size", type=positive_int, help="ViT patch side (pixels; default 16)")
@@ -116,8 +121,8 @@ def _share(text: str) -> float:
 _NEW_MODEL_SIZES = ("image_size", "patch_size", "hidden", "layers", "frames")  # TrainConfig's fields
 # Flags only one task reads: the other task would ignore them without a word, so it refuses them.
 _CAPTION_ONLY = ("data", "data_workers", "world", "reversed_twins", "vision_lr_scale", "question_weights", "answer_weight",
-                 "event_weight", "live_share", "edge_share", "placed_share", *_NEW_MODEL_SIZES, "grow_image_size",
-                 "grow_hidden", "precision", "fixed_positions")
+                 "event_weight", "live_share", "edge_share", "placed_share", "wrap_share", "cut_share",
+                 *_NEW_MODEL_SIZES, "grow_image_size", "grow_hidden", "precision", "fixed_positions")
 _SPEECH_ONLY = ("nonspeech_share",)
 
 
@@ -147,7 +152,7 @@ def run_train(args: argparse.Namespace) -> int:
         fixed_positions=args.fixed_positions, vision_lr_scale=args.vision_lr_scale, answer_weight=args.answer_weight,
         event_weight=args.event_weight, grow_image_size=args.grow_image_size, data_workers=args.data_workers,
         grow_hidden=args.grow_hidden, precision=args.precision, edge_share=args.edge_share,
-        placed_share=args.placed_share,
+        placed_share=args.placed_share, wrap_share=args.wrap_share, cut_share=args.cut_share,
         **sizes, **({"live_share": args.live_share} if args.live_share is not None else {}),
         **({"question_weights": args.question_weights} if args.question_weights else {}),
     )

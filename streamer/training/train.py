@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import logging
 import random
@@ -91,6 +92,8 @@ class TrainConfig(RunConfig):
     # in the frame at slower speeds (`live_world_examples`); 0 for the bundled model's stages 1-4
     edge_share: float = 0.0
     placed_share: float = 0.0
+    wrap_share: float = 0.0  # clean clips that see an object wrap round the frame (`random_wrap_scene`); stage 6
+    cut_share: float = 0.0  # clean clips of still objects cut by an edge of the frame (`random_cut_scene`)
     # an existing model (not "new"): train it at this input size, its position table regrown (`grow_input`)
     grow_image_size: int | None = None
     # an existing model: widen both transformers to this width, a whole multiple of theirs (`grow_width`)
@@ -115,9 +118,10 @@ class TrainConfig(RunConfig):
                 raise StreamerError("--grow-hidden grows an existing model (--model DIR); a new one takes --hidden")
             if not 0 < self.grow_hidden <= 4096:
                 raise StreamerError(f"--grow-hidden {self.grow_hidden}: 1-4096")
-        shares = {"live-share": self.live_share, "edge-share": self.edge_share, "placed-share": self.placed_share}
-        if self.data != "live" and (self.live_share != LIVE_SHARE or self.edge_share or self.placed_share):
-            raise StreamerError(f"--live-share, --edge-share, --placed-share mix --data live; --data {self.data} "
+        shares = {"live-share": self.live_share, "edge-share": self.edge_share, "placed-share": self.placed_share,
+                  "wrap-share": self.wrap_share, "cut-share": self.cut_share}
+        if self.data != "live" and (self.live_share != LIVE_SHARE or any(list(shares.values())[1:])):
+            raise StreamerError(f"{', '.join('--' + k for k in shares)} mix --data live; --data {self.data} "
                                 "would ignore them")
         if min(shares.values()) < 0 or sum(shares.values()) > 1 + 1e-9:
             raise StreamerError(" + ".join(f"--{k} {v:g}" for k, v in shares.items()) + ": shares of the data, 0-1 in all")
@@ -266,7 +270,8 @@ QUESTION_SHARE = 0.5  # a question about the window (else its caption); its text
 
 def live_world_examples(seed: int, frames: int = 6, size: int = 64, short_side: int = 64,
                         question_weights: dict[str, float] | None = None, live_share: float = LIVE_SHARE,
-                        edge_share: float = 0.0, placed_share: float = 0.0):
+                        edge_share: float = 0.0, placed_share: float = 0.0, wrap_share: float = 0.0,
+                        cut_share: float = 0.0):
     """Captions and questions on live-like windows and clean world clips, each
     followed by its reversed twin (frames backwards, the opposite event), so
     that the direction stays learned from frame order. `question_weights`: how
@@ -276,32 +281,41 @@ def live_world_examples(seed: int, frames: int = 6, size: int = 64, short_side: 
     `edge_share` and `placed_share` of the clean clips are drawn where the
     bundled model guesses (`benchmarks/probe_motion.py`): objects entering or
     leaving at an edge (`random_edge_scene`), and paths anywhere in the frame
-    at slower speeds (`random_placed_scene`); the rest as `streamer eval` draws."""
+    at slower speeds (`random_placed_scene`); `wrap_share`, objects that leave
+    one edge and come back at the other mid-window (`random_wrap_scene`);
+    `cut_share`, still objects cut by an edge (`random_cut_scene`); the rest as
+    `streamer eval` draws."""
     from streamer.training.world import (
         MOTIONS,
         NOTHING,
         WindowTruth,
         clip,
         labelled_questions,
+        random_cut_scene,
         random_edge_scene,
         random_placed_scene,
         random_scene,
+        random_wrap_scene,
         reasoned_answer,
     )
 
+    # the clean clips aimed at what the bundled model got wrong: (share, generator, keep motion windows only)
+    aimed = ((edge_share, random_edge_scene, True), (placed_share, random_placed_scene, False),
+             (wrap_share, random_wrap_scene, True), (cut_share, random_cut_scene, False))
     rng = np.random.default_rng(seed)
     live = live_windows(seed + 1, frames, short_side)
     while True:
         draw = rng.random()
         if draw < live_share:
             frames_, truth = next(live)
-        elif draw < live_share + edge_share + placed_share:
-            placed = draw >= live_share + edge_share
-            scene = (random_placed_scene if placed else random_edge_scene)(rng)
+        elif draw < live_share + sum(share for share, _, _ in aimed):
+            shares = itertools.accumulate(share for share, _, _ in aimed)
+            _, generator, motion_only = aimed[next(n for n, upto in enumerate(shares) if draw < live_share + upto)]
+            scene = generator(rng)
             truth = scene.truth_for_window(0.0, 3.0, frames)
-            # an edge window whose object stays under a quarter in view says nothing of the edge; windows with
-            # nothing in view are kept at 1 in 4, as in `live_windows`
-            if (truth.event not in MOTIONS and not placed) or (truth.event == NOTHING and rng.random() > 0.25):
+            # an edge or wrap window whose object stays under a quarter in view says nothing of the edge; windows
+            # with nothing in view are kept at 1 in 4, as in `live_windows`
+            if (motion_only and truth.event not in MOTIONS) or (truth.event == NOTHING and rng.random() > 0.25):
                 continue
             frames_ = clip(scene, frames=frames, size=size)
         else:
@@ -579,7 +593,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
     elif config.data == "live":
         make = partial(live_world_examples, frames=frames, size=size, short_side=spec.short_side or size,
                        question_weights=dict(config.question_weights), live_share=config.live_share,
-                       edge_share=config.edge_share, placed_share=config.placed_share)
+                       edge_share=config.edge_share, placed_share=config.placed_share,
+                       wrap_share=config.wrap_share, cut_share=config.cut_share)
     else:
         make = partial(manifest_examples, config.data, frames, spec.short_side)
     batches = example_batches(make, config.seed + start_step, config.batch_size, config.data_workers)

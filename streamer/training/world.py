@@ -372,6 +372,22 @@ def random_edge_scene(rng: np.random.Generator, duration: float = 3.0) -> Scene:
     return _placed(rng, event, size, middle - sign * speed * duration / 2, speed, duration)
 
 
+def random_cut_scene(rng: np.random.Generator, duration: float = 3.0) -> Scene:
+    """Still object(s) cut by an edge of the frame, from a quarter of their width or height inside (what
+    `truth_for_window` counts as in view) to whole: what a wide frame's centre crop shows of objects near its
+    sides, where the bundled model misnames shapes (a cut square is a bar, a cut circle a bump) and counts."""
+    scene = _placed(rng, STILL, list(SIZES)[rng.integers(len(SIZES))], 0.5, 0.0, duration)
+    radius = SIZES[scene.objects[0].size] / 2
+    vertical = bool(rng.integers(2))  # cut by the top or bottom edge, else by the left or right one
+
+    def cut(obj: Obj) -> Obj:  # its lane (y, apart from the other object's) runs along the cutting edge
+        inside = rng.uniform(0.25, 1.0) * 2 * radius  # of the object's extent across the edge, in frame units
+        centre = inside - radius if rng.integers(2) else 1.0 - inside + radius
+        return replace(obj, x=obj.y, y=centre) if vertical else replace(obj, x=centre)
+
+    return replace(scene, objects=tuple(cut(obj) for obj in scene.objects))
+
+
 def random_placed_scene(rng: np.random.Generator, duration: float = 3.0) -> Scene:
     """A world clip of any event whose path lies anywhere in the frame, edges included, at 0.05-0.25 frame/s:
     where an object is says nothing of which way it moves (`random_scene`'s always cross the middle, fast)."""
@@ -380,6 +396,21 @@ def random_placed_scene(rng: np.random.Generator, duration: float = 3.0) -> Scen
     speed = _log_uniform(rng, 0.05, 0.25)
     size = list(SIZES)[rng.integers(len(SIZES))]
     return _placed(rng, event, size, rng.uniform(0.0, 1.0) - sign * speed * duration / 2, speed, duration)
+
+
+def random_wrap_scene(rng: np.random.Generator, duration: float = 3.0) -> Scene:
+    """A scene whose window [0, duration) sees its object(s) leave one edge and come back at the opposite one
+    between two sampled frames, at any of the live generator's speeds: the jump across the frame reads as the
+    opposite motion, and only the object shrinking at one edge and growing at the other says which way it
+    goes (`Scene.window_kind` "moving: wraps", stage 5 of the bundled model's worst kind of window)."""
+    event = list(MOTIONS)[rng.integers(len(MOTIONS))]
+    sign = sum(MOTIONS[event])  # +1: right / down
+    speed = _log_uniform(rng, 0.05, 0.4)
+    step = duration / 6  # the sampler's 6 slots: the centre crosses the edge after the first one, before the last
+    crossing = rng.uniform(0.5 * step, duration - 0.5 * step)
+    edge = 1.0 if sign > 0 else 0.0
+    scene = _placed(rng, event, list(SIZES)[rng.integers(len(SIZES))], edge - sign * speed * crossing, speed, duration)
+    return replace(scene, objects=tuple(replace(obj, x=obj.x % 1.0, y=obj.y % 1.0) for obj in scene.objects), wrap=True)
 
 
 def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:

@@ -50,9 +50,9 @@ step streams 110 python3 benchmarks/bench_streams.py --model base --streams 1,4,
   --cpu-dtypes '' --out "$work" ||
   step streams-engine 90 python3 benchmarks/bench_streams.py --model base --streams 1,4,16,64 --naive-max-streams 0 \
     --cpu-dtypes '' --out "$work"
-# 128 px for slow motion (2 pixels a frame at 64), edge clips for entering and leaving (the model card's probes)
+# 128 px for slow motion (2 pixels a frame at 64), with stage 6's mix of edge and wrap clips (the model card)
 step train $(($(left) - 150)) python3 -m streamer train --out "$work/g128" --model streamer/world-git \
-  --grow-image-size 128 --data live --live-share 0.4 --edge-share 0.25 --placed-share 0.15 \
+  --grow-image-size 128 --data live --live-share 0.4 --edge-share 0.2 --placed-share 0.1 --wrap-share 0.15 \
   --device "$device" --data-workers "${WORKERS:-14}" --steps "${STEPS:-5000}" \
   --batch-size 32 --lr 3e-4 --warmup 200 --seed 71 --save-every 500 --log-every 250 \
   --question-weights shape=1.5,yes=2,no=2 --answer-weight 8

@@ -48,6 +48,7 @@ from streamer.training.world import (
     SIZES,
     Obj,
     Scene,
+    log_uniform,
     random_edge_scene,
     random_wrap_scene,
     window_times,
@@ -76,7 +77,7 @@ def probe_scene(rng: np.random.Generator, probe: str) -> tuple[Scene, str]:
     dx, dy = MOTIONS[event]
     size = list(SIZES)[rng.integers(len(SIZES))]
     r = SIZES[size] / 2
-    speed = _log_uniform(rng, 0.03, 0.3) if probe == "centre" else rng.uniform(0.04, 0.09)
+    speed = log_uniform(rng, 0.03, 0.3) if probe == "centre" else rng.uniform(0.04, 0.09)
     travel = speed * WINDOW
     if probe == "centre":
         middle = 0.5 + rng.uniform(-0.25, 0.25) * travel  # the first and last frames on either side
@@ -96,10 +97,6 @@ def probe_scene(rng: np.random.Generator, probe: str) -> tuple[Scene, str]:
         objects.append(Obj(shape, colour, size, x, y, dx * speed, dy * speed))
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     return Scene(tuple(objects), event, background, seed=int(rng.integers(2**31)), wrap=False), where
-
-
-def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
-    return float(np.exp(rng.uniform(np.log(low), np.log(high))))
 
 
 SPEEDS = ((0.0, 0.06), (0.06, 0.12), (0.12, 0.2), (0.2, 1.0))  # frame widths (heights) per second

@@ -302,15 +302,15 @@ def live_world_examples(seed: int, frames: int = 6, size: int = 64, short_side: 
     # the clean clips aimed at what the bundled model got wrong: (share, generator, keep motion windows only)
     aimed = ((edge_share, random_edge_scene, True), (placed_share, random_placed_scene, False),
              (wrap_share, random_wrap_scene, True), (cut_share, random_cut_scene, False))
+    aimed_upto = [live_share + upto for upto in itertools.accumulate(share for share, _, _ in aimed)]
     rng = np.random.default_rng(seed)
     live = live_windows(seed + 1, frames, short_side)
     while True:
         draw = rng.random()
         if draw < live_share:
             frames_, truth = next(live)
-        elif draw < live_share + sum(share for share, _, _ in aimed):
-            shares = itertools.accumulate(share for share, _, _ in aimed)
-            _, generator, motion_only = aimed[next(n for n, upto in enumerate(shares) if draw < live_share + upto)]
+        elif draw < aimed_upto[-1]:
+            _, generator, motion_only = aimed[next(n for n, upto in enumerate(aimed_upto) if draw < upto)]
             scene = generator(rng)
             truth = scene.truth_for_window(0.0, 3.0, frames)
             # an edge or wrap window whose object stays under a quarter in view says nothing of the edge; windows

@@ -335,7 +335,7 @@ def random_live_scene(rng: np.random.Generator, seconds: float = 8.0) -> Scene:
     size = list(SIZES)[rng.integers(len(SIZES))]
     event = LIVE_EVENTS[rng.choice(len(LIVE_EVENTS), p=[0.14, 0.14, 0.14, 0.14, 0.13, 0.13, 0.18])]
     count = 1 if rng.random() < 0.7 else 2
-    speed = _log_uniform(rng, 0.05, 0.4)
+    speed = log_uniform(rng, 0.05, 0.4)
     dx, dy = MOTIONS.get(event, (0, 0))
     wrap = bool(rng.random() < 0.5)
     if wrap or not (dx or dy):
@@ -365,7 +365,7 @@ def random_edge_scene(rng: np.random.Generator, duration: float = 3.0) -> Scene:
     windows the bundled model was at chance on (`benchmarks/probe_motion.py`), drawn clean and on purpose."""
     event = list(MOTIONS)[rng.integers(len(MOTIONS))]
     sign = sum(MOTIONS[event])  # +1: right / down
-    speed = _log_uniform(rng, 0.05, 0.4)
+    speed = log_uniform(rng, 0.05, 0.4)
     size = list(SIZES)[rng.integers(len(SIZES))]
     radius = SIZES[size] / 2
     middle = float(rng.integers(2)) + rng.uniform(-radius, radius)  # the centre at mid-window: on an edge
@@ -393,7 +393,7 @@ def random_placed_scene(rng: np.random.Generator, duration: float = 3.0) -> Scen
     where an object is says nothing of which way it moves (`random_scene`'s always cross the middle, fast)."""
     event = EVENTS[rng.integers(len(EVENTS))]
     sign = sum(MOTIONS.get(event, (0, 0)))
-    speed = _log_uniform(rng, 0.05, 0.25)
+    speed = log_uniform(rng, 0.05, 0.25)
     size = list(SIZES)[rng.integers(len(SIZES))]
     return _placed(rng, event, size, rng.uniform(0.0, 1.0) - sign * speed * duration / 2, speed, duration)
 
@@ -405,7 +405,7 @@ def random_wrap_scene(rng: np.random.Generator, duration: float = 3.0) -> Scene:
     goes (`Scene.window_kind` "moving: wraps", stage 5 of the bundled model's worst kind of window)."""
     event = list(MOTIONS)[rng.integers(len(MOTIONS))]
     sign = sum(MOTIONS[event])  # +1: right / down
-    speed = _log_uniform(rng, 0.05, 0.4)
+    speed = log_uniform(rng, 0.05, 0.4)
     step = duration / 6  # the sampler's 6 slots: the centre crosses the edge after the first one, before the last
     crossing = rng.uniform(0.5 * step, duration - 0.5 * step)
     edge = 1.0 if sign > 0 else 0.0
@@ -413,7 +413,7 @@ def random_wrap_scene(rng: np.random.Generator, duration: float = 3.0) -> Scene:
     return replace(scene, objects=tuple(replace(obj, x=obj.x % 1.0, y=obj.y % 1.0) for obj in scene.objects), wrap=True)
 
 
-def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+def log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
     """Speeds spread evenly over their ratio: as many between 0.05 and 0.1 as between 0.2 and 0.4."""
     return float(np.exp(rng.uniform(np.log(low), np.log(high))))
 
